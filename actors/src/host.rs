@@ -1,0 +1,292 @@
+//! The ractor actor that hosts one entity's state machine.
+//!
+//! Handling a command: validate against current state -> produce events -> hand them to
+//! the log -> apply them in memory -> answer once the log says they are durable. The actor
+//! does not wait for the disk before taking its next message; its answers wait.
+//! An answer MUST NOT be sent before the WAL position of its events is durable.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use shardmall_persistence::{AuxOp, Record, Wal};
+
+use crate::codec;
+use crate::domain::{Entity, Kind, Millis};
+use crate::keys::EntityKey;
+use crate::metrics::ActorMetrics;
+use crate::partition::PartitionMsg;
+
+/// What a caller of an entity gets back.
+pub type Reply<E> = Result<<E as Entity>::View, Refusal<<E as Entity>::Error>>;
+
+/// Why a command produced no answer from the domain.
+#[derive(Debug, Clone)]
+pub enum Refusal<Err> {
+    /// The state machine refused the command.
+    Domain(Err),
+    /// The entity could not be reached, loaded or made durable.
+    Unavailable(String),
+}
+
+/// One command on its way to an entity.
+pub struct Request<E: Entity> {
+    pub cmd: E::Command,
+    pub reply: RpcReplyPort<Reply<E>>,
+}
+
+pub enum EntityMsg<E: Entity> {
+    Cmd(Request<E>),
+    /// Sent by the partition when the entity has been idle: make everything durable,
+    /// then stop. The partition holds later messages for a fresh activation.
+    Passivate,
+}
+
+/// Things every entity actor of a node shares.
+pub struct HostContext {
+    pub wal: Wal,
+    pub metrics: Arc<ActorMetrics>,
+}
+
+pub struct EntityArgs {
+    pub key: EntityKey,
+    pub partition: u16,
+    pub owner: ActorRef<PartitionMsg>,
+    pub ctx: Arc<HostContext>,
+}
+
+pub struct EntityActor<E>(PhantomData<fn() -> E>);
+
+impl<E> Default for EntityActor<E> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+pub struct Hosted<E: Entity> {
+    key: EntityKey,
+    key_bytes: Vec<u8>,
+    partition: u16,
+    owner: ActorRef<PartitionMsg>,
+    ctx: Arc<HostContext>,
+    state: E,
+    deadline: Option<Millis>,
+    index: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
+/// The aux key of a persisted deadline: `D/` + partition + instant + entity key, so one
+/// partition's pending timers are one ordered prefix scan at start-up.
+pub fn deadline_key(partition: u16, at: Millis, entity: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(12 + entity.len());
+    k.extend_from_slice(b"D/");
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(&at.to_be_bytes());
+    k.extend_from_slice(entity);
+    k
+}
+
+pub fn deadline_prefix(partition: u16) -> Vec<u8> {
+    let mut k = b"D/".to_vec();
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// Splits a deadline key back into (instant, entity key).
+pub fn parse_deadline_key(key: &[u8]) -> Option<(Millis, EntityKey)> {
+    let rest = key.strip_prefix(b"D/")?.get(2..)?;
+    let at = Millis::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    Some((at, EntityKey::from_bytes(rest.get(8..)?)?))
+}
+
+impl<E: Entity> Actor for EntityActor<E> {
+    type Msg = EntityMsg<E>;
+    type State = Hosted<E>;
+    type Arguments = EntityArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: EntityArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let key_bytes = args.key.to_bytes();
+        let log = args.ctx.wal.load_entity(args.partition, &key_bytes)?;
+        let state: E = codec::rebuild(log.snapshot.as_deref(), log.tail.iter().map(|(_, r)| r))?;
+        let index = state.index_entries().into_iter().collect();
+        let deadline = state.next_deadline();
+        if let Some(at) = deadline {
+            // The persisted deadline index already holds it; arming again is harmless and
+            // covers a deadline that was armed in memory only before a passivation.
+            let _ = args.owner.cast(PartitionMsg::Arm(args.key.clone(), at));
+        }
+        args.ctx.metrics.active_actors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Hosted {
+            key: args.key,
+            key_bytes,
+            partition: args.partition,
+            owner: args.owner,
+            ctx: args.ctx,
+            state,
+            deadline,
+            index,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state
+            .ctx
+            .metrics
+            .active_actors
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    // PerformanceCriticalPath: every write of the engine passes here.
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        hosted: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            EntityMsg::Cmd(req) => hosted.handle_command(req).await,
+            EntityMsg::Passivate => {
+                // Every append of this actor MUST be applied before a fresh activation
+                // reads the store, or it would start from a stale state.
+                hosted.ctx.wal.flush().await?;
+                myself.stop(Some("passivated".into()));
+                Ok(())
+            }
+        }
+    }
+}
+
+impl<E: Entity> Hosted<E> {
+    async fn handle_command(&mut self, req: Request<E>) -> Result<(), ActorProcessingErr> {
+        let now = now_ms();
+        let events = match self.state.decide(&req.cmd, now) {
+            Ok(events) => events,
+            Err(refusal) => {
+                let _ = req.reply.send(Err(Refusal::Domain(refusal)));
+                return Ok(());
+            }
+        };
+        if events.is_empty() {
+            let _ = req.reply.send(Ok(self.state.view()));
+            return Ok(());
+        }
+        let payload = match codec::encode(&events) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = req.reply.send(Err(Refusal::Unavailable(e.to_string())));
+                return Ok(());
+            }
+        };
+        for event in &events {
+            self.state.apply(event);
+        }
+        let aux = self.derived_changes();
+        let view = self.state.view();
+        // If the append fails the in-memory state is ahead of the log: failing the actor
+        // discards it, and the next activation reloads what is durable.
+        let ack = self
+            .ctx
+            .wal
+            .append(Record {
+                partition: self.partition,
+                entity: self.key_bytes.clone(),
+                payload,
+                aux,
+            })
+            .await?;
+        tokio::spawn(async move {
+            let answer = match ack.durable().await {
+                Ok(_) => Ok(view),
+                Err(e) => Err(Refusal::Unavailable(format!("log: {e}"))),
+            };
+            let _ = req.reply.send(answer);
+        });
+        Ok(())
+    }
+
+    /// Index and deadline changes implied by the last command, as aux operations written
+    /// atomically with its events.
+    fn derived_changes(&mut self) -> Vec<AuxOp> {
+        let mut ops = Vec::new();
+        let new_index: BTreeMap<Vec<u8>, Vec<u8>> = self.state.index_entries().into_iter().collect();
+        if new_index != self.index {
+            for (k, old) in &self.index {
+                match new_index.get(k) {
+                    None => ops.push(AuxOp::Delete(k.clone())),
+                    Some(new) if new != old => {}
+                    Some(_) => {}
+                }
+            }
+            for (k, v) in &new_index {
+                if self.index.get(k) != Some(v) {
+                    ops.push(AuxOp::Put(k.clone(), v.clone()));
+                }
+            }
+            self.observe_index(&new_index);
+            self.index = new_index;
+        }
+        let deadline = self.state.next_deadline();
+        if deadline != self.deadline {
+            if let Some(old) = self.deadline {
+                ops.push(AuxOp::Delete(deadline_key(self.partition, old, &self.key_bytes)));
+            }
+            if let Some(at) = deadline {
+                ops.push(AuxOp::Put(
+                    deadline_key(self.partition, at, &self.key_bytes),
+                    Vec::new(),
+                ));
+                let _ = self.owner.cast(PartitionMsg::Arm(self.key.clone(), at));
+            }
+            self.deadline = deadline;
+        }
+        ops
+    }
+
+    /// Metrics derived from index changes: orders by status, low-stock alerts.
+    fn observe_index(&self, new_index: &BTreeMap<Vec<u8>, Vec<u8>>) {
+        match E::KIND {
+            Kind::Order => {
+                let status = |idx: &BTreeMap<Vec<u8>, Vec<u8>>| {
+                    idx.iter()
+                        .find(|(k, _)| k.starts_with(b"I/o/"))
+                        .and_then(|(_, v)| v.split(|b| *b == 0).nth(1))
+                        .and_then(|s| std::str::from_utf8(s).ok())
+                        .map(str::to_owned)
+                };
+                let (before, after) = (status(&self.index), status(new_index));
+                if before != after {
+                    self.ctx
+                        .metrics
+                        .order_status_changed(before.as_deref(), after.as_deref());
+                }
+            }
+            Kind::Sku => {
+                let low = |idx: &BTreeMap<Vec<u8>, Vec<u8>>| idx.keys().any(|k| k.starts_with(b"I/low/"));
+                if low(new_index) && !low(&self.index) {
+                    self.ctx
+                        .metrics
+                        .low_stock_alerts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(sku = %self.key.id, "low stock: available fell to the threshold");
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! One partition: the registry of its active entity actors, their supervisor, and the
+//! partition's timer wheel.
+//!
+//! Every message to an entity of the partition passes through this actor, so it knows
+//! exactly what each entity has been sent. That makes passivation race-free without a
+//! lock: once `Passivate` is sent, later messages for that entity are held here and
+//! delivered to a fresh activation after the old actor has stopped (and made its last
+//! appends durable). A message that races a stop is never dropped.
+//!
+//! The timer wheel is an ordered set of (deadline, entity) checked on a fixed tick. It is
+//! re-armed at start-up from the persisted deadline index (`D/` aux keys), not from a scan
+//! of every entity; a fired timer only nudges the entity, whose state decides what is due.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::mpsc;
+
+use crate::domain::{cart::CartState, idempotency::IdemState, order::OrderState, product::ProductState, sku::SkuState, Entity, Kind, Millis};
+use crate::host::{self, EntityActor, EntityArgs, EntityMsg, HostContext, Refusal, Request};
+use crate::keys::EntityKey;
+
+/// A command for one entity of any kind.
+pub enum Envelope {
+    Product(String, Request<ProductState>),
+    Sku(String, Request<SkuState>),
+    Cart(String, Request<CartState>),
+    Order(String, Request<OrderState>),
+    Idem(String, Request<IdemState>),
+}
+
+impl Envelope {
+    pub fn key(&self) -> EntityKey {
+        let (kind, id) = match self {
+            Envelope::Product(id, _) => (Kind::Product, id),
+            Envelope::Sku(id, _) => (Kind::Sku, id),
+            Envelope::Cart(id, _) => (Kind::Cart, id),
+            Envelope::Order(id, _) => (Kind::Order, id),
+            Envelope::Idem(id, _) => (Kind::Idempotency, id),
+        };
+        EntityKey::new(kind, id.clone())
+    }
+
+    /// Answers the request with `Unavailable` (the entity could not be started).
+    fn refuse(self, why: String) {
+        fn no<E: Entity>(req: Request<E>, why: String) {
+            let _ = req.reply.send(Err(Refusal::Unavailable(why)));
+        }
+        match self {
+            Envelope::Product(_, r) => no(r, why),
+            Envelope::Sku(_, r) => no(r, why),
+            Envelope::Cart(_, r) => no(r, why),
+            Envelope::Order(_, r) => no(r, why),
+            Envelope::Idem(_, r) => no(r, why),
+        }
+    }
+}
+
+pub trait Routed: Entity {
+    fn wrap(id: String, req: Request<Self>) -> Envelope;
+}
+
+macro_rules! routed {
+    ($state:ty, $variant:ident) => {
+        impl Routed for $state {
+            fn wrap(id: String, req: Request<Self>) -> Envelope {
+                Envelope::$variant(id, req)
+            }
+        }
+    };
+}
+routed!(ProductState, Product);
+routed!(SkuState, Sku);
+routed!(CartState, Cart);
+routed!(OrderState, Order);
+routed!(IdemState, Idem);
+
+pub enum PartitionMsg {
+    Deliver(Envelope),
+    /// An entity wants its timer command at this instant.
+    Arm(EntityKey, Millis),
+    /// The wheel's tick: fire what is due.
+    Tick,
+    /// Passivate entities idle for longer than the configured period.
+    Sweep,
+    ActiveCount(ractor::RpcReplyPort<usize>),
+}
+
+#[derive(Clone)]
+enum AnyRef {
+    Product(ActorRef<EntityMsg<ProductState>>),
+    Sku(ActorRef<EntityMsg<SkuState>>),
+    Cart(ActorRef<EntityMsg<CartState>>),
+    Order(ActorRef<EntityMsg<OrderState>>),
+    Idem(ActorRef<EntityMsg<IdemState>>),
+}
+
+impl AnyRef {
+    fn id(&self) -> ActorId {
+        match self {
+            AnyRef::Product(a) => a.get_id(),
+            AnyRef::Sku(a) => a.get_id(),
+            AnyRef::Cart(a) => a.get_id(),
+            AnyRef::Order(a) => a.get_id(),
+            AnyRef::Idem(a) => a.get_id(),
+        }
+    }
+
+    fn passivate(&self) {
+        let _ = match self {
+            AnyRef::Product(a) => a.cast(EntityMsg::Passivate).map_err(drop),
+            AnyRef::Sku(a) => a.cast(EntityMsg::Passivate).map_err(drop),
+            AnyRef::Cart(a) => a.cast(EntityMsg::Passivate).map_err(drop),
+            AnyRef::Order(a) => a.cast(EntityMsg::Passivate).map_err(drop),
+            AnyRef::Idem(a) => a.cast(EntityMsg::Passivate).map_err(drop),
+        };
+    }
+
+    /// Sends the envelope; gives it back if the actor is gone. (`None`: the message went
+    /// down with the actor; its caller's reply port is dropped and the caller sees that.)
+    fn send(&self, env: Envelope) -> Result<(), Option<Envelope>> {
+        fn cast<E: Routed>(
+            a: &ActorRef<EntityMsg<E>>,
+            id: String,
+            req: Request<E>,
+        ) -> Result<(), Option<Envelope>> {
+            a.cast(EntityMsg::Cmd(req)).map_err(|e| match e {
+                ractor::MessagingErr::SendErr(EntityMsg::Cmd(req)) => Some(E::wrap(id, req)),
+                _ => None,
+            })
+        }
+        match (self, env) {
+            (AnyRef::Product(a), Envelope::Product(id, r)) => cast(a, id, r),
+            (AnyRef::Sku(a), Envelope::Sku(id, r)) => cast(a, id, r),
+            (AnyRef::Cart(a), Envelope::Cart(id, r)) => cast(a, id, r),
+            (AnyRef::Order(a), Envelope::Order(id, r)) => cast(a, id, r),
+            (AnyRef::Idem(a), Envelope::Idem(id, r)) => cast(a, id, r),
+            (_, env) => Err(Some(env)),
+        }
+    }
+}
+
+enum Slot {
+    Active { actor: AnyRef, last_used: Instant },
+    /// Passivation requested; messages wait here for the next activation.
+    Stopping { held: Vec<Envelope> },
+}
+
+#[derive(Debug, Clone)]
+pub struct PartitionConfig {
+    pub idle_timeout: Duration,
+    pub tick: Duration,
+}
+
+pub struct PartitionArgs {
+    pub index: u16,
+    pub config: PartitionConfig,
+    pub ctx: Arc<HostContext>,
+    /// Due timers are handed to the node's timer dispatcher (which may need several
+    /// entities, e.g. an expired order releasing stock on its SKUs).
+    pub timers: mpsc::Sender<EntityKey>,
+}
+
+pub struct PartitionActor;
+
+pub struct PartitionState {
+    index: u16,
+    config: PartitionConfig,
+    ctx: Arc<HostContext>,
+    timers_out: mpsc::Sender<EntityKey>,
+    slots: HashMap<EntityKey, Slot>,
+    by_actor: HashMap<ActorId, EntityKey>,
+    wheel: BTreeSet<(Millis, EntityKey)>,
+}
+
+impl Actor for PartitionActor {
+    type Msg = PartitionMsg;
+    type State = PartitionState;
+    type Arguments = PartitionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: PartitionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut wheel = BTreeSet::new();
+        let prefix = host::deadline_prefix(args.index);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = args.ctx.wal.aux_scan(&prefix, after.as_deref(), false, 4096)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            for (k, _) in &page {
+                if let Some(entry) = host::parse_deadline_key(k) {
+                    wheel.insert(entry);
+                }
+            }
+        }
+        myself.send_interval(args.config.tick, || PartitionMsg::Tick);
+        let sweep = (args.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        myself.send_interval(sweep, || PartitionMsg::Sweep);
+        Ok(PartitionState {
+            index: args.index,
+            config: args.config,
+            ctx: args.ctx,
+            timers_out: args.timers,
+            slots: HashMap::new(),
+            by_actor: HashMap::new(),
+            wheel,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            PartitionMsg::Deliver(env) => state.deliver(&myself, env).await,
+            PartitionMsg::Arm(key, at) => {
+                state.wheel.insert((at, key));
+            }
+            PartitionMsg::Tick => state.fire_due(),
+            PartitionMsg::Sweep => state.sweep(),
+            PartitionMsg::ActiveCount(reply) => {
+                let n = state.slots.values().filter(|s| matches!(s, Slot::Active { .. })).count();
+                let _ = reply.send(n);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // One failing entity MUST NOT take its partition (and so its neighbours) down:
+        // forget it; its next message activates it afresh from what is durable.
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => state.stopped(&myself, &cell, None).await,
+            SupervisionEvent::ActorFailed(cell, err) => {
+                state.stopped(&myself, &cell, Some(err.to_string())).await
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl PartitionState {
+    async fn deliver(&mut self, myself: &ActorRef<PartitionMsg>, env: Envelope) {
+        let key = env.key();
+        let env = match self.slots.get_mut(&key) {
+            Some(Slot::Stopping { held }) => {
+                held.push(env);
+                return;
+            }
+            Some(Slot::Active { actor, last_used }) => {
+                *last_used = Instant::now();
+                match actor.send(env) {
+                    Ok(()) | Err(None) => return,
+                    Err(Some(env)) => env,
+                }
+            }
+            None => env,
+        };
+        // Not active (or its actor just died): activate and send.
+        match self.activate(myself, &key).await {
+            Ok(actor) => {
+                if let Err(Some(env)) = actor.send(env) {
+                    env.refuse("entity stopped while starting".into());
+                }
+            }
+            Err(why) => env.refuse(why),
+        }
+    }
+
+    async fn activate(&mut self, myself: &ActorRef<PartitionMsg>, key: &EntityKey) -> Result<AnyRef, String> {
+        async fn spawn<E: Entity>(
+            args: EntityArgs,
+            sup: ActorCell,
+        ) -> Result<ActorRef<EntityMsg<E>>, String> {
+            Actor::spawn_linked(None, EntityActor::<E>::default(), args, sup)
+                .await
+                .map(|(a, _)| a)
+                .map_err(|e| format!("activation failed: {e}"))
+        }
+        let args = EntityArgs {
+            key: key.clone(),
+            partition: self.index,
+            owner: myself.clone(),
+            ctx: self.ctx.clone(),
+        };
+        let sup = myself.get_cell();
+        let actor = match key.kind {
+            Kind::Product => AnyRef::Product(spawn(args, sup).await?),
+            Kind::Sku => AnyRef::Sku(spawn(args, sup).await?),
+            Kind::Cart => AnyRef::Cart(spawn(args, sup).await?),
+            Kind::Order => AnyRef::Order(spawn(args, sup).await?),
+            Kind::Idempotency => AnyRef::Idem(spawn(args, sup).await?),
+        };
+        self.ctx.metrics.activations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.by_actor.insert(actor.id(), key.clone());
+        self.slots.insert(
+            key.clone(),
+            Slot::Active {
+                actor: actor.clone(),
+                last_used: Instant::now(),
+            },
+        );
+        Ok(actor)
+    }
+
+    async fn stopped(&mut self, myself: &ActorRef<PartitionMsg>, cell: &ActorCell, failure: Option<String>) {
+        let Some(key) = self.by_actor.remove(&cell.get_id()) else { return };
+        if let Some(why) = &failure {
+            self.ctx.metrics.actor_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(partition = self.index, entity = ?key, error = %why, "entity actor failed; it restarts from the log on its next message");
+        } else {
+            self.ctx.metrics.passivations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let held = match self.slots.remove(&key) {
+            Some(Slot::Stopping { held }) => held,
+            _ => Vec::new(),
+        };
+        for env in held {
+            self.deliver(myself, env).await;
+        }
+    }
+
+    fn sweep(&mut self) {
+        let idle = self.config.idle_timeout;
+        for slot in self.slots.values_mut() {
+            if let Slot::Active { actor, last_used } = slot {
+                if last_used.elapsed() >= idle {
+                    actor.passivate();
+                    *slot = Slot::Stopping { held: Vec::new() };
+                }
+            }
+        }
+    }
+
+    fn fire_due(&mut self) {
+        let now = host::now_ms();
+        while let Some(first) = self.wheel.first() {
+            if first.0 > now {
+                break;
+            }
+            let (at, key) = self.wheel.pop_first().expect("first() was Some");
+            match self.timers_out.try_send(key) {
+                Ok(()) => {
+                    self.ctx.metrics.timers_fired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(key)) => {
+                    // The dispatcher is saturated: keep the timer and try on the next tick.
+                    self.wheel.insert((at, key));
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,851 @@
+//! The shop: every storefront operation, as calls to entity actors, including the sagas
+//! that span several entities (product creation, checkout, payment, cancel, refund).
+//!
+//! Saga rules (DESIGN.md, "Actors and partitions"):
+//! - checkout reserves on each SKU, idempotently per order id, then places the order; on
+//!   any refusal it releases what it reserved. Every reservation expires at the payment
+//!   deadline plus a grace period, so a crash between steps never holds stock forever;
+//! - payment marks the order "payment in progress" (which blocks cancel and expiry), moves
+//!   every SKU's units to sold, then marks the order paid. A success is answered only once
+//!   all of that is durable. A crash in the middle is finished by the order's timer;
+//! - a refund with restock puts the units back on each SKU (once per order id) before the
+//!   order is marked refunded.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorRef};
+use shardmall_persistence::Wal;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util_free::Tasks;
+
+use crate::domain::cart::{CartCommand, CartState};
+use crate::domain::idempotency::{IdemCommand, IdemState, StoredResponse};
+use crate::domain::order::{CancelReason, Line, Order, OrderCommand, OrderState, OrderStatus, Shipment};
+use crate::domain::product::{Product, ProductCommand, ProductState};
+use crate::domain::sku::{SkuCommand, SkuState, SkuView};
+use crate::domain::{Address, Entity, Kind, Millis, Money, ProductStatus};
+use crate::error::{Result, ShopError};
+use crate::host::{now_ms, HostContext, Refusal, Request};
+use crate::errors_map::{cart_err, idem_err, order_err, product_err, sku_err};
+use crate::ids::OrderIdGen;
+use crate::keys::{EntityKey, Partitioner};
+use crate::metrics::ActorMetrics;
+use crate::partition::{PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg, Routed};
+
+mod tokio_util_free {
+    /// A tiny task registry: shutdown aborts the background loops it holds.
+    #[derive(Default)]
+    pub struct Tasks(std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>);
+    impl Tasks {
+        pub fn push(&self, h: tokio::task::JoinHandle<()>) {
+            // Held only to push or drain a list at start and stop, never on a request path.
+            if let Ok(mut v) = self.0.lock() {
+                v.push(h);
+            }
+        }
+        pub fn abort_all(&self) {
+            if let Ok(mut v) = self.0.lock() {
+                for h in v.drain(..) {
+                    h.abort();
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ShopConfig {
+    pub partitions: u16,
+    pub node_tag: u16,
+    pub payment_timeout: Duration,
+    pub auto_confirm_after: Duration,
+    /// How long a reservation outlives its order's payment deadline.
+    pub reservation_grace: Duration,
+    pub refund_window: Duration,
+    pub idle_timeout: Duration,
+    pub timer_tick: Duration,
+    pub checkpoint_interval: Duration,
+    pub call_timeout: Duration,
+}
+
+impl Default for ShopConfig {
+    fn default() -> Self {
+        Self {
+            partitions: crate::keys::DEFAULT_PARTITIONS,
+            node_tag: 0,
+            payment_timeout: Duration::from_secs(30 * 60),
+            auto_confirm_after: Duration::from_secs(15 * 24 * 3600),
+            reservation_grace: Duration::from_secs(5 * 60),
+            refund_window: Duration::from_secs(15 * 24 * 3600),
+            idle_timeout: Duration::from_secs(60),
+            timer_tick: Duration::from_millis(250),
+            checkpoint_interval: Duration::from_secs(2),
+            call_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A new product with its SKUs, as the catalog API takes it.
+#[derive(Debug, Clone)]
+pub struct NewProduct {
+    pub product_id: String,
+    pub title: String,
+    pub category: String,
+    pub brand: String,
+    pub description: String,
+    pub status: ProductStatus,
+    pub skus: Vec<NewSku>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewSku {
+    pub sku_id: String,
+    pub name: String,
+    pub specs: BTreeMap<String, String>,
+    pub price: Money,
+    pub market_price: Option<Money>,
+    pub stock: u64,
+    pub low_stock_threshold: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProductDetail {
+    pub product: Product,
+    pub skus: Vec<SkuView>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CartLine {
+    pub sku_id: String,
+    pub quantity: u64,
+    pub unit_price: Money,
+}
+
+/// A page of a list and the cursor of the next one.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// The outcome of starting an idempotent request.
+#[derive(Debug, Clone)]
+pub enum IdemStart {
+    Fresh,
+    Replay(StoredResponse),
+}
+
+#[derive(Clone)]
+pub struct Shop {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    partitions: Vec<ActorRef<PartitionMsg>>,
+    partitioner: Partitioner,
+    wal: Wal,
+    cfg: ShopConfig,
+    ids: OrderIdGen,
+    metrics: Arc<ActorMetrics>,
+    ready: AtomicBool,
+    tasks: Tasks,
+}
+
+impl Shop {
+    /// Starts every partition of this node (re-arming their timers from the persisted
+    /// deadline index), the timer dispatcher and the checkpointer.
+    pub async fn start(wal: Wal, cfg: ShopConfig) -> Result<Shop> {
+        let metrics = Arc::new(ActorMetrics::default());
+        let ctx = Arc::new(HostContext {
+            wal: wal.clone(),
+            metrics: metrics.clone(),
+        });
+        count_orders_by_status(&wal, &metrics)?;
+        let (timer_tx, timer_rx) = mpsc::channel(4096);
+        let mut partitions = Vec::with_capacity(usize::from(cfg.partitions));
+        for index in 0..cfg.partitions {
+            let args = PartitionArgs {
+                index,
+                config: PartitionConfig {
+                    idle_timeout: cfg.idle_timeout,
+                    tick: cfg.timer_tick,
+                },
+                ctx: ctx.clone(),
+                timers: timer_tx.clone(),
+            };
+            let (actor, _) = Actor::spawn(None, PartitionActor, args)
+                .await
+                .map_err(|e| ShopError::Internal(format!("partition {index} failed to start: {e}")))?;
+            partitions.push(actor);
+        }
+        let shop = Shop {
+            inner: Arc::new(Inner {
+                partitions,
+                partitioner: Partitioner::new(cfg.partitions),
+                wal,
+                ids: OrderIdGen::new(cfg.node_tag),
+                cfg,
+                metrics,
+                ready: AtomicBool::new(false),
+                tasks: Tasks::default(),
+            }),
+        };
+        shop.inner.tasks.push(tokio::spawn(shop.clone().dispatch_timers(timer_rx)));
+        shop.inner.tasks.push(tokio::spawn(shop.clone().checkpoint_loop()));
+        shop.inner.ready.store(true, Ordering::Release);
+        Ok(shop)
+    }
+
+    /// True once every partition has recovered and re-armed its timers.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire)
+    }
+
+    pub fn metrics(&self) -> &ActorMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn wal(&self) -> &Wal {
+        &self.inner.wal
+    }
+
+    pub fn config(&self) -> &ShopConfig {
+        &self.inner.cfg
+    }
+
+    pub fn partitioner(&self) -> Partitioner {
+        self.inner.partitioner
+    }
+
+    /// Stops the background loops and the actors, then flushes the log.
+    pub async fn shutdown(&self) {
+        self.inner.ready.store(false, Ordering::Release);
+        self.inner.tasks.abort_all();
+        for p in &self.inner.partitions {
+            let _ = p.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5))).await;
+        }
+        if let Err(e) = self.inner.wal.shutdown().await {
+            tracing::error!(error = %e, "flushing the log at shutdown failed");
+        }
+    }
+
+    /// Entity actors currently active on this node.
+    pub fn active_actors(&self) -> i64 {
+        self.inner.metrics.active_actors.load(Ordering::Relaxed)
+    }
+
+    // ---- plumbing ---------------------------------------------------------------------
+
+    /// Sends one command to one entity and waits for its answer.
+    async fn ask<E: Routed>(&self, partition: u16, id: &str, cmd: E::Command) -> std::result::Result<E::View, Refusal<E::Error>> {
+        let Some(actor) = self.inner.partitions.get(usize::from(partition)) else {
+            return Err(Refusal::Unavailable(format!("partition {partition} is not on this node")));
+        };
+        let id = id.to_owned();
+        let res = actor
+            .call(
+                move |reply| PartitionMsg::Deliver(E::wrap(id, Request { cmd, reply })),
+                Some(self.inner.cfg.call_timeout),
+            )
+            .await;
+        match res {
+            Ok(ractor::rpc::CallResult::Success(answer)) => answer,
+            Ok(ractor::rpc::CallResult::Timeout) => Err(Refusal::Unavailable("entity did not answer in time".into())),
+            Ok(ractor::rpc::CallResult::SenderError) => Err(Refusal::Unavailable("entity stopped before answering".into())),
+            Err(e) => Err(Refusal::Unavailable(format!("partition unreachable: {e}"))),
+        }
+    }
+
+    async fn product(&self, id: &str, cmd: ProductCommand) -> std::result::Result<Option<Product>, Refusal<<ProductState as Entity>::Error>> {
+        let p = self.inner.partitioner.catalog(Kind::Product, id);
+        self.ask::<ProductState>(p, id, cmd).await
+    }
+
+    async fn sku(&self, id: &str, cmd: SkuCommand) -> std::result::Result<Option<SkuView>, Refusal<<SkuState as Entity>::Error>> {
+        let p = self.inner.partitioner.catalog(Kind::Sku, id);
+        self.ask::<SkuState>(p, id, cmd).await
+    }
+
+    async fn order(&self, id: &str, cmd: OrderCommand) -> std::result::Result<Option<Order>, Refusal<<OrderState as Entity>::Error>> {
+        let key = EntityKey::new(Kind::Order, id);
+        let Some(p) = self.inner.partitioner.of(&key) else {
+            return Ok(None);
+        };
+        self.ask::<OrderState>(p, id, cmd).await
+    }
+
+    async fn cart(&self, buyer: &str, cmd: CartCommand) -> std::result::Result<<CartState as Entity>::View, Refusal<<CartState as Entity>::Error>> {
+        let p = self.inner.partitioner.buyer(buyer);
+        self.ask::<CartState>(p, buyer, cmd).await
+    }
+
+    // ---- catalog ----------------------------------------------------------------------
+
+    pub async fn create_product(&self, input: NewProduct) -> Result<ProductDetail> {
+        let now = now_ms();
+        let product = Product {
+            product_id: input.product_id.clone(),
+            title: input.title,
+            category: input.category,
+            brand: input.brand,
+            description: input.description,
+            status: input.status,
+            sku_ids: input.skus.iter().map(|s| s.sku_id.clone()).collect(),
+            created_at: now,
+            updated_at: now,
+            version: 0,
+        };
+        let created = self
+            .product(&input.product_id, ProductCommand::Create(product))
+            .await
+            .map_err(|r| product_err(r, &input.product_id))?;
+        let mut skus = Vec::with_capacity(input.skus.len());
+        for s in &input.skus {
+            let cmd = SkuCommand::Create {
+                sku_id: s.sku_id.clone(),
+                product_id: input.product_id.clone(),
+                name: s.name.clone(),
+                specs: s.specs.clone(),
+                price: s.price.clone(),
+                market_price: s.market_price.clone(),
+                product_status: input.status,
+                low_stock_threshold: s.low_stock_threshold,
+                stock: s.stock,
+            };
+            match self.sku(&s.sku_id, cmd).await {
+                Ok(Some(view)) => skus.push(view),
+                Ok(None) => {}
+                Err(refusal) => {
+                    // Roll the saga back: what this request created goes away.
+                    for done in &skus {
+                        if let Err(e) = self.sku(&done.sku_id, SkuCommand::Discard).await {
+                            tracing::error!(sku = %done.sku_id, error = ?e, "rolling back a SKU failed");
+                        }
+                    }
+                    if let Err(e) = self.product(&input.product_id, ProductCommand::Discard).await {
+                        tracing::error!(product = %input.product_id, error = ?e, "rolling back a product failed");
+                    }
+                    return Err(sku_err(refusal, &s.sku_id));
+                }
+            }
+        }
+        let product = created.ok_or_else(|| ShopError::Internal("created product has no state".into()))?;
+        Ok(ProductDetail { product, skus })
+    }
+
+    pub async fn get_product(&self, id: &str) -> Result<ProductDetail> {
+        let product = self
+            .product(id, ProductCommand::Get)
+            .await
+            .map_err(|r| product_err(r, id))?
+            .ok_or_else(|| ShopError::NotFound(format!("product {id}")))?;
+        let mut skus = Vec::with_capacity(product.sku_ids.len());
+        for sku_id in &product.sku_ids {
+            if let Some(v) = self.sku(sku_id, SkuCommand::Get).await.map_err(|r| sku_err(r, sku_id))? {
+                skus.push(v);
+            }
+        }
+        Ok(ProductDetail { product, skus })
+    }
+
+    pub async fn list_products(&self, category: Option<&str>, limit: usize, cursor: Option<&str>) -> Result<Page<ProductDetail>> {
+        let prefix = b"I/p/".to_vec();
+        let mut after = cursor.map(|c| [prefix.as_slice(), c.as_bytes()].concat());
+        let mut ids = Vec::new();
+        let mut exhausted = false;
+        while ids.len() < limit && !exhausted {
+            let page = self.inner.wal.aux_scan(&prefix, after.as_deref(), false, 512).map_err(storage)?;
+            exhausted = page.len() < 512;
+            for (k, v) in page {
+                if ids.len() == limit {
+                    exhausted = false;
+                    break;
+                }
+                after = Some(k.clone());
+                if category.is_none_or(|c| c.as_bytes() == v.as_slice()) {
+                    ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+                }
+            }
+        }
+        let mut items = Vec::with_capacity(ids.len());
+        for id in &ids {
+            match self.get_product(id).await {
+                Ok(p) => items.push(p),
+                Err(ShopError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let next_cursor = if ids.len() == limit && !exhausted { ids.last().cloned() } else { None };
+        Ok(Page { items, next_cursor })
+    }
+
+    pub async fn update_product(&self, id: &str, title: Option<String>, description: Option<String>, status: Option<ProductStatus>) -> Result<ProductDetail> {
+        let product = self
+            .product(id, ProductCommand::Update { title, description, status })
+            .await
+            .map_err(|r| product_err(r, id))?
+            .ok_or_else(|| ShopError::NotFound(format!("product {id}")))?;
+        if let Some(status) = status {
+            for sku_id in &product.sku_ids {
+                self.sku(sku_id, SkuCommand::SetProductStatus(status)).await.map_err(|r| sku_err(r, sku_id))?;
+            }
+        }
+        self.get_product(id).await
+    }
+
+    pub async fn get_sku(&self, id: &str) -> Result<SkuView> {
+        self.sku(id, SkuCommand::Get)
+            .await
+            .map_err(|r| sku_err(r, id))?
+            .ok_or_else(|| ShopError::NotFound(format!("sku {id}")))
+    }
+
+    pub async fn adjust_stock(&self, id: &str, delta: i64, reason: String) -> Result<SkuView> {
+        self.sku(id, SkuCommand::AdjustStock { delta, reason })
+            .await
+            .map_err(|r| sku_err(r, id))?
+            .ok_or_else(|| ShopError::NotFound(format!("sku {id}")))
+    }
+
+    pub async fn set_price(&self, id: &str, price: Money) -> Result<SkuView> {
+        self.sku(id, SkuCommand::SetPrice(price))
+            .await
+            .map_err(|r| sku_err(r, id))?
+            .ok_or_else(|| ShopError::NotFound(format!("sku {id}")))
+    }
+
+    // ---- cart -------------------------------------------------------------------------
+
+    pub async fn get_cart(&self, buyer: &str) -> Result<Vec<CartLine>> {
+        let items = self.cart(buyer, CartCommand::Get).await.map_err(cart_err)?;
+        self.price_cart(items).await
+    }
+
+    pub async fn set_cart_item(&self, buyer: &str, sku_id: &str, quantity: u64) -> Result<Vec<CartLine>> {
+        if quantity > 0 {
+            self.get_sku(sku_id).await?;
+        }
+        let cmd = CartCommand::SetItem { sku_id: sku_id.to_owned(), quantity };
+        let items = self.cart(buyer, cmd).await.map_err(cart_err)?;
+        self.price_cart(items).await
+    }
+
+    pub async fn remove_cart_item(&self, buyer: &str, sku_id: &str) -> Result<Vec<CartLine>> {
+        let items = self
+            .cart(buyer, CartCommand::RemoveItem { sku_id: sku_id.to_owned() })
+            .await
+            .map_err(cart_err)?;
+        self.price_cart(items).await
+    }
+
+    async fn price_cart(&self, items: BTreeMap<String, u64>) -> Result<Vec<CartLine>> {
+        let mut lines = Vec::with_capacity(items.len());
+        for (sku_id, quantity) in items {
+            match self.get_sku(&sku_id).await {
+                Ok(sku) => lines.push(CartLine { sku_id, quantity, unit_price: sku.price }),
+                // A SKU removed from the catalog simply drops out of the priced cart.
+                Err(ShopError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(lines)
+    }
+
+    // ---- orders -----------------------------------------------------------------------
+
+    /// Places an order: reserves every line (saga), then records the order.
+    pub async fn checkout(&self, buyer: &str, items: Option<Vec<(String, u64)>>, shipping_address: Option<Address>) -> Result<Order> {
+        let from_cart = items.is_none();
+        let items = match items {
+            Some(items) => items,
+            None => self
+                .cart(buyer, CartCommand::Get)
+                .await
+                .map_err(cart_err)?
+                .into_iter()
+                .collect(),
+        };
+        let mut merged: BTreeMap<String, u64> = BTreeMap::new();
+        for (sku, qty) in items {
+            if qty == 0 {
+                return Err(ShopError::BadRequest(format!("quantity of {sku} must be at least 1")));
+            }
+            let q = merged.entry(sku).or_insert(0);
+            *q = q
+                .checked_add(qty)
+                .ok_or_else(|| ShopError::BadRequest("quantity too large".into()))?;
+        }
+        if merged.is_empty() {
+            return Err(ShopError::BadRequest(if from_cart { "the cart is empty".into() } else { "an order needs at least one item".into() }));
+        }
+        let now = now_ms();
+        let partition = self.inner.partitioner.buyer(buyer);
+        let order_id = self.inner.ids.next(now, partition).to_string();
+        let deadline = now + millis(self.inner.cfg.payment_timeout);
+        let expires_at = deadline + millis(self.inner.cfg.reservation_grace);
+
+        let mut reserved: Vec<String> = Vec::with_capacity(merged.len());
+        let mut lines = Vec::with_capacity(merged.len());
+        let mut failure = None;
+        for (sku_id, quantity) in &merged {
+            let cmd = SkuCommand::Reserve { order_id: order_id.clone(), quantity: *quantity, expires_at };
+            match self.sku(sku_id, cmd).await {
+                Ok(Some(sku)) => {
+                    reserved.push(sku_id.clone());
+                    lines.push(Line { sku_id: sku_id.clone(), name: sku.name, unit_price: sku.price, quantity: *quantity });
+                }
+                Ok(None) => {
+                    failure = Some(ShopError::NotFound(format!("sku {sku_id}")));
+                    break;
+                }
+                Err(r) => {
+                    failure = Some(sku_err(r, sku_id));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            let currency = &lines[0].unit_price.currency;
+            if lines.iter().any(|l| &l.unit_price.currency != currency) {
+                failure = Some(ShopError::BadRequest("all lines of one order must share one currency".into()));
+            }
+        }
+        if failure.is_none() {
+            let cmd = OrderCommand::Place {
+                order_id: order_id.clone(),
+                buyer: buyer.to_owned(),
+                lines,
+                shipping_address,
+                payment_deadline: deadline,
+                campaign_id: None,
+            };
+            match self.order(&order_id, cmd).await {
+                Ok(Some(order)) => {
+                    if from_cart {
+                        let sku_ids = merged.keys().cloned().collect();
+                        if let Err(e) = self.cart(buyer, CartCommand::RemoveItems { sku_ids }).await {
+                            tracing::warn!(buyer, error = ?e, "order placed but the cart was not emptied");
+                        }
+                    }
+                    return Ok(order);
+                }
+                Ok(None) => failure = Some(ShopError::Internal("placed order has no state".into())),
+                Err(r) => failure = Some(order_err(r, &order_id)),
+            }
+        }
+        for sku_id in &reserved {
+            self.release(sku_id, &order_id).await;
+        }
+        Err(failure.unwrap_or_else(|| ShopError::Internal("checkout failed".into())))
+    }
+
+    async fn release(&self, sku_id: &str, order_id: &str) {
+        let cmd = SkuCommand::Release { order_id: order_id.to_owned() };
+        if let Err(e) = self.sku(sku_id, cmd).await {
+            // The reservation's own expiry returns the units later.
+            tracing::warn!(sku = sku_id, order = order_id, error = ?e, "release failed; the reservation will expire");
+        }
+    }
+
+    pub async fn get_order(&self, order_id: &str) -> Result<Order> {
+        self.order(order_id, OrderCommand::Get)
+            .await
+            .map_err(|r| order_err(r, order_id))?
+            .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))
+    }
+
+    /// One buyer's orders, newest first; or, without a buyer, every order of this node.
+    pub async fn list_orders(&self, buyer: Option<&str>, status: Option<OrderStatus>, limit: usize, cursor: Option<&str>) -> Result<Page<Order>> {
+        let prefix = match buyer {
+            Some(b) => format!("I/ob/{b}/").into_bytes(),
+            None => b"I/o/".to_vec(),
+        };
+        let want = status.map(|s| s.as_str().as_bytes().to_vec());
+        let mut before = cursor.map(|c| [prefix.as_slice(), c.as_bytes()].concat());
+        let mut ids = Vec::new();
+        let mut exhausted = false;
+        while ids.len() < limit && !exhausted {
+            let page = self.inner.wal.aux_scan(&prefix, before.as_deref(), true, 512).map_err(storage)?;
+            exhausted = page.len() < 512;
+            for (k, v) in page {
+                if ids.len() == limit {
+                    exhausted = false;
+                    break;
+                }
+                before = Some(k.clone());
+                let st = if buyer.is_some() { v.as_slice() } else { v.split(|b| *b == 0).nth(1).unwrap_or_default() };
+                if want.as_deref().is_none_or(|w| w == st) {
+                    ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+                }
+            }
+        }
+        let mut items = Vec::with_capacity(ids.len());
+        for id in &ids {
+            items.push(self.get_order(id).await?);
+        }
+        let next_cursor = if ids.len() == limit && !exhausted { ids.last().cloned() } else { None };
+        Ok(Page { items, next_cursor })
+    }
+
+    /// Pays an order through the API (`method: fake`): one payment id per order, so a
+    /// retry continues the same payment.
+    pub async fn pay(&self, order_id: &str, amount: Money) -> Result<Order> {
+        self.settle_payment(order_id, &format!("api-{order_id}"), amount).await
+    }
+
+    /// A payment provider's callback, applied at most once per payment id.
+    pub async fn payment_callback(&self, payment_id: &str, order_id: &str, amount: Money, succeeded: bool) -> Result<Order> {
+        let order = self.get_order(order_id).await?;
+        if order.payment_ids.contains(payment_id) || !succeeded {
+            return Ok(order);
+        }
+        if order.status == OrderStatus::Cancelled {
+            tracing::warn!(order = order_id, payment = payment_id, "payment callback for a cancelled order: not applied as a sale; flag for refund");
+            return Err(ShopError::InvalidState { status: order.status.as_str().into() });
+        }
+        self.settle_payment(order_id, payment_id, amount).await
+    }
+
+    async fn settle_payment(&self, order_id: &str, payment_id: &str, amount: Money) -> Result<Order> {
+        let current = self.get_order(order_id).await?;
+        if current.payment_ids.contains(payment_id) {
+            return Ok(current);
+        }
+        let begin = OrderCommand::BeginPayment { payment_id: payment_id.to_owned(), amount };
+        let order = self
+            .order(order_id, begin)
+            .await
+            .map_err(|r| order_err(r, order_id))?
+            .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
+        self.finish_payment(order, payment_id).await
+    }
+
+    /// Moves every line to sold, then marks the order paid. Safe to repeat.
+    async fn finish_payment(&self, order: Order, payment_id: &str) -> Result<Order> {
+        let order_id = order.order_id.clone();
+        for line in &order.lines {
+            let cmd = SkuCommand::Commit { order_id: order_id.clone() };
+            if let Err(r) = self.sku(&line.sku_id, cmd).await {
+                let err = sku_err(r, &line.sku_id);
+                if matches!(err, ShopError::Unavailable(_)) {
+                    // Left in progress: the order's timer finishes the payment later.
+                    return Err(err);
+                }
+                tracing::error!(order = %order_id, sku = %line.sku_id, error = %err, "stock could not be committed; payment aborted");
+                let abort = OrderCommand::AbortPayment { payment_id: payment_id.to_owned() };
+                self.order(&order_id, abort).await.map_err(|r| order_err(r, &order_id))?;
+                return Err(ShopError::InvalidStateMsg(format!("the reservation of {} is gone; the order cannot be paid", line.sku_id)));
+            }
+        }
+        let paid = OrderCommand::MarkPaid { payment_id: payment_id.to_owned(), auto_confirm_after: millis(self.inner.cfg.auto_confirm_after) };
+        self.order(&order_id, paid)
+            .await
+            .map_err(|r| order_err(r, &order_id))?
+            .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))
+    }
+
+    pub async fn cancel(&self, order_id: &str, by_admin: bool) -> Result<Order> {
+        let reason = if by_admin { CancelReason::Admin } else { CancelReason::Buyer };
+        let order = self
+            .order(order_id, OrderCommand::Cancel { reason })
+            .await
+            .map_err(|r| order_err(r, order_id))?
+            .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
+        for line in &order.lines {
+            self.release(&line.sku_id, order_id).await;
+        }
+        Ok(order)
+    }
+
+    pub async fn ship(&self, order_id: &str, shipment: Shipment, expected_version: Option<u64>) -> Result<Order> {
+        let cmd = OrderCommand::Ship {
+            carrier: shipment.carrier,
+            tracking_no: shipment.tracking_no,
+            expected_version,
+            auto_confirm_after: millis(self.inner.cfg.auto_confirm_after),
+        };
+        self.order_cmd(order_id, cmd).await
+    }
+
+    pub async fn confirm_receipt(&self, order_id: &str) -> Result<Order> {
+        self.order_cmd(order_id, OrderCommand::ConfirmReceipt).await
+    }
+
+    pub async fn request_refund(&self, order_id: &str, reason: String) -> Result<Order> {
+        let window = millis(self.inner.cfg.refund_window);
+        self.order_cmd(order_id, OrderCommand::RequestRefund { reason, window }).await
+    }
+
+    pub async fn approve_refund(&self, order_id: &str, restock: bool) -> Result<Order> {
+        let order = self.get_order(order_id).await?;
+        if order.status != OrderStatus::RefundRequested {
+            return Err(ShopError::InvalidState { status: order.status.as_str().into() });
+        }
+        if restock {
+            for line in &order.lines {
+                let cmd = SkuCommand::Restock { order_id: order_id.to_owned() };
+                self.sku(&line.sku_id, cmd).await.map_err(|r| sku_err(r, &line.sku_id))?;
+            }
+        }
+        self.order_cmd(order_id, OrderCommand::ApproveRefund { restock }).await
+    }
+
+    pub async fn reject_refund(&self, order_id: &str, reason: String) -> Result<Order> {
+        self.order_cmd(order_id, OrderCommand::RejectRefund { reason }).await
+    }
+
+    pub async fn patch_order(&self, order_id: &str, shipping_address: Option<Address>, shipment: Option<Shipment>, expected_version: u64) -> Result<Order> {
+        self.order_cmd(order_id, OrderCommand::Patch { shipping_address, shipment, expected_version }).await
+    }
+
+    async fn order_cmd(&self, order_id: &str, cmd: OrderCommand) -> Result<Order> {
+        self.order(order_id, cmd)
+            .await
+            .map_err(|r| order_err(r, order_id))?
+            .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))
+    }
+
+    // ---- idempotency ------------------------------------------------------------------
+
+    pub async fn idempotency_begin(&self, sub: &str, scope: &str, body_hash: u64) -> Result<IdemStart> {
+        let p = self.inner.partitioner.buyer(sub);
+        let cmd = IdemCommand::Begin { scope: scope.to_owned(), body_hash };
+        match self.ask::<IdemState>(p, sub, cmd).await {
+            Ok(_) => Ok(IdemStart::Fresh),
+            Err(Refusal::Domain(e)) => idem_err(e),
+            Err(Refusal::Unavailable(why)) => Err(ShopError::Unavailable(why)),
+        }
+    }
+
+    pub async fn idempotency_complete(&self, sub: &str, scope: &str, response: StoredResponse) -> Result<()> {
+        let p = self.inner.partitioner.buyer(sub);
+        let cmd = IdemCommand::Complete { scope: scope.to_owned(), response };
+        self.ask::<IdemState>(p, sub, cmd).await.map(drop).map_err(|r| match r {
+            Refusal::Domain(e) => ShopError::Internal(format!("{e:?}")),
+            Refusal::Unavailable(why) => ShopError::Unavailable(why),
+        })
+    }
+
+    pub async fn idempotency_abort(&self, sub: &str, scope: &str) {
+        let p = self.inner.partitioner.buyer(sub);
+        let cmd = IdemCommand::Abort { scope: scope.to_owned() };
+        if let Err(e) = self.ask::<IdemState>(p, sub, cmd).await {
+            tracing::warn!(sub, scope, error = ?e, "could not release an idempotency key");
+        }
+    }
+
+    // ---- timers and checkpoints -------------------------------------------------------
+
+    async fn dispatch_timers(self, mut rx: mpsc::Receiver<EntityKey>) {
+        // Bounded: at most this many timer actions run at once.
+        let permits = Arc::new(Semaphore::new(64));
+        while let Some(key) = rx.recv().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let shop = self.clone();
+            tokio::spawn(async move {
+                shop.on_timer(key).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn on_timer(&self, key: EntityKey) {
+        match key.kind {
+            Kind::Sku => {
+                if let Err(e) = self.sku(&key.id, SkuCommand::Expire).await {
+                    tracing::warn!(sku = %key.id, error = ?e, "reservation expiry failed");
+                }
+            }
+            Kind::Order => {
+                if let Err(e) = self.order_timer(&key.id).await {
+                    tracing::warn!(order = %key.id, error = %e, "order timer failed");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The order's deadline passed: finish a payment left in progress, expire an unpaid
+    /// order (returning its stock), or confirm receipt automatically.
+    async fn order_timer(&self, order_id: &str) -> Result<()> {
+        let order = self.get_order(order_id).await?;
+        if order.status == OrderStatus::PendingPayment {
+            if let Some(payment_id) = order.payment_in_progress.clone() {
+                if self.finish_payment(order, &payment_id).await.is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+        let after = self.order_cmd(order_id, OrderCommand::Tick).await?;
+        if after.status == OrderStatus::Cancelled {
+            for line in &after.lines {
+                self.release(&line.sku_id, order_id).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn checkpoint_loop(self) {
+        let mut every = tokio::time::interval(self.inner.cfg.checkpoint_interval);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let wal = self.inner.wal.clone();
+            // sled calls block: run the fold off the async workers.
+            let res = tokio::task::spawn_blocking(move || checkpoint_all(&wal)).await;
+            match res {
+                Ok(Err(e)) => tracing::error!(error = %e, "checkpoint failed"),
+                Err(e) => tracing::error!(error = %e, "checkpoint task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+}
+
+/// Folds every partition's log into entity snapshots, which bounds the log.
+pub fn checkpoint_all(wal: &Wal) -> std::result::Result<(), shardmall_persistence::Error> {
+    for partition in wal.partitions_with_log()? {
+        wal.checkpoint_partition(partition, &mut fold_entity)?;
+    }
+    Ok(())
+}
+
+fn fold_entity(entity: &[u8], snapshot: Option<&[u8]>, tail: &[(u64, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String> {
+    fn fold<E: Entity>(snapshot: Option<&[u8]>, tail: &[(u64, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String> {
+        let state: E = crate::codec::rebuild(snapshot, tail.iter().map(|(_, r)| r)).map_err(|e| e.to_string())?;
+        crate::codec::encode(&state).map(Some).map_err(|e| e.to_string())
+    }
+    let key = EntityKey::from_bytes(entity).ok_or("unknown entity key")?;
+    match key.kind {
+        Kind::Product => fold::<ProductState>(snapshot, tail),
+        Kind::Sku => fold::<SkuState>(snapshot, tail),
+        Kind::Cart => fold::<CartState>(snapshot, tail),
+        Kind::Order => fold::<OrderState>(snapshot, tail),
+        Kind::Idempotency => fold::<IdemState>(snapshot, tail),
+    }
+}
+
+fn count_orders_by_status(wal: &Wal, metrics: &ActorMetrics) -> Result<()> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = wal.aux_scan(b"I/o/", after.as_deref(), false, 4096).map_err(storage)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (_, v) in &page {
+            let status = v.split(|b| *b == 0).nth(1).and_then(|s| std::str::from_utf8(s).ok());
+            metrics.order_status_changed(None, status);
+        }
+    }
+    Ok(())
+}
+
+fn millis(d: Duration) -> Millis {
+    d.as_millis() as Millis
+}
+
+fn storage(e: shardmall_persistence::Error) -> ShopError {
+    ShopError::Unavailable(format!("storage: {e}"))
+}

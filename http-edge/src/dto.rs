@@ -1,0 +1,460 @@
+//! The JSON types of API.md. They are separate from the domain's log types: JSON may
+//! grow optional fields freely, log records may not.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use shardmall_actors::domain::order::{Order, OrderStatus, RefundStatus};
+use shardmall_actors::domain::sku::SkuView;
+use shardmall_actors::domain::{self, Millis};
+use shardmall_actors::{CartLine, Page, ProductDetail};
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+use crate::validate;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Money {
+    /// Minor units (e.g. fen, cents).
+    pub amount: i64,
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
+impl Money {
+    pub fn into_domain(self, field: &str) -> Result<domain::Money, ApiError> {
+        validate::currency(&self.currency)?;
+        if !(0..=validate::MAX_AMOUNT).contains(&self.amount) {
+            return Err(ApiError::bad_request(format!("{field}.amount must be between 0 and {}", validate::MAX_AMOUNT)));
+        }
+        Ok(domain::Money { amount: self.amount, currency: self.currency })
+    }
+}
+
+impl From<&domain::Money> for Money {
+    fn from(m: &domain::Money) -> Self {
+        Money { amount: m.amount, currency: m.currency.clone() }
+    }
+}
+
+pub fn rfc3339(ms: Millis) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+fn opt_time(ms: Option<Millis>) -> Option<String> {
+    ms.map(rfc3339)
+}
+
+// ---- catalog ------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSku {
+    pub sku_id: String,
+    pub name: String,
+    #[serde(default)]
+    pub specs: BTreeMap<String, String>,
+    pub price: Money,
+    pub market_price: Option<Money>,
+    pub stock: i64,
+    pub low_stock_threshold: Option<i64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    pub product_id: String,
+    pub title: String,
+    #[serde(default)]
+    pub category: String,
+    #[serde(default)]
+    pub brand: String,
+    #[serde(default)]
+    pub description: String,
+    /// `draft` | `on_shelf` (default) | `off_shelf`
+    pub status: Option<String>,
+    pub skus: Vec<NewSku>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProductPatch {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Stock {
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Sku {
+    pub sku_id: String,
+    pub product_id: String,
+    pub name: String,
+    pub specs: BTreeMap<String, String>,
+    pub price: Money,
+    pub market_price: Option<Money>,
+    pub stock: Stock,
+    pub low_stock_threshold: u64,
+    pub low_stock: bool,
+    /// `active` when the product is on shelf, else the product's status.
+    pub status: String,
+    pub version: u64,
+}
+
+impl From<&SkuView> for Sku {
+    fn from(s: &SkuView) -> Self {
+        Sku {
+            sku_id: s.sku_id.clone(),
+            product_id: s.product_id.clone(),
+            name: s.name.clone(),
+            specs: s.specs.clone(),
+            price: (&s.price).into(),
+            market_price: s.market_price.as_ref().map(Into::into),
+            stock: Stock { available: s.available, reserved: s.reserved, sold: s.sold },
+            low_stock_threshold: s.low_stock_threshold,
+            low_stock: s.low_stock,
+            status: match s.product_status {
+                domain::ProductStatus::OnShelf => "active".into(),
+                other => other.as_str().into(),
+            },
+            version: s.version,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Product {
+    pub product_id: String,
+    pub title: String,
+    pub category: String,
+    pub brand: String,
+    pub description: String,
+    pub status: String,
+    pub skus: Vec<Sku>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub version: u64,
+}
+
+impl From<&ProductDetail> for Product {
+    fn from(d: &ProductDetail) -> Self {
+        let p = &d.product;
+        Product {
+            product_id: p.product_id.clone(),
+            title: p.title.clone(),
+            category: p.category.clone(),
+            brand: p.brand.clone(),
+            description: p.description.clone(),
+            status: p.status.as_str().into(),
+            skus: d.skus.iter().map(Into::into).collect(),
+            created_at: rfc3339(p.created_at),
+            updated_at: rfc3339(p.updated_at),
+            version: p.version,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StockAdjustment {
+    pub delta: i64,
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PriceChange {
+    pub price: Money,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct List<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+impl<T> List<T> {
+    pub fn from_page<U>(page: &Page<U>, f: impl Fn(&U) -> T) -> Self {
+        List { items: page.items.iter().map(f).collect(), next_cursor: page.next_cursor.clone() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub category: Option<String>,
+    pub status: Option<String>,
+    pub buyer: Option<String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+impl ListQuery {
+    pub fn limit(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            None => Ok(20),
+            Some(n) if (1..=validate::MAX_LIST).contains(&n) => Ok(n),
+            Some(_) => Err(ApiError::bad_request("limit must be between 1 and 100")),
+        }
+    }
+
+    pub fn cursor(&self) -> Result<Option<&str>, ApiError> {
+        match &self.cursor {
+            Some(c) => {
+                validate::id("cursor", c)?;
+                Ok(Some(c))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+// ---- cart ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CartItemPut {
+    pub quantity: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CartItem {
+    pub sku_id: String,
+    pub quantity: u64,
+    pub unit_price: Money,
+    pub line_total: Money,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cart {
+    pub items: Vec<CartItem>,
+    pub total: Option<Money>,
+}
+
+impl Cart {
+    pub fn from_lines(lines: &[CartLine]) -> Result<Self, ApiError> {
+        let mut items = Vec::with_capacity(lines.len());
+        let mut total: Option<Money> = None;
+        for l in lines {
+            let line_total = l
+                .unit_price
+                .amount
+                .checked_mul(l.quantity as i64)
+                .ok_or_else(|| ApiError::bad_request("cart total overflows"))?;
+            match &mut total {
+                None => total = Some(Money { amount: line_total, currency: l.unit_price.currency.clone() }),
+                Some(t) if t.currency == l.unit_price.currency => {
+                    t.amount = t.amount.checked_add(line_total).ok_or_else(|| ApiError::bad_request("cart total overflows"))?;
+                }
+                // Mixed currencies have no single total.
+                Some(_) => {}
+            }
+            items.push(CartItem {
+                sku_id: l.sku_id.clone(),
+                quantity: l.quantity,
+                unit_price: (&l.unit_price).into(),
+                line_total: Money { amount: line_total, currency: l.unit_price.currency.clone() },
+            });
+        }
+        Ok(Cart { items, total })
+    }
+}
+
+// ---- orders -------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Address {
+    pub name: String,
+    pub phone: String,
+    pub line1: String,
+    pub city: String,
+    pub country: String,
+}
+
+impl Address {
+    pub fn into_domain(self) -> Result<domain::Address, ApiError> {
+        for (f, v) in [("name", &self.name), ("phone", &self.phone), ("line1", &self.line1), ("city", &self.city), ("country", &self.country)] {
+            validate::required_text(&format!("shipping_address.{f}"), v, 256)?;
+        }
+        Ok(domain::Address { name: self.name, phone: self.phone, line1: self.line1, city: self.city, country: self.country })
+    }
+}
+
+impl From<&domain::Address> for Address {
+    fn from(a: &domain::Address) -> Self {
+        Address { name: a.name.clone(), phone: a.phone.clone(), line1: a.line1.clone(), city: a.city.clone(), country: a.country.clone() }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderItem {
+    pub sku_id: String,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    pub items: Option<Vec<OrderItem>>,
+    #[serde(default)]
+    pub from_cart: bool,
+    pub shipping_address: Option<Address>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Payment {
+    pub method: String,
+    pub amount: Money,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShipRequest {
+    pub carrier: String,
+    pub tracking_no: String,
+    pub expected_version: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefundRequest {
+    pub reason: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefundApproval {
+    pub restock: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefundRejection {
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Shipment {
+    pub carrier: String,
+    pub tracking_no: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderPatch {
+    pub shipping_address: Option<Address>,
+    pub shipment: Option<Shipment>,
+    pub expected_version: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentCallback {
+    pub payment_id: String,
+    pub order_id: String,
+    pub amount: Money,
+    /// `succeeded` | `failed`
+    pub status: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderLine {
+    pub sku_id: String,
+    pub name: String,
+    pub unit_price: Money,
+    pub quantity: u64,
+    pub line_total: Money,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Refund {
+    pub reason: String,
+    /// `requested` | `approved` | `rejected`
+    pub status: String,
+    pub restock: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct OrderBody {
+    pub order_id: String,
+    pub buyer: String,
+    pub status: String,
+    pub lines: Vec<OrderLine>,
+    pub total: Money,
+    pub shipping_address: Option<Address>,
+    pub created_at: String,
+    pub payment_deadline: String,
+    pub paid_at: Option<String>,
+    pub shipped_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub cancelled_at: Option<String>,
+    pub shipment: Option<Shipment>,
+    pub refund: Option<Refund>,
+    pub campaign_id: Option<String>,
+    pub version: u64,
+}
+
+impl From<&Order> for OrderBody {
+    fn from(o: &Order) -> Self {
+        OrderBody {
+            order_id: o.order_id.clone(),
+            buyer: o.buyer.clone(),
+            status: o.status.as_str().into(),
+            lines: o
+                .lines
+                .iter()
+                .map(|l| OrderLine {
+                    sku_id: l.sku_id.clone(),
+                    name: l.name.clone(),
+                    unit_price: (&l.unit_price).into(),
+                    quantity: l.quantity,
+                    line_total: Money {
+                        amount: l.unit_price.amount.saturating_mul(l.quantity as i64),
+                        currency: l.unit_price.currency.clone(),
+                    },
+                })
+                .collect(),
+            total: (&o.total).into(),
+            shipping_address: o.shipping_address.as_ref().map(Into::into),
+            created_at: rfc3339(o.created_at),
+            payment_deadline: rfc3339(o.payment_deadline),
+            paid_at: opt_time(o.paid_at),
+            shipped_at: opt_time(o.shipped_at),
+            completed_at: opt_time(o.completed_at),
+            cancelled_at: opt_time(o.cancelled_at),
+            shipment: o.shipment.as_ref().map(|s| Shipment { carrier: s.carrier.clone(), tracking_no: s.tracking_no.clone() }),
+            refund: o.refund.as_ref().map(|r| Refund {
+                reason: r.reason.clone(),
+                status: match r.status {
+                    RefundStatus::Requested => "requested",
+                    RefundStatus::Approved => "approved",
+                    RefundStatus::Rejected => "rejected",
+                }
+                .into(),
+                restock: r.restock,
+            }),
+            campaign_id: o.campaign_id.clone(),
+            version: o.version,
+        }
+    }
+}
+
+pub fn parse_status(s: &str) -> Result<OrderStatus, ApiError> {
+    OrderStatus::parse(s).ok_or_else(|| ApiError::bad_request(format!("unknown order status {s:?}")))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+}

@@ -1,0 +1,140 @@
+//! The HTTP edge of a shardmall node.
+//!
+//! - [`routes`]: one module per API.md section; handlers validate input, check roles and
+//!   call the [`Shop`](shardmall_actors::Shop).
+//! - [`extract`] and [`error`]: every refusal, including malformed requests, leaves as
+//!   `{"error":{"code","message"}}` with the status API.md gives its code.
+//! - [`auth`]: bearer JWT (HS256) and roles; [`idem`]: `Idempotency-Key`.
+//! - [`metrics`]: Prometheus text; requests are timed by route and status.
+//!
+//! A request flows: limits (headers, body) -> request id -> metrics -> route handler ->
+//! shop -> entity actors; the answer carries `x-request-id`.
+
+pub mod auth;
+pub mod dto;
+pub mod error;
+pub mod extract;
+pub mod idem;
+pub mod metrics;
+pub mod routes;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use std::future::IntoFuture;
+use shardmall_actors::Shop;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+
+pub use auth::{Claims, JwtKeys, Role};
+use error::ApiError;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub shop: Shop,
+    pub jwt: JwtKeys,
+    pub payment_secret: Option<Arc<Vec<u8>>>,
+    pub http_metrics: Arc<metrics::HttpMetrics>,
+    /// Cancelled when the node begins to shut down: readiness turns 503 at once.
+    pub shutting_down: CancellationToken,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "shardmall", description = "Clustered in-memory commerce engine: catalog, cart, orders."),
+    paths(
+        routes::catalog::create_product, routes::catalog::get_product, routes::catalog::list_products,
+        routes::catalog::patch_product, routes::catalog::get_sku, routes::catalog::adjust_stock,
+        routes::catalog::set_price,
+        routes::cart::get_cart, routes::cart::put_item, routes::cart::delete_item,
+        routes::orders::create_order, routes::orders::get_order, routes::orders::list_my_orders,
+        routes::orders::admin_orders, routes::orders::pay, routes::orders::cancel, routes::orders::ship,
+        routes::orders::confirm_receipt, routes::orders::request_refund, routes::orders::approve_refund,
+        routes::orders::reject_refund, routes::orders::patch_order, routes::orders::payment_callback,
+        routes::ops::healthz, routes::ops::readyz, routes::ops::metrics,
+    ),
+    components(schemas(error::ErrorBody, error::ErrorDetail))
+)]
+pub struct ApiDoc;
+
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The whole router with its limits and middleware.
+pub fn router(state: AppState) -> Router {
+    use routes::{cart, catalog, ops, orders};
+    let api = Router::new()
+        .route("/v1/products", post(catalog::create_product).get(catalog::list_products))
+        .route("/v1/products/{product_id}", get(catalog::get_product).patch(catalog::patch_product))
+        .route("/v1/skus/{sku_id}", get(catalog::get_sku))
+        .route("/v1/skus/{sku_id}/stock", post(catalog::adjust_stock))
+        .route("/v1/skus/{sku_id}/price", put(catalog::set_price))
+        .route("/v1/cart", get(cart::get_cart))
+        .route("/v1/cart/items/{sku_id}", put(cart::put_item).delete(cart::delete_item))
+        .route("/v1/orders", post(orders::create_order).get(orders::list_my_orders))
+        .route("/v1/orders/{order_id}", get(orders::get_order).patch(orders::patch_order))
+        .route("/v1/orders/{order_id}/pay", post(orders::pay))
+        .route("/v1/orders/{order_id}/cancel", post(orders::cancel))
+        .route("/v1/orders/{order_id}/ship", post(orders::ship))
+        .route("/v1/orders/{order_id}/confirm-receipt", post(orders::confirm_receipt))
+        .route("/v1/orders/{order_id}/refund", post(orders::request_refund))
+        .route("/v1/orders/{order_id}/refund/approve", post(orders::approve_refund))
+        .route("/v1/orders/{order_id}/refund/reject", post(orders::reject_refund))
+        .route("/v1/admin/orders", get(orders::admin_orders))
+        .route("/v1/payments/callback", post(orders::payment_callback))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed on this path")
+        });
+    api.layer(middleware::from_fn_with_state(state.clone(), metrics::track))
+        .layer(DefaultBodyLimit::max(validate::MAX_BODY_BYTES))
+        .layer(middleware::from_fn(limit_headers))
+        .layer(CatchPanicLayer::custom(|_| ApiError::internal().into_response()))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+        }))
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Refuses requests whose headers together exceed the limit.
+async fn limit_headers(req: Request, next: Next) -> Response {
+    let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    if size > validate::MAX_HEADER_BYTES {
+        return ApiError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "bad_request", "request headers are larger than 16 KiB").into_response();
+    }
+    next.run(req).await
+}
+
+/// Serves until `state.shutting_down` is cancelled, then stops accepting and drains
+/// in-flight requests for at most `drain`.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState, drain: Duration) -> std::io::Result<()> {
+    let shutdown = state.shutting_down.clone();
+    let server = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => res,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!(?drain, "drain period over; dropping the requests still in flight");
+            Ok(())
+        }
+    }
+}

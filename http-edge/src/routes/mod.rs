@@ -1,0 +1,4 @@
+pub mod cart;
+pub mod catalog;
+pub mod ops;
+pub mod orders;

@@ -1,0 +1,85 @@
+//! The command line (API.md, "Command line"). Every flag also reads `SHARDMALL_<NAME>`.
+//! Secrets are never flags: they come from the config file or the environment.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "shardmall", version, about = "A clustered, in-memory commerce engine")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a node.
+    Serve(ServeArgs),
+    /// Print a token signed with the configured secret (or that of the data dir).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "SHARDMALL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./data].
+    #[arg(long, env = "SHARDMALL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "SHARDMALL_HTTP")]
+    pub http: Option<String>,
+    /// Node-to-node address [default: 127.0.0.1:7000].
+    #[arg(long, env = "SHARDMALL_CLUSTER_ADDR")]
+    pub cluster_addr: Option<String>,
+    /// This node's id [default: node-1].
+    #[arg(long, env = "SHARDMALL_NODE_ID")]
+    pub node_id: Option<String>,
+    /// A member's --cluster-addr to join (clusters arrive in a later release).
+    #[arg(long, env = "SHARDMALL_JOIN")]
+    pub join: Option<String>,
+    /// `sync` (answer after the flush) or `relaxed` (flush every few ms) [default: sync].
+    #[arg(long, env = "SHARDMALL_DURABILITY")]
+    pub durability: Option<String>,
+    /// Partitions of a new data set [default: 256]; fixed once data exists.
+    #[arg(long, env = "SHARDMALL_PARTITIONS")]
+    pub partitions: Option<u16>,
+    /// Unpaid orders are cancelled after this long [default: 30m].
+    #[arg(long, env = "SHARDMALL_PAYMENT_TIMEOUT")]
+    pub payment_timeout: Option<String>,
+    /// Shipped orders complete automatically after this long [default: 15days].
+    #[arg(long, env = "SHARDMALL_AUTO_CONFIRM_AFTER")]
+    pub auto_confirm_after: Option<String>,
+    /// Entity actors idle this long are passivated [default: 60s].
+    #[arg(long, env = "SHARDMALL_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Storage cache, MiB [default: 64].
+    #[arg(long, env = "SHARDMALL_CACHE_MB")]
+    pub cache_mb: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// customer | admin | operator
+    #[arg(long)]
+    pub role: String,
+    /// The user the token is for.
+    #[arg(long)]
+    pub sub: String,
+    /// Lifetime, e.g. 1h, 30m, 7days.
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+    #[command(flatten)]
+    pub serve: TokenServeArgs,
+}
+
+/// The subset of serve options `token` reads to find the secret.
+#[derive(Debug, Clone, Args)]
+pub struct TokenServeArgs {
+    #[arg(long, env = "SHARDMALL_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "SHARDMALL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}

@@ -1,0 +1,77 @@
+//! Secrets and node metadata that first start creates.
+//!
+//! Secrets come from the config file or the environment, never from a flag. Without one,
+//! first start writes a random secret to the data dir with mode 0600.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use shardmall_persistence::Wal;
+
+use crate::config::Config;
+
+/// The JWT signing secret: configured, or `DIR/jwt.secret` (created when `create`).
+pub fn jwt_secret(config: &Config, create: bool) -> anyhow::Result<Vec<u8>> {
+    if let Some(s) = &config.jwt_secret {
+        return Ok(s.as_bytes().to_vec());
+    }
+    let path = config.data_dir.join("jwt.secret");
+    if create {
+        file_secret(&path)
+    } else {
+        read_secret(&path).with_context(|| format!("no SHARDMALL_JWT_SECRET and no {} (start the node once first)", path.display()))
+    }
+}
+
+/// The payment callback secret: configured, or `DIR/payment.secret`.
+pub fn payment_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
+    match &config.payment_secret {
+        Some(s) => Ok(s.as_bytes().to_vec()),
+        None => file_secret(&config.data_dir.join("payment.secret")),
+    }
+}
+
+fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)?;
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        anyhow::bail!("{} is empty", path.display());
+    }
+    Ok(trimmed.as_bytes().to_vec())
+}
+
+fn file_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path.exists() {
+        return read_secret(path);
+    }
+    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(secret.as_bytes())?;
+    file.sync_all()?;
+    Ok(secret.into_bytes())
+}
+
+/// The partition count is fixed when the data set is created; later starts keep it.
+pub fn partition_count(wal: &Wal, configured: u16) -> anyhow::Result<u16> {
+    match wal.meta_get("partitions")? {
+        Some(bytes) => {
+            let stored = u16::from_be_bytes(bytes.as_slice().try_into().context("corrupt partition count in node metadata")?);
+            if stored != configured {
+                tracing::warn!(stored, configured, "the data set was created with another partition count; keeping it");
+            }
+            Ok(stored)
+        }
+        None => {
+            wal.meta_put("partitions", &configured.to_be_bytes())?;
+            Ok(configured)
+        }
+    }
+}
