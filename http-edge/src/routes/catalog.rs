@@ -87,7 +87,7 @@ pub async fn list_products(State(st): State<AppState>, ApiQuery(q): ApiQuery<Lis
         validate::text("category", c, 128)?;
     }
     let page = st.shop.list_products(q.category.as_deref(), q.limit()?, q.cursor()?).await?;
-    Ok(Json(List::from_page(&page, Into::into)))
+    Ok(Json(List::from_page(&page, |p| p.into())))
 }
 
 #[utoipa::path(patch, path = "/v1/products/{product_id}", request_body = ProductPatch, responses((status = 200, body = Product)))]

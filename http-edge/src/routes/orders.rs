@@ -75,7 +75,7 @@ pub async fn list_my_orders(State(st): State<AppState>, caller: Caller, ApiQuery
     caller.require(&[Role::Customer, Role::Admin])?;
     let status = q.status.as_deref().map(parse_status).transpose()?;
     let page = st.shop.list_orders(Some(&caller.sub), status, q.limit()?, q.cursor()?).await?;
-    Ok(Json(List::from_page(&page, Into::into)))
+    Ok(Json(List::from_page(&page, |p| p.into())))
 }
 
 #[utoipa::path(get, path = "/v1/admin/orders", params(("status" = Option<String>, Query), ("buyer" = Option<String>, Query), ("limit" = Option<usize>, Query), ("cursor" = Option<String>, Query)), responses((status = 200, body = List<OrderBody>)))]
@@ -86,7 +86,7 @@ pub async fn admin_orders(State(st): State<AppState>, caller: Caller, ApiQuery(q
         validate::id("buyer", b)?;
     }
     let page = st.shop.list_orders(q.buyer.as_deref(), status, q.limit()?, q.cursor()?).await?;
-    Ok(Json(List::from_page(&page, Into::into)))
+    Ok(Json(List::from_page(&page, |p| p.into())))
 }
 
 #[utoipa::path(post, path = "/v1/orders/{order_id}/pay", request_body = Payment, params(("Idempotency-Key" = String, Header)), responses((status = 200, body = OrderBody), (status = 422, body = crate::error::ErrorBody)))]

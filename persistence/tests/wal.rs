@@ -1,0 +1,162 @@
+//! Behaviour of the public API on a real database.
+
+mod common;
+
+use common::{load_list, open, record};
+use shardmall_persistence::{AuxOp, Durability, Error, Record};
+
+#[tokio::test]
+async fn appended_records_load_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let mut lsns = Vec::new();
+    for i in 0..5u8 {
+        let ack = wal.append(record(3, b"sku-1", &[i])).await.unwrap();
+        lsns.push(ack.durable().await.unwrap());
+    }
+    wal.append(record(3, b"sku-10", b"other")).await.unwrap().durable().await.unwrap();
+    assert!(lsns.windows(2).all(|w| w[0] < w[1]));
+    let log = wal.load_entity(3, b"sku-1").unwrap();
+    assert_eq!(log.snapshot, None);
+    assert_eq!(log.tail, lsns.iter().zip(0u8..).map(|(l, i)| (*l, vec![i])).collect::<Vec<_>>());
+    assert!(wal.metrics().durable_lsn >= lsns[4]);
+    assert_eq!(wal.partitions_with_log().unwrap(), vec![3]);
+    assert!(wal.load_entity(3, b"sku").unwrap().tail.is_empty());
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn lsns_and_data_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let first = wal.append(record(1, b"e", b"a")).await.unwrap().durable().await.unwrap();
+    wal.meta_put("partitions", &256u16.to_be_bytes()).unwrap();
+    wal.shutdown().await.unwrap();
+    drop(wal);
+
+    let wal = open(dir.path(), Durability::Relaxed);
+    assert_eq!(wal.meta_get("partitions").unwrap(), Some(256u16.to_be_bytes().to_vec()));
+    assert_eq!(wal.meta_get("absent").unwrap(), None);
+    let second = wal.append(record(1, b"e", b"b")).await.unwrap().durable().await.unwrap();
+    assert!(second > first, "lsn {second} reused after restart (first was {first})");
+    assert_eq!(load_list(&wal, 1, b"e"), vec![b"a".to_vec(), b"b".to_vec()]);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_is_idempotent_and_refuses_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Relaxed);
+    let ack = wal.append(record(0, b"e", b"x")).await.unwrap();
+    let other = wal.clone();
+    let (a, b) = tokio::join!(wal.shutdown(), other.shutdown());
+    a.unwrap();
+    b.unwrap();
+    wal.shutdown().await.unwrap();
+    // Queued before the shutdown: drained and acknowledged.
+    ack.durable().await.unwrap();
+    assert!(matches!(wal.append(record(0, b"e", b"y")).await, Err(Error::Closed)));
+    wal.flush().await.unwrap();
+    assert_eq!(wal.metrics().durable_lsn, wal.applied_lsn());
+}
+
+#[tokio::test]
+async fn relaxed_flush_makes_everything_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Relaxed);
+    assert_eq!(wal.durability(), Durability::Relaxed);
+    let mut last = 0;
+    for i in 0..100u32 {
+        let ack = wal.append(record(9, b"cart", &i.to_be_bytes())).await.unwrap();
+        if i == 99 {
+            last = ack.durable().await.unwrap();
+        }
+    }
+    wal.flush().await.unwrap();
+    let m = wal.metrics();
+    assert!(m.durable_lsn >= last);
+    assert_eq!(m.appended, 100);
+    assert!(m.flushes >= 1 && m.batches >= 1);
+    assert_eq!(m.batch_size_sum, 100);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn aux_ops_apply_with_their_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let ops = vec![
+        AuxOp::Put(b"I/o/b/2".to_vec(), b"2".to_vec()),
+        AuxOp::Put(b"I/o/b/1".to_vec(), b"1".to_vec()),
+        AuxOp::Put(b"I/o/b/3".to_vec(), b"3".to_vec()),
+        AuxOp::Put(b"I/o/a/9".to_vec(), b"9".to_vec()),
+        AuxOp::Put(b"I/o/c".to_vec(), b"c".to_vec()),
+        AuxOp::Put(b"tmp".to_vec(), b"t".to_vec()),
+        AuxOp::Delete(b"tmp".to_vec()),
+    ];
+    let rec = Record { partition: 0, entity: b"o".to_vec(), payload: b"p".to_vec(), aux: ops };
+    wal.append(rec).await.unwrap().durable().await.unwrap();
+    assert_eq!(wal.aux_get(b"I/o/b/2").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(wal.aux_get(b"tmp").unwrap(), None);
+
+    let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect::<Vec<_>>();
+    assert_eq!(keys(wal.aux_scan(b"I/o/b/", None, false, 10).unwrap()), ["I/o/b/1", "I/o/b/2", "I/o/b/3"]);
+    assert_eq!(keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/b/1"), false, 1).unwrap()), ["I/o/b/2"]);
+    assert_eq!(keys(wal.aux_scan(b"I/o/b/", None, true, 2).unwrap()), ["I/o/b/3", "I/o/b/2"]);
+    assert_eq!(keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/b/3"), true, 10).unwrap()), ["I/o/b/2", "I/o/b/1"]);
+    // Cursors outside the prefix.
+    assert_eq!(keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/a"), false, 10).unwrap()).len(), 3);
+    assert!(wal.aux_scan(b"I/o/b/", Some(b"I/o/c"), false, 10).unwrap().is_empty());
+    assert_eq!(keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/c"), true, 10).unwrap()).len(), 3);
+    assert!(wal.aux_scan(b"I/o/b/", Some(b"I/o/a"), true, 10).unwrap().is_empty());
+    assert_eq!(keys(wal.aux_scan(b"", None, false, 100).unwrap()).len(), 5);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn checkpoint_folds_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    for (e, p) in [(&b"a"[..], &b"1"[..]), (b"a", b"2"), (b"b", b"x"), (b"b", b""), (b"bad", b"!")] {
+        wal.append(record(2, e, p)).await.unwrap().durable().await.unwrap();
+    }
+    let stats = wal
+        .checkpoint_partition(2, &mut |entity, old, tail| {
+            if entity == b"bad" {
+                return Err("does not fold".into());
+            }
+            Ok(common::fold_list(old, tail))
+        })
+        .unwrap();
+    assert_eq!((stats.entities, stats.records), (2, 4));
+    let a = wal.load_entity(2, b"a").unwrap();
+    assert!(a.tail.is_empty());
+    assert_eq!(load_list(&wal, 2, b"a"), vec![b"1".to_vec(), b"2".to_vec()]);
+    // Cleared: no snapshot and no tail.
+    let b = wal.load_entity(2, b"b").unwrap();
+    assert_eq!((b.snapshot, b.tail.len()), (None, 0));
+    // Skipped entity keeps its log.
+    assert_eq!(wal.load_entity(2, b"bad").unwrap().tail.len(), 1);
+    assert_eq!(wal.partitions_with_log().unwrap(), vec![2]);
+
+    wal.append(record(2, b"b", b"y")).await.unwrap().durable().await.unwrap();
+    assert_eq!(load_list(&wal, 2, b"b"), vec![b"y".to_vec()]);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_entity_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let big = vec![b'x'; 70_000];
+    assert!(matches!(wal.append(record(0, &big, b"")).await, Err(Error::EntityTooLong { .. })));
+    assert!(wal.load_entity(0, &big).is_err());
+    wal.shutdown().await.unwrap();
+}
+
+#[test]
+fn open_outside_a_runtime_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = shardmall_persistence::WalConfig::new(dir.path());
+    assert!(matches!(shardmall_persistence::Wal::open(cfg), Err(Error::NoRuntime)));
+}
