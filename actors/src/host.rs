@@ -226,11 +226,9 @@ impl<E: Entity> Hosted<E> {
         let mut ops = Vec::new();
         let new_index: BTreeMap<Vec<u8>, Vec<u8>> = self.state.index_entries().into_iter().collect();
         if new_index != self.index {
-            for (k, old) in &self.index {
-                match new_index.get(k) {
-                    None => ops.push(AuxOp::Delete(k.clone())),
-                    Some(new) if new != old => {}
-                    Some(_) => {}
+            for k in self.index.keys() {
+                if !new_index.contains_key(k) {
+                    ops.push(AuxOp::Delete(k.clone()));
                 }
             }
             for (k, v) in &new_index {

@@ -1,9 +1,10 @@
 //! Order ids: fixed-width, sortable by creation time, unique across the cluster, and
 //! carrying the buyer's partition so any node routes an order id without a lookup.
 //!
-//! Layout (29 characters, `[0-9a-f]` after a leading `o`):
-//! `o` + 12 hex digits of milliseconds since the Unix epoch + 4 hex digits of partition
-//! + 4 hex digits of node tag + 8 hex digits of a per-process sequence.
+//! Layout (29 characters, `[0-9a-f]` after a leading `o`): `o`, then 12 hex digits of
+//! milliseconds since the Unix epoch, 4 of partition, 4 of node tag, and 8 of a
+//! per-process sequence.
+//!
 //! Unlike a seconds + machine + 3-digit sequence scheme, a node can mint 2^32 ids per
 //! millisecond per process, far beyond any flash sale.
 

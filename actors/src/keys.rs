@@ -114,7 +114,7 @@ mod tests {
             p.catalog(Kind::Product, "p-1"),
             p.buyer("alice"),
         ];
-        assert_eq!(pinned, [0, 0, 0]);
+        assert_eq!(pinned, [35, 3, 250]);
     }
 
     #[test]

@@ -78,7 +78,8 @@ routed!(OrderState, Order);
 routed!(IdemState, Idem);
 
 pub enum PartitionMsg {
-    Deliver(Envelope),
+    /// Boxed: commands are large, and most partition messages are not.
+    Deliver(Box<Envelope>),
     /// An entity wants its timer command at this instant.
     Arm(EntityKey, Millis),
     /// The wheel's tick: fire what is due.
@@ -120,24 +121,24 @@ impl AnyRef {
 
     /// Sends the envelope; gives it back if the actor is gone. (`None`: the message went
     /// down with the actor; its caller's reply port is dropped and the caller sees that.)
-    fn send(&self, env: Envelope) -> Result<(), Option<Envelope>> {
+    fn send(&self, env: Box<Envelope>) -> Result<(), Option<Box<Envelope>>> {
         fn cast<E: Routed>(
             a: &ActorRef<EntityMsg<E>>,
             id: String,
             req: Request<E>,
-        ) -> Result<(), Option<Envelope>> {
+        ) -> Result<(), Option<Box<Envelope>>> {
             a.cast(EntityMsg::Cmd(req)).map_err(|e| match e {
-                ractor::MessagingErr::SendErr(EntityMsg::Cmd(req)) => Some(E::wrap(id, req)),
+                ractor::MessagingErr::SendErr(EntityMsg::Cmd(req)) => Some(Box::new(E::wrap(id, req))),
                 _ => None,
             })
         }
-        match (self, env) {
+        match (self, *env) {
             (AnyRef::Product(a), Envelope::Product(id, r)) => cast(a, id, r),
             (AnyRef::Sku(a), Envelope::Sku(id, r)) => cast(a, id, r),
             (AnyRef::Cart(a), Envelope::Cart(id, r)) => cast(a, id, r),
             (AnyRef::Order(a), Envelope::Order(id, r)) => cast(a, id, r),
             (AnyRef::Idem(a), Envelope::Idem(id, r)) => cast(a, id, r),
-            (_, env) => Err(Some(env)),
+            (_, env) => Err(Some(Box::new(env))),
         }
     }
 }
@@ -145,7 +146,9 @@ impl AnyRef {
 enum Slot {
     Active { actor: AnyRef, last_used: Instant },
     /// Passivation requested; messages wait here for the next activation.
-    Stopping { held: Vec<Envelope> },
+    // Boxed as they arrive: no need to move them out and in again.
+    #[allow(clippy::vec_box)]
+    Stopping { held: Vec<Box<Envelope>> },
 }
 
 #[derive(Debug, Clone)]
@@ -253,7 +256,7 @@ impl Actor for PartitionActor {
 }
 
 impl PartitionState {
-    async fn deliver(&mut self, myself: &ActorRef<PartitionMsg>, env: Envelope) {
+    async fn deliver(&mut self, myself: &ActorRef<PartitionMsg>, env: Box<Envelope>) {
         let key = env.key();
         let env = match self.slots.get_mut(&key) {
             Some(Slot::Stopping { held }) => {

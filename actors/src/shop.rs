@@ -19,7 +19,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorRef};
 use shardmall_persistence::Wal;
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util_free::Tasks;
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::cart::{CartCommand, CartState};
 use crate::domain::idempotency::{IdemCommand, IdemState, StoredResponse};
@@ -35,26 +35,8 @@ use crate::keys::{EntityKey, Partitioner};
 use crate::metrics::ActorMetrics;
 use crate::partition::{PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg, Routed};
 
-mod tokio_util_free {
-    /// A tiny task registry: shutdown aborts the background loops it holds.
-    #[derive(Default)]
-    pub struct Tasks(std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>);
-    impl Tasks {
-        pub fn push(&self, h: tokio::task::JoinHandle<()>) {
-            // Held only to push or drain a list at start and stop, never on a request path.
-            if let Ok(mut v) = self.0.lock() {
-                v.push(h);
-            }
-        }
-        pub fn abort_all(&self) {
-            if let Ok(mut v) = self.0.lock() {
-                for h in v.drain(..) {
-                    h.abort();
-                }
-            }
-        }
-    }
-}
+/// How long before a timer action that could not finish is tried again.
+const RETRY_TIMER_AFTER: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct ShopConfig {
@@ -151,7 +133,8 @@ struct Inner {
     ids: OrderIdGen,
     metrics: Arc<ActorMetrics>,
     ready: AtomicBool,
-    tasks: Tasks,
+    /// Stops the background loops (timer dispatcher, checkpointer) at shutdown.
+    stop: CancellationToken,
 }
 
 impl Shop {
@@ -190,11 +173,11 @@ impl Shop {
                 cfg,
                 metrics,
                 ready: AtomicBool::new(false),
-                tasks: Tasks::default(),
+                stop: CancellationToken::new(),
             }),
         };
-        shop.inner.tasks.push(tokio::spawn(shop.clone().dispatch_timers(timer_rx)));
-        shop.inner.tasks.push(tokio::spawn(shop.clone().checkpoint_loop()));
+        tokio::spawn(shop.clone().dispatch_timers(timer_rx));
+        tokio::spawn(shop.clone().checkpoint_loop());
         shop.inner.ready.store(true, Ordering::Release);
         Ok(shop)
     }
@@ -223,7 +206,7 @@ impl Shop {
     /// Stops the background loops and the actors, then flushes the log.
     pub async fn shutdown(&self) {
         self.inner.ready.store(false, Ordering::Release);
-        self.inner.tasks.abort_all();
+        self.inner.stop.cancel();
         for p in &self.inner.partitions {
             let _ = p.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5))).await;
         }
@@ -247,7 +230,7 @@ impl Shop {
         let id = id.to_owned();
         let res = actor
             .call(
-                move |reply| PartitionMsg::Deliver(E::wrap(id, Request { cmd, reply })),
+                move |reply| PartitionMsg::Deliver(Box::new(E::wrap(id, Request { cmd, reply }))),
                 Some(self.inner.cfg.call_timeout),
             )
             .await;
@@ -742,7 +725,8 @@ impl Shop {
     async fn dispatch_timers(self, mut rx: mpsc::Receiver<EntityKey>) {
         // Bounded: at most this many timer actions run at once.
         let permits = Arc::new(Semaphore::new(64));
-        while let Some(key) = rx.recv().await {
+        let stop = self.inner.stop.clone();
+        while let Some(Some(key)) = stop.run_until_cancelled(rx.recv()).await {
             let Ok(permit) = permits.clone().acquire_owned().await else { break };
             let shop = self.clone();
             tokio::spawn(async move {
@@ -774,9 +758,17 @@ impl Shop {
         let order = self.get_order(order_id).await?;
         if order.status == OrderStatus::PendingPayment {
             if let Some(payment_id) = order.payment_in_progress.clone() {
-                if self.finish_payment(order, &payment_id).await.is_ok() {
-                    return Ok(());
-                }
+                let key = EntityKey::new(Kind::Order, order_id);
+                return match self.finish_payment(order, &payment_id).await {
+                    Ok(_) => Ok(()),
+                    // Still in progress (a SKU did not answer): try again shortly. A
+                    // payment whose reservation is gone was aborted by finish_payment; the
+                    // next tick expires the order.
+                    Err(e) => {
+                        self.arm_in(key, RETRY_TIMER_AFTER);
+                        Err(e)
+                    }
+                };
             }
         }
         let after = self.order_cmd(order_id, OrderCommand::Tick).await?;
@@ -788,11 +780,18 @@ impl Shop {
         Ok(())
     }
 
+    /// Asks the entity's partition for a timer `after` from now.
+    fn arm_in(&self, key: EntityKey, after: Duration) {
+        if let Some(actor) = self.inner.partitioner.of(&key).and_then(|p| self.inner.partitions.get(usize::from(p))) {
+            let _ = actor.cast(PartitionMsg::Arm(key, now_ms() + millis(after)));
+        }
+    }
+
     async fn checkpoint_loop(self) {
         let mut every = tokio::time::interval(self.inner.cfg.checkpoint_interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            every.tick().await;
+        let stop = self.inner.stop.clone();
+        while stop.run_until_cancelled(every.tick()).await.is_some() {
             let wal = self.inner.wal.clone();
             // sled calls block: run the fold off the async workers.
             let res = tokio::task::spawn_blocking(move || checkpoint_all(&wal)).await;

@@ -391,7 +391,7 @@ async fn active_actors_below(api: &Api, than: f64) -> f64 {
     poll_until(
         &format!("shardmall_active_actors below {than}"),
         Duration::from_secs(20),
-        || async {
+        || async move {
             let m = api.metrics().await;
             let v = metric_sum(&m, "shardmall_active_actors")
                 .unwrap_or_else(|| panic!("no shardmall_active_actors in /metrics:\n{m}"));

@@ -735,7 +735,10 @@ async fn callback(node: &Node, body: &Value, secret: &[u8]) -> Resp {
         .raw(
             reqwest::Method::POST,
             "/v1/payments/callback",
-            &[("content-type", "application/json"), ("x-signature", &sig)],
+            &[
+                ("content-type", "application/json"),
+                ("x-signature", sig.as_str()),
+            ],
             Some(bytes),
         )
         .await;
@@ -790,7 +793,10 @@ async fn payment_callback_applies_once() {
         .raw(
             reqwest::Method::POST,
             "/v1/payments/callback",
-            &[("content-type", "application/json"), ("x-signature", &sig)],
+            &[
+                ("content-type", "application/json"),
+                ("x-signature", sig.as_str()),
+            ],
             Some(serde_json::to_vec(&tampered).expect("serialize")),
         )
         .await;
@@ -975,4 +981,102 @@ async fn admin_order_search() {
         .get("/v1/admin/orders?status=paid", Some(&customer("carol")))
         .await;
     assert_error(&r, 403, "forbidden", "customer searching orders");
+}
+
+/// Existing ids are 409 already_exists; an off_shelf product cannot be ordered; stock
+/// adjustments move `available` only and never below 0.
+#[tokio::test]
+async fn catalog_rules() {
+    let node = Node::start().await;
+    let admin = admin();
+    let alice = customer("alice");
+    let skus = node.product_with_skus(&admin, "rules", 2, 100, 5).await;
+
+    let r = node
+        .post(
+            "/v1/products",
+            &admin,
+            &product_body("rules", &[("rules-new", 1, 1)]),
+        )
+        .await;
+    assert_error(&r, 409, "already_exists", "same product id");
+    let r = node
+        .post(
+            "/v1/products",
+            &admin,
+            &product_body("rules2", &[(&skus[0], 1, 1)]),
+        )
+        .await;
+    assert_error(&r, 409, "already_exists", "a new product reusing a SKU id");
+    let s = node.sku(&skus[0]).await;
+    assert_eq!(
+        s["product_id"], "rules",
+        "the SKU still belongs to its product: {s}"
+    );
+    assert_eq!(s["price"], money(100), "{s}");
+    assert_stock(
+        Stock::of(&s),
+        Stock::new(5, 0, 0),
+        "SKU untouched by the refused create",
+    );
+
+    let r = node
+        .patch(
+            "/v1/products/rules",
+            &admin,
+            &json!({"status": "off_shelf"}),
+        )
+        .await;
+    assert_ok(&r, "off_shelf");
+    let r = node.checkout(&alice, &[(&skus[0], 1)], &key()).await;
+    assert_error(&r, 409, "invalid_state", "ordering an off_shelf product");
+    assert_stock(
+        node.stock(&skus[0]).await,
+        Stock::new(5, 0, 0),
+        "nothing reserved",
+    );
+    let r = node
+        .patch(
+            "/v1/products/rules",
+            &admin,
+            &json!({"status": "on_shelf", "title": "renamed"}),
+        )
+        .await;
+    assert_ok(&r, "on_shelf");
+    assert_eq!(
+        node.get("/v1/products/rules", None).await.1["title"],
+        "renamed"
+    );
+    let r = node.checkout(&alice, &[(&skus[0], 1)], &key()).await;
+    assert_status(&r, 201, "ordering again");
+
+    let stock_path = format!("/v1/skus/{}/stock", skus[1]);
+    let r = node
+        .post(
+            &stock_path,
+            &admin,
+            &json!({"delta": 7, "reason": "delivery"}),
+        )
+        .await;
+    assert_ok(&r, "stock +7");
+    assert_stock(node.stock(&skus[1]).await, Stock::new(12, 0, 0), "after +7");
+    let r = node
+        .post(
+            &stock_path,
+            &admin,
+            &json!({"delta": -13, "reason": "too much"}),
+        )
+        .await;
+    assert_error(&r, 409, "insufficient_stock", "below zero");
+    let r = node
+        .post(
+            &stock_path,
+            &admin,
+            &json!({"delta": -12, "reason": "write-off"}),
+        )
+        .await;
+    assert_ok(&r, "stock -12");
+    assert_stock(node.stock(&skus[1]).await, Stock::new(0, 0, 0), "after -12");
+    let r = node.checkout(&alice, &[(&skus[1], 1)], &key()).await;
+    assert_error(&r, 409, "out_of_stock", "nothing available");
 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use shardmall_http_edge::Role;
 
 #[track_caller]
@@ -238,9 +238,6 @@ async fn customer_on_admin_endpoints_is_403() {
     assert_error(&r, 403, "forbidden", "customer approves own refund");
     let r = node.get("/v1/admin/orders", Some(&alice)).await;
     assert_error(&r, 403, "forbidden", "customer searches orders");
-    let r = node.get("/v1/cluster", Some(&alice)).await;
-    assert_error(&r, 403, "forbidden", "customer reads the cluster");
-
     // An operator is not an admin for the catalog.
     let r = node
         .post(
@@ -250,8 +247,6 @@ async fn customer_on_admin_endpoints_is_403() {
         )
         .await;
     assert_error(&r, 403, "forbidden", "operator adjusts stock");
-    let r = node.get("/v1/cluster", Some(&operator())).await;
-    assert_status(&r, 200, "operator reads the cluster");
 
     let p = node.get("/v1/products/roles", None).await.1;
     assert_eq!(p["title"], "roles title", "title unchanged: {p}");
@@ -275,9 +270,9 @@ async fn send_json(node: &Node, method: Method, path: &str, token: &str, body: &
             method,
             path,
             &[
-                ("authorization", &auth),
+                ("authorization", auth.as_str()),
                 ("content-type", "application/json"),
-                ("idempotency-key", &k),
+                ("idempotency-key", k.as_str()),
             ],
             Some(body.as_bytes().to_vec()),
         )
@@ -566,18 +561,18 @@ async fn malformed_requests_are_json_4xx() {
         ),
     ];
 
+    // Every case is checked, and every mismatch reported together.
+    let mut failures: Vec<String> = Vec::new();
     for (what, method, path, token, body, want) in &cases {
         let r = send_json(&node, method.clone(), path, token, body).await;
-        if *want == 0 {
-            assert_client_error(&r, what);
-        } else {
-            assert_eq!(
-                r.0, *want,
-                "{what}: {method} {path} {body}\n  -> {} {}",
-                r.0, r.1
-            );
-            assert_error_shape(&r.1, what);
-        }
+        let status = (*want != 0).then_some(*want);
+        check(
+            &mut failures,
+            &format!("{what}: {method} {path} {body}"),
+            &r,
+            status,
+            None,
+        );
     }
     let r = send_json(
         &node,
@@ -587,9 +582,15 @@ async fn malformed_requests_are_json_4xx() {
         r#"{"delta": -11, "reason": "x"}"#,
     )
     .await;
-    assert_error(&r, 409, "insufficient_stock", "stock below zero");
+    check(
+        &mut failures,
+        "stock below zero",
+        &r,
+        Some(409),
+        Some("insufficient_stock"),
+    );
 
-    // Over-long ids in paths.
+    // Over-long ids and bad characters in paths.
     for path in [
         format!("/v1/skus/{long_id}"),
         format!("/v1/products/{long_id}"),
@@ -597,14 +598,26 @@ async fn malformed_requests_are_json_4xx() {
         "/v1/skus/bad$id".to_string(),
     ] {
         let r = node.get(&path, Some(&alice)).await;
-        assert_error(&r, 400, "bad_request", &format!("GET {path}"));
+        check(
+            &mut failures,
+            &format!("GET {path}"),
+            &r,
+            Some(400),
+            Some("bad_request"),
+        );
     }
     // The longest valid id is fine (the SKU does not exist: 404).
     let r = node.get(&format!("/v1/skus/{max_id}"), None).await;
-    assert_error(&r, 404, "not_found", "64-char id");
+    check(
+        &mut failures,
+        "64-char id",
+        &r,
+        Some(404),
+        Some("not_found"),
+    );
     // An unknown route is still a JSON error.
     let r = node.get("/v1/no-such-thing", None).await;
-    assert_client_error(&r, "unknown route");
+    check(&mut failures, "unknown route", &r, None, None);
 
     // A 4 MiB body: 413.
     let mut big = product_body("bigprod", &[("big-sku", 1, 1)]);
@@ -615,36 +628,96 @@ async fn malformed_requests_are_json_4xx() {
             Method::POST,
             "/v1/products",
             &[
-                ("authorization", &auth),
+                ("authorization", auth.as_str()),
                 ("content-type", "application/json"),
             ],
             Some(big.to_string().into_bytes()),
         )
-        .await
-        .unwrap_or_else(|e| {
-            panic!("4 MiB body: the node must answer 413, not drop the connection: {e}")
-        });
-    assert_error(&(r.status, r.body), 413, "payload_too_large", "4 MiB body");
+        .await;
+    match r {
+        Ok(r) => check(
+            &mut failures,
+            "4 MiB body",
+            &(r.status, r.body),
+            Some(413),
+            Some("payload_too_large"),
+        ),
+        Err(e) => failures.push(format!(
+            "4 MiB body: connection dropped instead of a 413: {e}"
+        )),
+    }
 
     // Nothing of the above changed anything, and the node still answers.
-    assert_stock(
-        node.stock(sku).await,
-        Stock::new(10, 0, 0),
-        "stock after bad input",
-    );
+    let r = node.raw(Method::GET, "/healthz", &[], None).await;
+    if r.status != 200 {
+        failures.push(format!("healthz after bad input: {} {}", r.status, r.body));
+    }
+    let s = node.stock(sku).await;
+    if s != Stock::new(10, 0, 0) {
+        failures.push(format!("stock changed by bad input: {s:?}"));
+    }
     let r = node.get("/v1/cart", Some(&alice)).await;
-    assert_eq!(r.1["items"], json!([]), "cart after bad input: {}", r.1);
+    if r.1["items"] != json!([]) {
+        failures.push(format!("cart changed by bad input: {}", r.1));
+    }
     for p in ["okprod", "negprod", "negprice", "unkprod", "bigprod"] {
         let r = node.get(&format!("/v1/products/{p}"), None).await;
-        assert_error(&r, 404, "not_found", &format!("product {p} must not exist"));
+        if r.0 != 404 {
+            failures.push(format!(
+                "product {p} was created by a bad request: {} {}",
+                r.0, r.1
+            ));
+        }
     }
-    let r = node.raw(Method::GET, "/healthz", &[], None).await;
-    assert_eq!(r.status, 200, "healthz after bad input: {}", r.body);
+    assert!(
+        failures.is_empty(),
+        "{} malformed requests were mishandled:\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
     assert_status(
         &node.checkout(&alice, &[(sku, 1)], &key()).await,
         201,
         "still serving",
     );
+}
+
+/// Records a mismatch: the status (any 4xx when `None`), the code, the JSON error shape.
+fn check(
+    failures: &mut Vec<String>,
+    what: &str,
+    r: &Resp,
+    status: Option<u16>,
+    code: Option<&str>,
+) {
+    let status_ok = match status {
+        Some(s) => r.0 == s,
+        None => (400..500).contains(&r.0),
+    };
+    let shape_ok = r.1["error"]["code"].is_string() && r.1["error"]["message"].is_string();
+    let code_ok = code.is_none_or(|c| r.1["error"]["code"] == c);
+    if !(status_ok && shape_ok && code_ok) {
+        let want = match status {
+            Some(s) => s.to_string(),
+            None => "4xx".to_string(),
+        };
+        let body = r.1.to_string();
+        let body = if body.len() > 300 {
+            format!("{}...", &body[..300])
+        } else {
+            body
+        };
+        let what = if what.len() > 300 {
+            format!("{}...", &what[..300])
+        } else {
+            what.to_string()
+        };
+        failures.push(format!(
+            "{what}\n      expected {want} {} in the JSON error shape, got {} {body}",
+            code.unwrap_or(""),
+            r.0
+        ));
+    }
 }
 
 /// `/openapi.json`, `/metrics`, `/healthz`, `/readyz`, and `x-request-id` everywhere.
@@ -694,14 +767,14 @@ async fn operations_endpoints_and_request_ids() {
         (
             Method::GET,
             "/v1/cart".into(),
-            vec![("authorization", &auth)],
+            vec![("authorization", auth.as_str())],
             None,
         ),
         (
             Method::PUT,
             format!("/v1/cart/items/{}", skus[0]),
             vec![
-                ("authorization", &auth),
+                ("authorization", auth.as_str()),
                 ("content-type", "application/json"),
             ],
             Some(bad_json),
@@ -790,5 +863,29 @@ async fn cli_token_from_data_dir() {
     // Our own secret is not this node's secret.
     let r = node.get("/v1/cart", Some(&customer("frank"))).await;
     assert_unauthorized(&r, "token signed with a secret the node does not use");
-    let _: Value = r.1;
+}
+
+/// Cluster endpoints (API.md: Cluster and operations): operator and admin read the
+/// cluster map; a customer is 403; no token is 401.
+#[tokio::test]
+async fn cluster_endpoint_roles() {
+    let node = Node::start().await;
+    let r = node.get("/v1/cluster", None).await;
+    assert_error(&r, 401, "unauthorized", "cluster without a token");
+    let r = node.get("/v1/cluster", Some(&customer("alice"))).await;
+    assert_error(&r, 403, "forbidden", "customer reads the cluster");
+    for (who, t) in [("operator", operator()), ("admin", admin())] {
+        let r = node.get("/v1/cluster", Some(&t)).await;
+        assert_status(&r, 200, &format!("{who} reads the cluster"));
+        let nodes = r.1["nodes"]
+            .as_array()
+            .unwrap_or_else(|| panic!("nodes: {}", r.1));
+        assert_eq!(nodes.len(), 1, "a single node: {}", r.1);
+        assert!(r.1["partitions"].as_u64().is_some_and(|p| p > 0), "{}", r.1);
+        assert!(
+            r.1["leader"].is_string() || r.1["leader"].is_number(),
+            "{}",
+            r.1
+        );
+    }
 }

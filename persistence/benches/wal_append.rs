@@ -25,6 +25,7 @@ struct Run {
     latency_us: Histogram<u64>,
     avg_batch: f64,
     flushes: u64,
+    flush_ms: f64,
 }
 
 fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
@@ -88,6 +89,7 @@ async fn run(mode: Durability, appenders: usize, secs: f64) -> Run {
         latency_us,
         avg_batch: m.batch_size_sum as f64 / m.batches.max(1) as f64,
         flushes: m.flushes,
+        flush_ms: m.flush_seconds_sum * 1e3 / m.flushes.max(1) as f64,
     }
 }
 
@@ -97,14 +99,17 @@ fn main() {
     let counts: Vec<usize> = env_list("WAL_BENCH_APPENDERS", "1,64,1024");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     println!("wal_append: {secs} s per run, 100-byte payloads, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
-    println!("{:<8} {:>9} {:>12} {:>9} {:>9} {:>10} {:>10}", "mode", "appenders", "appends/s", "p50 µs", "p99 µs", "avg batch", "flushes/s");
+    println!(
+        "{:<8} {:>9} {:>12} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "mode", "appenders", "appends/s", "p50 µs", "p99 µs", "avg batch", "flushes/s", "flush ms"
+    );
     let mut baseline = None;
     for &mode in &modes {
         for &n in &counts {
             let r = rt.block_on(run(mode, n, secs));
             let rate = r.appends as f64 / r.elapsed.as_secs_f64();
             println!(
-                "{:<8} {:>9} {:>12.0} {:>9} {:>9} {:>10.1} {:>10.0}",
+                "{:<8} {:>9} {:>12.0} {:>9} {:>9} {:>10.1} {:>10.0} {:>9.2}",
                 r.mode.to_string(),
                 r.appenders,
                 rate,
@@ -112,6 +117,7 @@ fn main() {
                 r.latency_us.value_at_quantile(0.99),
                 r.avg_batch,
                 r.flushes as f64 / r.elapsed.as_secs_f64(),
+                r.flush_ms,
             );
             if r.mode == Durability::Sync {
                 if r.appenders == 1 {

@@ -144,7 +144,10 @@ fn run_writer(
     max_batch: usize,
 ) {
     let mut msgs = Vec::with_capacity(max_batch);
+    let (mut t_wait, mut t_apply, mut t_hand) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let mut t0 = Instant::now();
     while let Some(first) = rx.blocking_recv() {
+        t_wait += t0.elapsed();
         msgs.push(first);
         while msgs.len() < max_batch {
             match rx.try_recv() {
@@ -182,7 +185,7 @@ fn run_writer(
             let count = acks.len();
             batch.insert(HIGH_WATER, &last.to_be_bytes()[..]);
             let applied = match shared.check_failed() {
-                Ok(()) => shared.tree.apply_batch(batch).map_err(|e| Error::Failed(shared.fail("applying a batch", &e))),
+                Ok(()) => { let t = Instant::now(); let r = shared.tree.apply_batch(batch); t_apply += t.elapsed(); r }.map_err(|e| Error::Failed(shared.fail("applying a batch", &e))),
                 Err(e) => Err(e),
             };
             match applied {
@@ -204,6 +207,7 @@ fn run_writer(
                 let _ = ack.send(Ok(lsn));
             }
         }
+        let th = Instant::now();
         if !acks.is_empty() || !flushes.is_empty() {
             // Blocks while the flusher is HANDOFF_CAPACITY batches behind (backpressure).
             if let Err(mpsc::error::SendError(h)) = handoff.blocking_send(Handoff { acks, flushes }) {
@@ -213,7 +217,10 @@ fn run_writer(
                 break;
             }
         }
+        t_hand += th.elapsed();
+        t0 = Instant::now();
     }
+    eprintln!("writer: wait {t_wait:?} apply {t_apply:?} handoff {t_hand:?}");
     // Drop our share of the database before the hand-off channel: the flusher reports
     // `stopped` only after the channel closes, and by then no thread of ours holds the
     // database open, so it can be reopened at once.

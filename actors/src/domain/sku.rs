@@ -684,6 +684,15 @@ impl Entity for SkuState {
     fn next_deadline(&self) -> Option<Millis> {
         self.sku.as_ref()?.expiries.keys().next().copied()
     }
+
+    /// `I/low/<sku>` while the SKU is at or below its low-stock threshold: the host raises
+    /// the alert when the entry appears, and admins can list low-stock SKUs.
+    fn index_entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        match &self.sku {
+            Some(s) if s.is_low_stock() => vec![([b"I/low/".as_slice(), s.sku_id.as_bytes()].concat(), Vec::new())],
+            _ => Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
