@@ -70,7 +70,10 @@ mod tests {
             decode::<u64>(&[9, 1]),
             Err(CodecError::UnknownVersion(9))
         ));
-        assert!(matches!(decode::<String>(&[1, 200]), Err(CodecError::Decode(_))));
+        assert!(matches!(
+            decode::<String>(&[1, 200]),
+            Err(CodecError::Decode(_))
+        ));
         assert_eq!(decode::<u64>(&encode(&42u64).unwrap()).unwrap(), 42);
     }
 }

@@ -45,7 +45,9 @@ impl ShopError {
             ShopError::OutOfStock { .. } => "out_of_stock",
             ShopError::InsufficientStock { .. } => "insufficient_stock",
             ShopError::AmountMismatch { .. } => "amount_mismatch",
-            ShopError::IdempotencyConflict | ShopError::IdempotencyInFlight => "idempotency_conflict",
+            ShopError::IdempotencyConflict | ShopError::IdempotencyInFlight => {
+                "idempotency_conflict"
+            }
             ShopError::Unavailable(_) => "unavailable",
             ShopError::Internal(_) => "internal",
         }

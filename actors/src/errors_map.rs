@@ -28,7 +28,10 @@ pub fn sku_err(r: Refusal<SkuError>, id: &str) -> ShopError {
         SkuError::NotFound => ShopError::NotFound(format!("sku {id}")),
         SkuError::AlreadyExists => ShopError::AlreadyExists(format!("sku {id}")),
         SkuError::InsufficientStock { available } => ShopError::InsufficientStock { available },
-        SkuError::OutOfStock { available } => ShopError::OutOfStock { sku_id: id.to_owned(), available },
+        SkuError::OutOfStock { available } => ShopError::OutOfStock {
+            sku_id: id.to_owned(),
+            available,
+        },
         SkuError::InvalidState(msg) => ShopError::InvalidStateMsg(format!("sku {id}: {msg}")),
         SkuError::BadRequest(msg) => ShopError::BadRequest(format!("sku {id}: {msg}")),
     })
@@ -38,7 +41,9 @@ pub fn order_err(r: Refusal<OrderError>, id: &str) -> ShopError {
     unavailable(r, |e| match e {
         OrderError::NotFound => ShopError::NotFound(format!("order {id}")),
         OrderError::AlreadyExists => ShopError::AlreadyExists(format!("order {id}")),
-        OrderError::InvalidState { status } => ShopError::InvalidState { status: status.as_str().to_owned() },
+        OrderError::InvalidState { status } => ShopError::InvalidState {
+            status: status.as_str().to_owned(),
+        },
         OrderError::AmountMismatch { expected } => ShopError::AmountMismatch { expected },
         OrderError::VersionConflict { current } => ShopError::VersionConflict { current },
         OrderError::BadRequest(msg) => ShopError::BadRequest(msg),

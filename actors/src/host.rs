@@ -126,7 +126,10 @@ impl<E: Entity> Actor for EntityActor<E> {
             // covers a deadline that was armed in memory only before a passivation.
             let _ = args.owner.cast(PartitionMsg::Arm(args.key.clone(), at));
         }
-        args.ctx.metrics.active_actors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        args.ctx
+            .metrics
+            .active_actors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Hosted {
             key: args.key,
             key_bytes,
@@ -224,7 +227,8 @@ impl<E: Entity> Hosted<E> {
     /// atomically with its events.
     fn derived_changes(&mut self) -> Vec<AuxOp> {
         let mut ops = Vec::new();
-        let new_index: BTreeMap<Vec<u8>, Vec<u8>> = self.state.index_entries().into_iter().collect();
+        let new_index: BTreeMap<Vec<u8>, Vec<u8>> =
+            self.state.index_entries().into_iter().collect();
         if new_index != self.index {
             for k in self.index.keys() {
                 if !new_index.contains_key(k) {
@@ -242,7 +246,11 @@ impl<E: Entity> Hosted<E> {
         let deadline = self.state.next_deadline();
         if deadline != self.deadline {
             if let Some(old) = self.deadline {
-                ops.push(AuxOp::Delete(deadline_key(self.partition, old, &self.key_bytes)));
+                ops.push(AuxOp::Delete(deadline_key(
+                    self.partition,
+                    old,
+                    &self.key_bytes,
+                )));
             }
             if let Some(at) = deadline {
                 ops.push(AuxOp::Put(
@@ -275,7 +283,8 @@ impl<E: Entity> Hosted<E> {
                 }
             }
             Kind::Sku => {
-                let low = |idx: &BTreeMap<Vec<u8>, Vec<u8>>| idx.keys().any(|k| k.starts_with(b"I/low/"));
+                let low =
+                    |idx: &BTreeMap<Vec<u8>, Vec<u8>>| idx.keys().any(|k| k.starts_with(b"I/low/"));
                 if low(new_index) && !low(&self.index) {
                     self.ctx
                         .metrics

@@ -27,7 +27,10 @@ impl OrderId {
             return None;
         }
         let hex = &s[1..];
-        if !hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+        if !hex
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        {
             return None;
         }
         Some(Self {

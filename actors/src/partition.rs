@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::mpsc;
 
-use crate::domain::{cart::CartState, idempotency::IdemState, order::OrderState, product::ProductState, sku::SkuState, Entity, Kind, Millis};
+use crate::domain::{
+    cart::CartState, idempotency::IdemState, order::OrderState, product::ProductState,
+    sku::SkuState, Entity, Kind, Millis,
+};
 use crate::host::{self, EntityActor, EntityArgs, EntityMsg, HostContext, Refusal, Request};
 use crate::keys::EntityKey;
 
@@ -128,7 +131,9 @@ impl AnyRef {
             req: Request<E>,
         ) -> Result<(), Option<Box<Envelope>>> {
             a.cast(EntityMsg::Cmd(req)).map_err(|e| match e {
-                ractor::MessagingErr::SendErr(EntityMsg::Cmd(req)) => Some(Box::new(E::wrap(id, req))),
+                ractor::MessagingErr::SendErr(EntityMsg::Cmd(req)) => {
+                    Some(Box::new(E::wrap(id, req)))
+                }
                 _ => None,
             })
         }
@@ -144,11 +149,16 @@ impl AnyRef {
 }
 
 enum Slot {
-    Active { actor: AnyRef, last_used: Instant },
+    Active {
+        actor: AnyRef,
+        last_used: Instant,
+    },
     /// Passivation requested; messages wait here for the next activation.
     // Boxed as they arrive: no need to move them out and in again.
     #[allow(clippy::vec_box)]
-    Stopping { held: Vec<Box<Envelope>> },
+    Stopping {
+        held: Vec<Box<Envelope>>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -192,7 +202,10 @@ impl Actor for PartitionActor {
         let prefix = host::deadline_prefix(args.index);
         let mut after: Option<Vec<u8>> = None;
         loop {
-            let page = args.ctx.wal.aux_scan(&prefix, after.as_deref(), false, 4096)?;
+            let page = args
+                .ctx
+                .wal
+                .aux_scan(&prefix, after.as_deref(), false, 4096)?;
             let Some((last, _)) = page.last() else { break };
             after = Some(last.clone());
             for (k, _) in &page {
@@ -202,7 +215,8 @@ impl Actor for PartitionActor {
             }
         }
         myself.send_interval(args.config.tick, || PartitionMsg::Tick);
-        let sweep = (args.config.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(10));
+        let sweep = (args.config.idle_timeout / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(10));
         myself.send_interval(sweep, || PartitionMsg::Sweep);
         Ok(PartitionState {
             index: args.index,
@@ -229,7 +243,11 @@ impl Actor for PartitionActor {
             PartitionMsg::Tick => state.fire_due(),
             PartitionMsg::Sweep => state.sweep(),
             PartitionMsg::ActiveCount(reply) => {
-                let n = state.slots.values().filter(|s| matches!(s, Slot::Active { .. })).count();
+                let n = state
+                    .slots
+                    .values()
+                    .filter(|s| matches!(s, Slot::Active { .. }))
+                    .count();
                 let _ = reply.send(n);
             }
         }
@@ -245,7 +263,9 @@ impl Actor for PartitionActor {
         // One failing entity MUST NOT take its partition (and so its neighbours) down:
         // forget it; its next message activates it afresh from what is durable.
         match event {
-            SupervisionEvent::ActorTerminated(cell, _, _) => state.stopped(&myself, &cell, None).await,
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                state.stopped(&myself, &cell, None).await
+            }
             SupervisionEvent::ActorFailed(cell, err) => {
                 state.stopped(&myself, &cell, Some(err.to_string())).await
             }
@@ -283,7 +303,11 @@ impl PartitionState {
         }
     }
 
-    async fn activate(&mut self, myself: &ActorRef<PartitionMsg>, key: &EntityKey) -> Result<AnyRef, String> {
+    async fn activate(
+        &mut self,
+        myself: &ActorRef<PartitionMsg>,
+        key: &EntityKey,
+    ) -> Result<AnyRef, String> {
         async fn spawn<E: Entity>(
             args: EntityArgs,
             sup: ActorCell,
@@ -307,7 +331,10 @@ impl PartitionState {
             Kind::Order => AnyRef::Order(spawn(args, sup).await?),
             Kind::Idempotency => AnyRef::Idem(spawn(args, sup).await?),
         };
-        self.ctx.metrics.activations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ctx
+            .metrics
+            .activations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.by_actor.insert(actor.id(), key.clone());
         self.slots.insert(
             key.clone(),
@@ -319,13 +346,26 @@ impl PartitionState {
         Ok(actor)
     }
 
-    async fn stopped(&mut self, myself: &ActorRef<PartitionMsg>, cell: &ActorCell, failure: Option<String>) {
-        let Some(key) = self.by_actor.remove(&cell.get_id()) else { return };
+    async fn stopped(
+        &mut self,
+        myself: &ActorRef<PartitionMsg>,
+        cell: &ActorCell,
+        failure: Option<String>,
+    ) {
+        let Some(key) = self.by_actor.remove(&cell.get_id()) else {
+            return;
+        };
         if let Some(why) = &failure {
-            self.ctx.metrics.actor_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.ctx
+                .metrics
+                .actor_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(partition = self.index, entity = ?key, error = %why, "entity actor failed; it restarts from the log on its next message");
         } else {
-            self.ctx.metrics.passivations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.ctx
+                .metrics
+                .passivations
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let held = match self.slots.remove(&key) {
             Some(Slot::Stopping { held }) => held,
@@ -357,7 +397,10 @@ impl PartitionState {
             let (at, key) = self.wheel.pop_first().expect("first() was Some");
             match self.timers_out.try_send(key) {
                 Ok(()) => {
-                    self.ctx.metrics.timers_fired.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.ctx
+                        .metrics
+                        .timers_fired
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(mpsc::error::TrySendError::Full(key)) => {
                     // The dispatcher is saturated: keep the timer and try on the next tick.

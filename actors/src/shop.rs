@@ -23,13 +23,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::cart::{CartCommand, CartState};
 use crate::domain::idempotency::{IdemCommand, IdemState, StoredResponse};
-use crate::domain::order::{CancelReason, Line, Order, OrderCommand, OrderState, OrderStatus, Shipment};
+use crate::domain::order::{
+    CancelReason, Line, Order, OrderCommand, OrderState, OrderStatus, Shipment,
+};
 use crate::domain::product::{Product, ProductCommand, ProductState};
 use crate::domain::sku::{SkuCommand, SkuState, SkuView};
 use crate::domain::{Address, Entity, Kind, Millis, Money, ProductStatus};
 use crate::error::{Result, ShopError};
-use crate::host::{now_ms, HostContext, Refusal, Request};
 use crate::errors_map::{cart_err, idem_err, order_err, product_err, sku_err};
+use crate::host::{now_ms, HostContext, Refusal, Request};
 use crate::ids::OrderIdGen;
 use crate::keys::{EntityKey, Partitioner};
 use crate::metrics::ActorMetrics;
@@ -161,7 +163,9 @@ impl Shop {
             };
             let (actor, _) = Actor::spawn(None, PartitionActor, args)
                 .await
-                .map_err(|e| ShopError::Internal(format!("partition {index} failed to start: {e}")))?;
+                .map_err(|e| {
+                    ShopError::Internal(format!("partition {index} failed to start: {e}"))
+                })?;
             partitions.push(actor);
         }
         let shop = Shop {
@@ -208,7 +212,9 @@ impl Shop {
         self.inner.ready.store(false, Ordering::Release);
         self.inner.stop.cancel();
         for p in &self.inner.partitions {
-            let _ = p.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5))).await;
+            let _ = p
+                .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
+                .await;
         }
         if let Err(e) = self.inner.wal.shutdown().await {
             tracing::error!(error = %e, "flushing the log at shutdown failed");
@@ -223,9 +229,16 @@ impl Shop {
     // ---- plumbing ---------------------------------------------------------------------
 
     /// Sends one command to one entity and waits for its answer.
-    async fn ask<E: Routed>(&self, partition: u16, id: &str, cmd: E::Command) -> std::result::Result<E::View, Refusal<E::Error>> {
+    async fn ask<E: Routed>(
+        &self,
+        partition: u16,
+        id: &str,
+        cmd: E::Command,
+    ) -> std::result::Result<E::View, Refusal<E::Error>> {
         let Some(actor) = self.inner.partitions.get(usize::from(partition)) else {
-            return Err(Refusal::Unavailable(format!("partition {partition} is not on this node")));
+            return Err(Refusal::Unavailable(format!(
+                "partition {partition} is not on this node"
+            )));
         };
         let id = id.to_owned();
         let res = actor
@@ -236,23 +249,39 @@ impl Shop {
             .await;
         match res {
             Ok(ractor::rpc::CallResult::Success(answer)) => answer,
-            Ok(ractor::rpc::CallResult::Timeout) => Err(Refusal::Unavailable("entity did not answer in time".into())),
-            Ok(ractor::rpc::CallResult::SenderError) => Err(Refusal::Unavailable("entity stopped before answering".into())),
+            Ok(ractor::rpc::CallResult::Timeout) => {
+                Err(Refusal::Unavailable("entity did not answer in time".into()))
+            }
+            Ok(ractor::rpc::CallResult::SenderError) => Err(Refusal::Unavailable(
+                "entity stopped before answering".into(),
+            )),
             Err(e) => Err(Refusal::Unavailable(format!("partition unreachable: {e}"))),
         }
     }
 
-    async fn product(&self, id: &str, cmd: ProductCommand) -> std::result::Result<Option<Product>, Refusal<<ProductState as Entity>::Error>> {
+    async fn product(
+        &self,
+        id: &str,
+        cmd: ProductCommand,
+    ) -> std::result::Result<Option<Product>, Refusal<<ProductState as Entity>::Error>> {
         let p = self.inner.partitioner.catalog(Kind::Product, id);
         self.ask::<ProductState>(p, id, cmd).await
     }
 
-    async fn sku(&self, id: &str, cmd: SkuCommand) -> std::result::Result<Option<SkuView>, Refusal<<SkuState as Entity>::Error>> {
+    async fn sku(
+        &self,
+        id: &str,
+        cmd: SkuCommand,
+    ) -> std::result::Result<Option<SkuView>, Refusal<<SkuState as Entity>::Error>> {
         let p = self.inner.partitioner.catalog(Kind::Sku, id);
         self.ask::<SkuState>(p, id, cmd).await
     }
 
-    async fn order(&self, id: &str, cmd: OrderCommand) -> std::result::Result<Option<Order>, Refusal<<OrderState as Entity>::Error>> {
+    async fn order(
+        &self,
+        id: &str,
+        cmd: OrderCommand,
+    ) -> std::result::Result<Option<Order>, Refusal<<OrderState as Entity>::Error>> {
         let key = EntityKey::new(Kind::Order, id);
         let Some(p) = self.inner.partitioner.of(&key) else {
             return Ok(None);
@@ -260,7 +289,12 @@ impl Shop {
         self.ask::<OrderState>(p, id, cmd).await
     }
 
-    async fn cart(&self, buyer: &str, cmd: CartCommand) -> std::result::Result<<CartState as Entity>::View, Refusal<<CartState as Entity>::Error>> {
+    async fn cart(
+        &self,
+        buyer: &str,
+        cmd: CartCommand,
+    ) -> std::result::Result<<CartState as Entity>::View, Refusal<<CartState as Entity>::Error>>
+    {
         let p = self.inner.partitioner.buyer(buyer);
         self.ask::<CartState>(p, buyer, cmd).await
     }
@@ -308,14 +342,18 @@ impl Shop {
                             tracing::error!(sku = %done.sku_id, error = ?e, "rolling back a SKU failed");
                         }
                     }
-                    if let Err(e) = self.product(&input.product_id, ProductCommand::Discard).await {
+                    if let Err(e) = self
+                        .product(&input.product_id, ProductCommand::Discard)
+                        .await
+                    {
                         tracing::error!(product = %input.product_id, error = ?e, "rolling back a product failed");
                     }
                     return Err(sku_err(refusal, &s.sku_id));
                 }
             }
         }
-        let product = created.ok_or_else(|| ShopError::Internal("created product has no state".into()))?;
+        let product =
+            created.ok_or_else(|| ShopError::Internal("created product has no state".into()))?;
         Ok(ProductDetail { product, skus })
     }
 
@@ -327,20 +365,33 @@ impl Shop {
             .ok_or_else(|| ShopError::NotFound(format!("product {id}")))?;
         let mut skus = Vec::with_capacity(product.sku_ids.len());
         for sku_id in &product.sku_ids {
-            if let Some(v) = self.sku(sku_id, SkuCommand::Get).await.map_err(|r| sku_err(r, sku_id))? {
+            if let Some(v) = self
+                .sku(sku_id, SkuCommand::Get)
+                .await
+                .map_err(|r| sku_err(r, sku_id))?
+            {
                 skus.push(v);
             }
         }
         Ok(ProductDetail { product, skus })
     }
 
-    pub async fn list_products(&self, category: Option<&str>, limit: usize, cursor: Option<&str>) -> Result<Page<ProductDetail>> {
+    pub async fn list_products(
+        &self,
+        category: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<ProductDetail>> {
         let prefix = b"I/p/".to_vec();
         let mut after = cursor.map(|c| [prefix.as_slice(), c.as_bytes()].concat());
         let mut ids = Vec::new();
         let mut exhausted = false;
         while ids.len() < limit && !exhausted {
-            let page = self.inner.wal.aux_scan(&prefix, after.as_deref(), false, 512).map_err(storage)?;
+            let page = self
+                .inner
+                .wal
+                .aux_scan(&prefix, after.as_deref(), false, 512)
+                .map_err(storage)?;
             exhausted = page.len() < 512;
             for (k, v) in page {
                 if ids.len() == limit {
@@ -361,19 +412,38 @@ impl Shop {
                 Err(e) => return Err(e),
             }
         }
-        let next_cursor = if ids.len() == limit && !exhausted { ids.last().cloned() } else { None };
+        let next_cursor = if ids.len() == limit && !exhausted {
+            ids.last().cloned()
+        } else {
+            None
+        };
         Ok(Page { items, next_cursor })
     }
 
-    pub async fn update_product(&self, id: &str, title: Option<String>, description: Option<String>, status: Option<ProductStatus>) -> Result<ProductDetail> {
+    pub async fn update_product(
+        &self,
+        id: &str,
+        title: Option<String>,
+        description: Option<String>,
+        status: Option<ProductStatus>,
+    ) -> Result<ProductDetail> {
         let product = self
-            .product(id, ProductCommand::Update { title, description, status })
+            .product(
+                id,
+                ProductCommand::Update {
+                    title,
+                    description,
+                    status,
+                },
+            )
             .await
             .map_err(|r| product_err(r, id))?
             .ok_or_else(|| ShopError::NotFound(format!("product {id}")))?;
         if let Some(status) = status {
             for sku_id in &product.sku_ids {
-                self.sku(sku_id, SkuCommand::SetProductStatus(status)).await.map_err(|r| sku_err(r, sku_id))?;
+                self.sku(sku_id, SkuCommand::SetProductStatus(status))
+                    .await
+                    .map_err(|r| sku_err(r, sku_id))?;
             }
         }
         self.get_product(id).await
@@ -407,18 +477,31 @@ impl Shop {
         self.price_cart(items).await
     }
 
-    pub async fn set_cart_item(&self, buyer: &str, sku_id: &str, quantity: u64) -> Result<Vec<CartLine>> {
+    pub async fn set_cart_item(
+        &self,
+        buyer: &str,
+        sku_id: &str,
+        quantity: u64,
+    ) -> Result<Vec<CartLine>> {
         if quantity > 0 {
             self.get_sku(sku_id).await?;
         }
-        let cmd = CartCommand::SetItem { sku_id: sku_id.to_owned(), quantity };
+        let cmd = CartCommand::SetItem {
+            sku_id: sku_id.to_owned(),
+            quantity,
+        };
         let items = self.cart(buyer, cmd).await.map_err(cart_err)?;
         self.price_cart(items).await
     }
 
     pub async fn remove_cart_item(&self, buyer: &str, sku_id: &str) -> Result<Vec<CartLine>> {
         let items = self
-            .cart(buyer, CartCommand::RemoveItem { sku_id: sku_id.to_owned() })
+            .cart(
+                buyer,
+                CartCommand::RemoveItem {
+                    sku_id: sku_id.to_owned(),
+                },
+            )
             .await
             .map_err(cart_err)?;
         self.price_cart(items).await
@@ -428,7 +511,11 @@ impl Shop {
         let mut lines = Vec::with_capacity(items.len());
         for (sku_id, quantity) in items {
             match self.get_sku(&sku_id).await {
-                Ok(sku) => lines.push(CartLine { sku_id, quantity, unit_price: sku.price }),
+                Ok(sku) => lines.push(CartLine {
+                    sku_id,
+                    quantity,
+                    unit_price: sku.price,
+                }),
                 // A SKU removed from the catalog simply drops out of the priced cart.
                 Err(ShopError::NotFound(_)) => {}
                 Err(e) => return Err(e),
@@ -440,7 +527,12 @@ impl Shop {
     // ---- orders -----------------------------------------------------------------------
 
     /// Places an order: reserves every line (saga), then records the order.
-    pub async fn checkout(&self, buyer: &str, items: Option<Vec<(String, u64)>>, shipping_address: Option<Address>) -> Result<Order> {
+    pub async fn checkout(
+        &self,
+        buyer: &str,
+        items: Option<Vec<(String, u64)>>,
+        shipping_address: Option<Address>,
+    ) -> Result<Order> {
         let from_cart = items.is_none();
         let items = match items {
             Some(items) => items,
@@ -454,7 +546,9 @@ impl Shop {
         let mut merged: BTreeMap<String, u64> = BTreeMap::new();
         for (sku, qty) in items {
             if qty == 0 {
-                return Err(ShopError::BadRequest(format!("quantity of {sku} must be at least 1")));
+                return Err(ShopError::BadRequest(format!(
+                    "quantity of {sku} must be at least 1"
+                )));
             }
             let q = merged.entry(sku).or_insert(0);
             *q = q
@@ -462,7 +556,11 @@ impl Shop {
                 .ok_or_else(|| ShopError::BadRequest("quantity too large".into()))?;
         }
         if merged.is_empty() {
-            return Err(ShopError::BadRequest(if from_cart { "the cart is empty".into() } else { "an order needs at least one item".into() }));
+            return Err(ShopError::BadRequest(if from_cart {
+                "the cart is empty".into()
+            } else {
+                "an order needs at least one item".into()
+            }));
         }
         let now = now_ms();
         let partition = self.inner.partitioner.buyer(buyer);
@@ -474,11 +572,20 @@ impl Shop {
         let mut lines = Vec::with_capacity(merged.len());
         let mut failure = None;
         for (sku_id, quantity) in &merged {
-            let cmd = SkuCommand::Reserve { order_id: order_id.clone(), quantity: *quantity, expires_at };
+            let cmd = SkuCommand::Reserve {
+                order_id: order_id.clone(),
+                quantity: *quantity,
+                expires_at,
+            };
             match self.sku(sku_id, cmd).await {
                 Ok(Some(sku)) => {
                     reserved.push(sku_id.clone());
-                    lines.push(Line { sku_id: sku_id.clone(), name: sku.name, unit_price: sku.price, quantity: *quantity });
+                    lines.push(Line {
+                        sku_id: sku_id.clone(),
+                        name: sku.name,
+                        unit_price: sku.price,
+                        quantity: *quantity,
+                    });
                 }
                 Ok(None) => {
                     failure = Some(ShopError::NotFound(format!("sku {sku_id}")));
@@ -493,7 +600,9 @@ impl Shop {
         if failure.is_none() {
             let currency = &lines[0].unit_price.currency;
             if lines.iter().any(|l| &l.unit_price.currency != currency) {
-                failure = Some(ShopError::BadRequest("all lines of one order must share one currency".into()));
+                failure = Some(ShopError::BadRequest(
+                    "all lines of one order must share one currency".into(),
+                ));
             }
         }
         if failure.is_none() {
@@ -509,7 +618,8 @@ impl Shop {
                 Ok(Some(order)) => {
                     if from_cart {
                         let sku_ids = merged.keys().cloned().collect();
-                        if let Err(e) = self.cart(buyer, CartCommand::RemoveItems { sku_ids }).await {
+                        if let Err(e) = self.cart(buyer, CartCommand::RemoveItems { sku_ids }).await
+                        {
                             tracing::warn!(buyer, error = ?e, "order placed but the cart was not emptied");
                         }
                     }
@@ -526,7 +636,9 @@ impl Shop {
     }
 
     async fn release(&self, sku_id: &str, order_id: &str) {
-        let cmd = SkuCommand::Release { order_id: order_id.to_owned() };
+        let cmd = SkuCommand::Release {
+            order_id: order_id.to_owned(),
+        };
         if let Err(e) = self.sku(sku_id, cmd).await {
             // The reservation's own expiry returns the units later.
             tracing::warn!(sku = sku_id, order = order_id, error = ?e, "release failed; the reservation will expire");
@@ -541,7 +653,13 @@ impl Shop {
     }
 
     /// One buyer's orders, newest first; or, without a buyer, every order of this node.
-    pub async fn list_orders(&self, buyer: Option<&str>, status: Option<OrderStatus>, limit: usize, cursor: Option<&str>) -> Result<Page<Order>> {
+    pub async fn list_orders(
+        &self,
+        buyer: Option<&str>,
+        status: Option<OrderStatus>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<Order>> {
         let prefix = match buyer {
             Some(b) => format!("I/ob/{b}/").into_bytes(),
             None => b"I/o/".to_vec(),
@@ -551,7 +669,11 @@ impl Shop {
         let mut ids = Vec::new();
         let mut exhausted = false;
         while ids.len() < limit && !exhausted {
-            let page = self.inner.wal.aux_scan(&prefix, before.as_deref(), true, 512).map_err(storage)?;
+            let page = self
+                .inner
+                .wal
+                .aux_scan(&prefix, before.as_deref(), true, 512)
+                .map_err(storage)?;
             exhausted = page.len() < 512;
             for (k, v) in page {
                 if ids.len() == limit {
@@ -559,7 +681,11 @@ impl Shop {
                     break;
                 }
                 before = Some(k.clone());
-                let st = if buyer.is_some() { v.as_slice() } else { v.split(|b| *b == 0).nth(1).unwrap_or_default() };
+                let st = if buyer.is_some() {
+                    v.as_slice()
+                } else {
+                    v.split(|b| *b == 0).nth(1).unwrap_or_default()
+                };
                 if want.as_deref().is_none_or(|w| w == st) {
                     ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
                 }
@@ -569,35 +695,60 @@ impl Shop {
         for id in &ids {
             items.push(self.get_order(id).await?);
         }
-        let next_cursor = if ids.len() == limit && !exhausted { ids.last().cloned() } else { None };
+        let next_cursor = if ids.len() == limit && !exhausted {
+            ids.last().cloned()
+        } else {
+            None
+        };
         Ok(Page { items, next_cursor })
     }
 
     /// Pays an order through the API (`method: fake`): one payment id per order, so a
     /// retry continues the same payment.
     pub async fn pay(&self, order_id: &str, amount: Money) -> Result<Order> {
-        self.settle_payment(order_id, &format!("api-{order_id}"), amount).await
+        self.settle_payment(order_id, &format!("api-{order_id}"), amount)
+            .await
     }
 
     /// A payment provider's callback, applied at most once per payment id.
-    pub async fn payment_callback(&self, payment_id: &str, order_id: &str, amount: Money, succeeded: bool) -> Result<Order> {
+    pub async fn payment_callback(
+        &self,
+        payment_id: &str,
+        order_id: &str,
+        amount: Money,
+        succeeded: bool,
+    ) -> Result<Order> {
         let order = self.get_order(order_id).await?;
         if order.payment_ids.contains(payment_id) || !succeeded {
             return Ok(order);
         }
         if order.status == OrderStatus::Cancelled {
-            tracing::warn!(order = order_id, payment = payment_id, "payment callback for a cancelled order: not applied as a sale; flag for refund");
-            return Err(ShopError::InvalidState { status: order.status.as_str().into() });
+            tracing::warn!(
+                order = order_id,
+                payment = payment_id,
+                "payment callback for a cancelled order: not applied as a sale; flag for refund"
+            );
+            return Err(ShopError::InvalidState {
+                status: order.status.as_str().into(),
+            });
         }
         self.settle_payment(order_id, payment_id, amount).await
     }
 
-    async fn settle_payment(&self, order_id: &str, payment_id: &str, amount: Money) -> Result<Order> {
+    async fn settle_payment(
+        &self,
+        order_id: &str,
+        payment_id: &str,
+        amount: Money,
+    ) -> Result<Order> {
         let current = self.get_order(order_id).await?;
         if current.payment_ids.contains(payment_id) {
             return Ok(current);
         }
-        let begin = OrderCommand::BeginPayment { payment_id: payment_id.to_owned(), amount };
+        let begin = OrderCommand::BeginPayment {
+            payment_id: payment_id.to_owned(),
+            amount,
+        };
         let order = self
             .order(order_id, begin)
             .await
@@ -610,7 +761,9 @@ impl Shop {
     async fn finish_payment(&self, order: Order, payment_id: &str) -> Result<Order> {
         let order_id = order.order_id.clone();
         for line in &order.lines {
-            let cmd = SkuCommand::Commit { order_id: order_id.clone() };
+            let cmd = SkuCommand::Commit {
+                order_id: order_id.clone(),
+            };
             if let Err(r) = self.sku(&line.sku_id, cmd).await {
                 let err = sku_err(r, &line.sku_id);
                 if matches!(err, ShopError::Unavailable(_)) {
@@ -618,12 +771,22 @@ impl Shop {
                     return Err(err);
                 }
                 tracing::error!(order = %order_id, sku = %line.sku_id, error = %err, "stock could not be committed; payment aborted");
-                let abort = OrderCommand::AbortPayment { payment_id: payment_id.to_owned() };
-                self.order(&order_id, abort).await.map_err(|r| order_err(r, &order_id))?;
-                return Err(ShopError::InvalidStateMsg(format!("the reservation of {} is gone; the order cannot be paid", line.sku_id)));
+                let abort = OrderCommand::AbortPayment {
+                    payment_id: payment_id.to_owned(),
+                };
+                self.order(&order_id, abort)
+                    .await
+                    .map_err(|r| order_err(r, &order_id))?;
+                return Err(ShopError::InvalidStateMsg(format!(
+                    "the reservation of {} is gone; the order cannot be paid",
+                    line.sku_id
+                )));
             }
         }
-        let paid = OrderCommand::MarkPaid { payment_id: payment_id.to_owned(), auto_confirm_after: millis(self.inner.cfg.auto_confirm_after) };
+        let paid = OrderCommand::MarkPaid {
+            payment_id: payment_id.to_owned(),
+            auto_confirm_after: millis(self.inner.cfg.auto_confirm_after),
+        };
         self.order(&order_id, paid)
             .await
             .map_err(|r| order_err(r, &order_id))?
@@ -631,7 +794,11 @@ impl Shop {
     }
 
     pub async fn cancel(&self, order_id: &str, by_admin: bool) -> Result<Order> {
-        let reason = if by_admin { CancelReason::Admin } else { CancelReason::Buyer };
+        let reason = if by_admin {
+            CancelReason::Admin
+        } else {
+            CancelReason::Buyer
+        };
         let order = self
             .order(order_id, OrderCommand::Cancel { reason })
             .await
@@ -643,7 +810,12 @@ impl Shop {
         Ok(order)
     }
 
-    pub async fn ship(&self, order_id: &str, shipment: Shipment, expected_version: Option<u64>) -> Result<Order> {
+    pub async fn ship(
+        &self,
+        order_id: &str,
+        shipment: Shipment,
+        expected_version: Option<u64>,
+    ) -> Result<Order> {
         let cmd = OrderCommand::Ship {
             carrier: shipment.carrier,
             tracking_no: shipment.tracking_no,
@@ -659,29 +831,52 @@ impl Shop {
 
     pub async fn request_refund(&self, order_id: &str, reason: String) -> Result<Order> {
         let window = millis(self.inner.cfg.refund_window);
-        self.order_cmd(order_id, OrderCommand::RequestRefund { reason, window }).await
+        self.order_cmd(order_id, OrderCommand::RequestRefund { reason, window })
+            .await
     }
 
     pub async fn approve_refund(&self, order_id: &str, restock: bool) -> Result<Order> {
         let order = self.get_order(order_id).await?;
         if order.status != OrderStatus::RefundRequested {
-            return Err(ShopError::InvalidState { status: order.status.as_str().into() });
+            return Err(ShopError::InvalidState {
+                status: order.status.as_str().into(),
+            });
         }
         if restock {
             for line in &order.lines {
-                let cmd = SkuCommand::Restock { order_id: order_id.to_owned() };
-                self.sku(&line.sku_id, cmd).await.map_err(|r| sku_err(r, &line.sku_id))?;
+                let cmd = SkuCommand::Restock {
+                    order_id: order_id.to_owned(),
+                };
+                self.sku(&line.sku_id, cmd)
+                    .await
+                    .map_err(|r| sku_err(r, &line.sku_id))?;
             }
         }
-        self.order_cmd(order_id, OrderCommand::ApproveRefund { restock }).await
+        self.order_cmd(order_id, OrderCommand::ApproveRefund { restock })
+            .await
     }
 
     pub async fn reject_refund(&self, order_id: &str, reason: String) -> Result<Order> {
-        self.order_cmd(order_id, OrderCommand::RejectRefund { reason }).await
+        self.order_cmd(order_id, OrderCommand::RejectRefund { reason })
+            .await
     }
 
-    pub async fn patch_order(&self, order_id: &str, shipping_address: Option<Address>, shipment: Option<Shipment>, expected_version: u64) -> Result<Order> {
-        self.order_cmd(order_id, OrderCommand::Patch { shipping_address, shipment, expected_version }).await
+    pub async fn patch_order(
+        &self,
+        order_id: &str,
+        shipping_address: Option<Address>,
+        shipment: Option<Shipment>,
+        expected_version: u64,
+    ) -> Result<Order> {
+        self.order_cmd(
+            order_id,
+            OrderCommand::Patch {
+                shipping_address,
+                shipment,
+                expected_version,
+            },
+        )
+        .await
     }
 
     async fn order_cmd(&self, order_id: &str, cmd: OrderCommand) -> Result<Order> {
@@ -693,9 +888,17 @@ impl Shop {
 
     // ---- idempotency ------------------------------------------------------------------
 
-    pub async fn idempotency_begin(&self, sub: &str, scope: &str, body_hash: u64) -> Result<IdemStart> {
+    pub async fn idempotency_begin(
+        &self,
+        sub: &str,
+        scope: &str,
+        body_hash: u64,
+    ) -> Result<IdemStart> {
         let p = self.inner.partitioner.buyer(sub);
-        let cmd = IdemCommand::Begin { scope: scope.to_owned(), body_hash };
+        let cmd = IdemCommand::Begin {
+            scope: scope.to_owned(),
+            body_hash,
+        };
         match self.ask::<IdemState>(p, sub, cmd).await {
             Ok(_) => Ok(IdemStart::Fresh),
             Err(Refusal::Domain(e)) => idem_err(e),
@@ -703,18 +906,31 @@ impl Shop {
         }
     }
 
-    pub async fn idempotency_complete(&self, sub: &str, scope: &str, response: StoredResponse) -> Result<()> {
+    pub async fn idempotency_complete(
+        &self,
+        sub: &str,
+        scope: &str,
+        response: StoredResponse,
+    ) -> Result<()> {
         let p = self.inner.partitioner.buyer(sub);
-        let cmd = IdemCommand::Complete { scope: scope.to_owned(), response };
-        self.ask::<IdemState>(p, sub, cmd).await.map(drop).map_err(|r| match r {
-            Refusal::Domain(e) => ShopError::Internal(format!("{e:?}")),
-            Refusal::Unavailable(why) => ShopError::Unavailable(why),
-        })
+        let cmd = IdemCommand::Complete {
+            scope: scope.to_owned(),
+            response,
+        };
+        self.ask::<IdemState>(p, sub, cmd)
+            .await
+            .map(drop)
+            .map_err(|r| match r {
+                Refusal::Domain(e) => ShopError::Internal(format!("{e:?}")),
+                Refusal::Unavailable(why) => ShopError::Unavailable(why),
+            })
     }
 
     pub async fn idempotency_abort(&self, sub: &str, scope: &str) {
         let p = self.inner.partitioner.buyer(sub);
-        let cmd = IdemCommand::Abort { scope: scope.to_owned() };
+        let cmd = IdemCommand::Abort {
+            scope: scope.to_owned(),
+        };
         if let Err(e) = self.ask::<IdemState>(p, sub, cmd).await {
             tracing::warn!(sub, scope, error = ?e, "could not release an idempotency key");
         }
@@ -727,7 +943,9 @@ impl Shop {
         let permits = Arc::new(Semaphore::new(64));
         let stop = self.inner.stop.clone();
         while let Some(Some(key)) = stop.run_until_cancelled(rx.recv()).await {
-            let Ok(permit) = permits.clone().acquire_owned().await else { break };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
             let shop = self.clone();
             tokio::spawn(async move {
                 shop.on_timer(key).await;
@@ -782,7 +1000,12 @@ impl Shop {
 
     /// Asks the entity's partition for a timer `after` from now.
     fn arm_in(&self, key: EntityKey, after: Duration) {
-        if let Some(actor) = self.inner.partitioner.of(&key).and_then(|p| self.inner.partitions.get(usize::from(p))) {
+        if let Some(actor) = self
+            .inner
+            .partitioner
+            .of(&key)
+            .and_then(|p| self.inner.partitions.get(usize::from(p)))
+        {
             let _ = actor.cast(PartitionMsg::Arm(key, now_ms() + millis(after)));
         }
     }
@@ -812,10 +1035,20 @@ pub fn checkpoint_all(wal: &Wal) -> std::result::Result<(), shardmall_persistenc
     Ok(())
 }
 
-fn fold_entity(entity: &[u8], snapshot: Option<&[u8]>, tail: &[(u64, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String> {
-    fn fold<E: Entity>(snapshot: Option<&[u8]>, tail: &[(u64, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String> {
-        let state: E = crate::codec::rebuild(snapshot, tail.iter().map(|(_, r)| r)).map_err(|e| e.to_string())?;
-        crate::codec::encode(&state).map(Some).map_err(|e| e.to_string())
+fn fold_entity(
+    entity: &[u8],
+    snapshot: Option<&[u8]>,
+    tail: &[(u64, Vec<u8>)],
+) -> std::result::Result<Option<Vec<u8>>, String> {
+    fn fold<E: Entity>(
+        snapshot: Option<&[u8]>,
+        tail: &[(u64, Vec<u8>)],
+    ) -> std::result::Result<Option<Vec<u8>>, String> {
+        let state: E = crate::codec::rebuild(snapshot, tail.iter().map(|(_, r)| r))
+            .map_err(|e| e.to_string())?;
+        crate::codec::encode(&state)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
     let key = EntityKey::from_bytes(entity).ok_or("unknown entity key")?;
     match key.kind {
@@ -830,11 +1063,16 @@ fn fold_entity(entity: &[u8], snapshot: Option<&[u8]>, tail: &[(u64, Vec<u8>)]) 
 fn count_orders_by_status(wal: &Wal, metrics: &ActorMetrics) -> Result<()> {
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let page = wal.aux_scan(b"I/o/", after.as_deref(), false, 4096).map_err(storage)?;
+        let page = wal
+            .aux_scan(b"I/o/", after.as_deref(), false, 4096)
+            .map_err(storage)?;
         let Some((last, _)) = page.last() else { break };
         after = Some(last.clone());
         for (_, v) in &page {
-            let status = v.split(|b| *b == 0).nth(1).and_then(|s| std::str::from_utf8(s).ok());
+            let status = v
+                .split(|b| *b == 0)
+                .nth(1)
+                .and_then(|s| std::str::from_utf8(s).ok());
             metrics.order_status_changed(None, status);
         }
     }

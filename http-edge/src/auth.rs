@@ -74,7 +74,9 @@ struct Header {
 
 impl JwtKeys {
     pub fn new(secret: impl Into<Vec<u8>>) -> Self {
-        Self { secret: secret.into() }
+        Self {
+            secret: secret.into(),
+        }
     }
 
     fn mac(&self) -> HmacSha256 {
@@ -96,7 +98,9 @@ impl JwtKeys {
     pub fn verify(&self, token: &str, now_secs: u64) -> Result<Claims, ApiError> {
         let bad = || ApiError::unauthorized("invalid token");
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(bad());
         };
         let header: Header = URL_SAFE_NO_PAD
@@ -133,7 +137,11 @@ mod tests {
     use super::*;
 
     fn claims(exp: u64) -> Claims {
-        Claims { sub: "alice".into(), role: Role::Customer, exp }
+        Claims {
+            sub: "alice".into(),
+            role: Role::Customer,
+            exp,
+        }
     }
 
     #[test]

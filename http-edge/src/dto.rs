@@ -26,20 +26,30 @@ impl Money {
     pub fn into_domain(self, field: &str) -> Result<domain::Money, ApiError> {
         validate::currency(&self.currency)?;
         if !(0..=validate::MAX_AMOUNT).contains(&self.amount) {
-            return Err(ApiError::bad_request(format!("{field}.amount must be between 0 and {}", validate::MAX_AMOUNT)));
+            return Err(ApiError::bad_request(format!(
+                "{field}.amount must be between 0 and {}",
+                validate::MAX_AMOUNT
+            )));
         }
-        Ok(domain::Money { amount: self.amount, currency: self.currency })
+        Ok(domain::Money {
+            amount: self.amount,
+            currency: self.currency,
+        })
     }
 }
 
 impl From<&domain::Money> for Money {
     fn from(m: &domain::Money) -> Self {
-        Money { amount: m.amount, currency: m.currency.clone() }
+        Money {
+            amount: m.amount,
+            currency: m.currency.clone(),
+        }
     }
 }
 
 pub fn rfc3339(ms: Millis) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
 }
 
 fn opt_time(ms: Option<Millis>) -> Option<String> {
@@ -117,7 +127,11 @@ impl From<&SkuView> for Sku {
             specs: s.specs.clone(),
             price: (&s.price).into(),
             market_price: s.market_price.as_ref().map(Into::into),
-            stock: Stock { available: s.available, reserved: s.reserved, sold: s.sold },
+            stock: Stock {
+                available: s.available,
+                reserved: s.reserved,
+                sold: s.sold,
+            },
             low_stock_threshold: s.low_stock_threshold,
             low_stock: s.low_stock,
             status: match s.product_status {
@@ -182,7 +196,10 @@ pub struct List<T> {
 
 impl<T> List<T> {
     pub fn from_page<U>(page: &Page<U>, f: impl Fn(&U) -> T) -> Self {
-        List { items: page.items.iter().map(f).collect(), next_cursor: page.next_cursor.clone() }
+        List {
+            items: page.items.iter().map(f).collect(),
+            next_cursor: page.next_cursor.clone(),
+        }
     }
 }
 
@@ -249,9 +266,17 @@ impl Cart {
                 .checked_mul(l.quantity as i64)
                 .ok_or_else(|| ApiError::bad_request("cart total overflows"))?;
             match &mut total {
-                None => total = Some(Money { amount: line_total, currency: l.unit_price.currency.clone() }),
+                None => {
+                    total = Some(Money {
+                        amount: line_total,
+                        currency: l.unit_price.currency.clone(),
+                    })
+                }
                 Some(t) if t.currency == l.unit_price.currency => {
-                    t.amount = t.amount.checked_add(line_total).ok_or_else(|| ApiError::bad_request("cart total overflows"))?;
+                    t.amount = t
+                        .amount
+                        .checked_add(line_total)
+                        .ok_or_else(|| ApiError::bad_request("cart total overflows"))?;
                 }
                 // Mixed currencies have no single total.
                 Some(_) => {}
@@ -260,7 +285,10 @@ impl Cart {
                 sku_id: l.sku_id.clone(),
                 quantity: l.quantity,
                 unit_price: (&l.unit_price).into(),
-                line_total: Money { amount: line_total, currency: l.unit_price.currency.clone() },
+                line_total: Money {
+                    amount: line_total,
+                    currency: l.unit_price.currency.clone(),
+                },
             });
         }
         Ok(Cart { items, total })
@@ -281,16 +309,34 @@ pub struct Address {
 
 impl Address {
     pub fn into_domain(self) -> Result<domain::Address, ApiError> {
-        for (f, v) in [("name", &self.name), ("phone", &self.phone), ("line1", &self.line1), ("city", &self.city), ("country", &self.country)] {
+        for (f, v) in [
+            ("name", &self.name),
+            ("phone", &self.phone),
+            ("line1", &self.line1),
+            ("city", &self.city),
+            ("country", &self.country),
+        ] {
             validate::required_text(&format!("shipping_address.{f}"), v, 256)?;
         }
-        Ok(domain::Address { name: self.name, phone: self.phone, line1: self.line1, city: self.city, country: self.country })
+        Ok(domain::Address {
+            name: self.name,
+            phone: self.phone,
+            line1: self.line1,
+            city: self.city,
+            country: self.country,
+        })
     }
 }
 
 impl From<&domain::Address> for Address {
     fn from(a: &domain::Address) -> Self {
-        Address { name: a.name.clone(), phone: a.phone.clone(), line1: a.line1.clone(), city: a.city.clone(), country: a.country.clone() }
+        Address {
+            name: a.name.clone(),
+            phone: a.phone.clone(),
+            line1: a.line1.clone(),
+            city: a.city.clone(),
+            country: a.country.clone(),
+        }
     }
 }
 
@@ -433,7 +479,10 @@ impl From<&Order> for OrderBody {
             shipped_at: opt_time(o.shipped_at),
             completed_at: opt_time(o.completed_at),
             cancelled_at: opt_time(o.cancelled_at),
-            shipment: o.shipment.as_ref().map(|s| Shipment { carrier: s.carrier.clone(), tracking_no: s.tracking_no.clone() }),
+            shipment: o.shipment.as_ref().map(|s| Shipment {
+                carrier: s.carrier.clone(),
+                tracking_no: s.tracking_no.clone(),
+            }),
             refund: o.refund.as_ref().map(|r| Refund {
                 reason: r.reason.clone(),
                 status: match r.status {
@@ -451,7 +500,8 @@ impl From<&Order> for OrderBody {
 }
 
 pub fn parse_status(s: &str) -> Result<OrderStatus, ApiError> {
-    OrderStatus::parse(s).ok_or_else(|| ApiError::bad_request(format!("unknown order status {s:?}")))
+    OrderStatus::parse(s)
+        .ok_or_else(|| ApiError::bad_request(format!("unknown order status {s:?}")))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -30,9 +30,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             }
         })?;
         if !is_json {
-            return Err(ApiError::bad_request("Content-Type must be application/json"));
+            return Err(ApiError::bad_request(
+                "Content-Type must be application/json",
+            ));
         }
-        let value = serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+        let value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
         Ok(ApiJson(value, bytes))
     }
 }
@@ -69,7 +72,10 @@ impl<S: Send + Sync> FromRequestParts<S> for IdPath {
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let value = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -80,7 +86,10 @@ impl FromRequestParts<AppState> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| ApiError::unauthorized("Authorization must be `Bearer <token>`"))?;
         let claims = state.jwt.verify(token.trim(), now_secs())?;
-        Ok(Caller { sub: claims.sub, role: claims.role })
+        Ok(Caller {
+            sub: claims.sub,
+            role: claims.role,
+        })
     }
 }
 

@@ -18,16 +18,28 @@ use crate::AppState;
 pub const HEADER: &str = "idempotency-key";
 
 /// Runs `op` at most once per idempotency key.
-pub async fn run<F, Fut>(state: &AppState, caller: &Caller, route: &str, headers: &HeaderMap, body: &[u8], op: F) -> Response
+pub async fn run<F, Fut>(
+    state: &AppState,
+    caller: &Caller,
+    route: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    op: F,
+) -> Response
 where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
 {
     let key = match headers.get(HEADER).map(|v| v.to_str()) {
-        None => return ApiError::bad_request("the Idempotency-Key header is required").into_response(),
-        Some(Err(_)) => return ApiError::bad_request("Idempotency-Key must be visible ASCII").into_response(),
+        None => {
+            return ApiError::bad_request("the Idempotency-Key header is required").into_response()
+        }
+        Some(Err(_)) => {
+            return ApiError::bad_request("Idempotency-Key must be visible ASCII").into_response()
+        }
         Some(Ok(k)) if k.is_empty() || k.len() > 128 => {
-            return ApiError::bad_request("Idempotency-Key must be 1 to 128 characters").into_response()
+            return ApiError::bad_request("Idempotency-Key must be 1 to 128 characters")
+                .into_response()
         }
         Some(Ok(k)) => k.to_owned(),
     };
@@ -36,7 +48,11 @@ where
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     let body_hash = u64::from_be_bytes(first);
-    match state.shop.idempotency_begin(&caller.sub, &scope, body_hash).await {
+    match state
+        .shop
+        .idempotency_begin(&caller.sub, &scope, body_hash)
+        .await
+    {
         Ok(IdemStart::Replay(stored)) => return replay(stored),
         Ok(IdemStart::Fresh) => {}
         Err(e) => return ApiError::from(e).into_response(),
@@ -44,9 +60,13 @@ where
     let (status, value) = match op().await {
         Ok(ok) => ok,
         Err(err) => {
-            let keep = !(err.status.is_server_error() || err.status == StatusCode::TOO_MANY_REQUESTS);
+            let keep =
+                !(err.status.is_server_error() || err.status == StatusCode::TOO_MANY_REQUESTS);
             if keep {
-                let body = serde_json::to_vec(&serde_json::json!({"error": {"code": err.code, "message": err.message}})).unwrap_or_default();
+                let body = serde_json::to_vec(
+                    &serde_json::json!({"error": {"code": err.code, "message": err.message}}),
+                )
+                .unwrap_or_default();
                 store(state, caller, &scope, err.status, body).await;
             } else {
                 state.shop.idempotency_abort(&caller.sub, &scope).await;
@@ -60,8 +80,15 @@ where
 }
 
 async fn store(state: &AppState, caller: &Caller, scope: &str, status: StatusCode, body: Vec<u8>) {
-    let response = StoredResponse { status: status.as_u16(), body };
-    if let Err(e) = state.shop.idempotency_complete(&caller.sub, scope, response).await {
+    let response = StoredResponse {
+        status: status.as_u16(),
+        body,
+    };
+    if let Err(e) = state
+        .shop
+        .idempotency_complete(&caller.sub, scope, response)
+        .await
+    {
         // The operation itself is durable; only its replay record is missing.
         tracing::error!(error = %e, "storing an idempotent response failed");
     }
@@ -70,7 +97,10 @@ async fn store(state: &AppState, caller: &Caller, scope: &str, status: StatusCod
 fn replay(stored: StoredResponse) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let mut resp = json_response(status, stored.body);
-    resp.headers_mut().insert("idempotent-replay", axum::http::HeaderValue::from_static("true"));
+    resp.headers_mut().insert(
+        "idempotent-replay",
+        axum::http::HeaderValue::from_static("true"),
+    );
     resp
 }
 

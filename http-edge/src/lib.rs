@@ -28,8 +28,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
-use std::future::IntoFuture;
 use shardmall_actors::Shop;
+use std::future::IntoFuture;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -52,17 +52,37 @@ pub struct AppState {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "shardmall", description = "Clustered in-memory commerce engine: catalog, cart, orders."),
+    info(
+        title = "shardmall",
+        description = "Clustered in-memory commerce engine: catalog, cart, orders."
+    ),
     paths(
-        routes::catalog::create_product, routes::catalog::get_product, routes::catalog::list_products,
-        routes::catalog::patch_product, routes::catalog::get_sku, routes::catalog::adjust_stock,
+        routes::catalog::create_product,
+        routes::catalog::get_product,
+        routes::catalog::list_products,
+        routes::catalog::patch_product,
+        routes::catalog::get_sku,
+        routes::catalog::adjust_stock,
         routes::catalog::set_price,
-        routes::cart::get_cart, routes::cart::put_item, routes::cart::delete_item,
-        routes::orders::create_order, routes::orders::get_order, routes::orders::list_my_orders,
-        routes::orders::admin_orders, routes::orders::pay, routes::orders::cancel, routes::orders::ship,
-        routes::orders::confirm_receipt, routes::orders::request_refund, routes::orders::approve_refund,
-        routes::orders::reject_refund, routes::orders::patch_order, routes::orders::payment_callback,
-        routes::ops::healthz, routes::ops::readyz, routes::ops::metrics,
+        routes::cart::get_cart,
+        routes::cart::put_item,
+        routes::cart::delete_item,
+        routes::orders::create_order,
+        routes::orders::get_order,
+        routes::orders::list_my_orders,
+        routes::orders::admin_orders,
+        routes::orders::pay,
+        routes::orders::cancel,
+        routes::orders::ship,
+        routes::orders::confirm_receipt,
+        routes::orders::request_refund,
+        routes::orders::approve_refund,
+        routes::orders::reject_refund,
+        routes::orders::patch_order,
+        routes::orders::payment_callback,
+        routes::ops::healthz,
+        routes::ops::readyz,
+        routes::ops::metrics,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail))
 )]
@@ -74,22 +94,46 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState) -> Router {
     use routes::{cart, catalog, ops, orders};
     let api = Router::new()
-        .route("/v1/products", post(catalog::create_product).get(catalog::list_products))
-        .route("/v1/products/{product_id}", get(catalog::get_product).patch(catalog::patch_product))
+        .route(
+            "/v1/products",
+            post(catalog::create_product).get(catalog::list_products),
+        )
+        .route(
+            "/v1/products/{product_id}",
+            get(catalog::get_product).patch(catalog::patch_product),
+        )
         .route("/v1/skus/{sku_id}", get(catalog::get_sku))
         .route("/v1/skus/{sku_id}/stock", post(catalog::adjust_stock))
         .route("/v1/skus/{sku_id}/price", put(catalog::set_price))
         .route("/v1/cart", get(cart::get_cart))
-        .route("/v1/cart/items/{sku_id}", put(cart::put_item).delete(cart::delete_item))
-        .route("/v1/orders", post(orders::create_order).get(orders::list_my_orders))
-        .route("/v1/orders/{order_id}", get(orders::get_order).patch(orders::patch_order))
+        .route(
+            "/v1/cart/items/{sku_id}",
+            put(cart::put_item).delete(cart::delete_item),
+        )
+        .route(
+            "/v1/orders",
+            post(orders::create_order).get(orders::list_my_orders),
+        )
+        .route(
+            "/v1/orders/{order_id}",
+            get(orders::get_order).patch(orders::patch_order),
+        )
         .route("/v1/orders/{order_id}/pay", post(orders::pay))
         .route("/v1/orders/{order_id}/cancel", post(orders::cancel))
         .route("/v1/orders/{order_id}/ship", post(orders::ship))
-        .route("/v1/orders/{order_id}/confirm-receipt", post(orders::confirm_receipt))
+        .route(
+            "/v1/orders/{order_id}/confirm-receipt",
+            post(orders::confirm_receipt),
+        )
         .route("/v1/orders/{order_id}/refund", post(orders::request_refund))
-        .route("/v1/orders/{order_id}/refund/approve", post(orders::approve_refund))
-        .route("/v1/orders/{order_id}/refund/reject", post(orders::reject_refund))
+        .route(
+            "/v1/orders/{order_id}/refund/approve",
+            post(orders::approve_refund),
+        )
+        .route(
+            "/v1/orders/{order_id}/refund/reject",
+            post(orders::reject_refund),
+        )
         .route("/v1/admin/orders", get(orders::admin_orders))
         .route("/v1/payments/callback", post(orders::payment_callback))
         .route("/healthz", get(ops::healthz))
@@ -98,7 +142,11 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(ops::openapi))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "bad_request", "method not allowed on this path")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "bad_request",
+                "method not allowed on this path",
+            )
         });
     api.layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(DefaultBodyLimit::max(validate::MAX_BODY_BYTES))
@@ -115,16 +163,29 @@ pub fn router(state: AppState) -> Router {
 
 /// Refuses requests whose headers together exceed the limit.
 async fn limit_headers(req: Request, next: Next) -> Response {
-    let size: usize = req.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    let size: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
     if size > validate::MAX_HEADER_BYTES {
-        return ApiError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "bad_request", "request headers are larger than 16 KiB").into_response();
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "bad_request",
+            "request headers are larger than 16 KiB",
+        )
+        .into_response();
     }
     next.run(req).await
 }
 
 /// Serves until `state.shutting_down` is cancelled, then stops accepting and drains
 /// in-flight requests for at most `drain`.
-pub async fn serve(listener: tokio::net::TcpListener, state: AppState, drain: Duration) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    drain: Duration,
+) -> std::io::Result<()> {
     let shutdown = state.shutting_down.clone();
     let server = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())

@@ -14,23 +14,31 @@ pub const MAX_AMOUNT: i64 = 1_000_000_000_000;
 
 /// Ids match `[A-Za-z0-9._-]{1,64}`.
 pub fn is_id(s: &str) -> bool {
-    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 pub fn id(field: &str, s: &str) -> Result<(), ApiError> {
     if is_id(s) {
         Ok(())
     } else {
-        Err(ApiError::bad_request(format!("{field} must match [A-Za-z0-9._-]{{1,64}}")))
+        Err(ApiError::bad_request(format!(
+            "{field} must match [A-Za-z0-9._-]{{1,64}}"
+        )))
     }
 }
 
 pub fn text(field: &str, s: &str, max: usize) -> Result<(), ApiError> {
     if s.chars().count() > max {
-        return Err(ApiError::bad_request(format!("{field} is longer than {max} characters")));
+        return Err(ApiError::bad_request(format!(
+            "{field} is longer than {max} characters"
+        )));
     }
     if s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return Err(ApiError::bad_request(format!("{field} contains control characters")));
+        return Err(ApiError::bad_request(format!(
+            "{field} contains control characters"
+        )));
     }
     Ok(())
 }
@@ -44,7 +52,9 @@ pub fn required_text(field: &str, s: &str, max: usize) -> Result<(), ApiError> {
 
 pub fn quantity(field: &str, q: i64) -> Result<u64, ApiError> {
     if q < 1 || q as u64 > MAX_QUANTITY {
-        return Err(ApiError::bad_request(format!("{field} must be between 1 and {MAX_QUANTITY}")));
+        return Err(ApiError::bad_request(format!(
+            "{field} must be between 1 and {MAX_QUANTITY}"
+        )));
     }
     Ok(q as u64)
 }
@@ -53,7 +63,9 @@ pub fn currency(c: &str) -> Result<(), ApiError> {
     if c.len() == 3 && c.bytes().all(|b| b.is_ascii_uppercase()) {
         Ok(())
     } else {
-        Err(ApiError::bad_request("currency must be an ISO 4217 code such as CNY"))
+        Err(ApiError::bad_request(
+            "currency must be an ISO 4217 code such as CNY",
+        ))
     }
 }
 

@@ -21,7 +21,10 @@ async fn main() {
     let durability: String = env_or("BENCH_DURABILITY", "sync".to_string());
     let dir = tempfile::tempdir().expect("tempdir");
     let node = Node::start(dir.path(), &["--durability", &durability]);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(clients * 2).build().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients * 2)
+        .build()
+        .unwrap();
     node.wait_ready(&http).await;
 
     let admin = token(Role::Admin, "bench-admin");

@@ -31,7 +31,8 @@ async fn main() {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..writers {
-        let (http, admin, next, base) = (http.clone(), admin.clone(), next.clone(), node.base.clone());
+        let (http, admin, next, base) =
+            (http.clone(), admin.clone(), next.clone(), node.base.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let p = next.fetch_add(1, Ordering::Relaxed);
@@ -59,8 +60,19 @@ async fn main() {
     // Wait for every actor to passivate.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let m = http.get(format!("{}/metrics", node.base)).send().await.unwrap().text().await.unwrap();
-        let active = m.lines().find_map(|l| l.strip_prefix("shardmall_active_actors ")).and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
+        let m = http
+            .get(format!("{}/metrics", node.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let active = m
+            .lines()
+            .find_map(|l| l.strip_prefix("shardmall_active_actors "))
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(-1);
         if active == 0 || Instant::now() > deadline {
             break;
         }
@@ -77,7 +89,10 @@ async fn main() {
     let restarted = rss_bytes(node.pid());
     node.stop();
 
-    println!("idle memory: {skus} SKUs in {products} products, created in {load:.1?} ({:.0} SKUs/s)", skus as f64 / load.as_secs_f64());
+    println!(
+        "idle memory: {skus} SKUs in {products} products, created in {load:.1?} ({:.0} SKUs/s)",
+        skus as f64 / load.as_secs_f64()
+    );
     println!("| SKUs | RSS before | RSS idle after passivation | bytes per idle SKU | start to /readyz | RSS after restart |");
     println!("|---|---|---|---|---|---|");
     println!(

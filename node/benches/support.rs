@@ -32,8 +32,14 @@ impl Node {
             .expect("start shardmall");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
-        let base = line.trim().strip_prefix("listening on ").expect("listening line").to_owned();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("listening line")
+            .to_owned();
         Node { child, base }
     }
 
@@ -45,7 +51,10 @@ impl Node {
                     return start.elapsed();
                 }
             }
-            assert!(start.elapsed() < Duration::from_secs(120), "node never became ready");
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "node never became ready"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -55,7 +64,9 @@ impl Node {
     }
 
     pub fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -68,8 +79,16 @@ impl Drop for Node {
 }
 
 pub fn token(role: Role, sub: &str) -> String {
-    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
-    JwtKeys::new(SECRET.as_bytes().to_vec()).sign(&Claims { sub: sub.into(), role, exp })
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    JwtKeys::new(SECRET.as_bytes().to_vec()).sign(&Claims {
+        sub: sub.into(),
+        role,
+        exp,
+    })
 }
 
 /// Resident memory of a process, in bytes (Linux).
@@ -84,5 +103,8 @@ pub fn rss_bytes(pid: u32) -> u64 {
 }
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "shardmall", version, about = "A clustered, in-memory commerce engine")]
+#[command(
+    name = "shardmall",
+    version,
+    about = "A clustered, in-memory commerce engine"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

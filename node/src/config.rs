@@ -55,7 +55,9 @@ pub struct Config {
 
 fn duration(name: &str, value: Option<String>, default: &str) -> anyhow::Result<Duration> {
     let text = value.unwrap_or_else(|| default.to_owned());
-    let d = humantime::parse_duration(&text).with_context(|| format!("{name}: {text:?} is not a duration (e.g. 30s, 15m, 2h, 15days)"))?;
+    let d = humantime::parse_duration(&text).with_context(|| {
+        format!("{name}: {text:?} is not a duration (e.g. 30s, 15m, 2h, 15days)")
+    })?;
     if d.is_zero() {
         anyhow::bail!("{name} must be greater than zero");
     }
@@ -69,11 +71,18 @@ impl Config {
             None => FileConfig::default(),
         };
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let durability_text = args.durability.clone().or(file.durability).unwrap_or_else(|| "sync".into());
-        let durability = durability_text
-            .parse::<Durability>()
-            .map_err(|_| anyhow::anyhow!("durability must be sync or relaxed, not {durability_text:?}"))?;
-        let partitions = args.partitions.or(file.partitions).unwrap_or(shardmall_actors::keys::DEFAULT_PARTITIONS);
+        let durability_text = args
+            .durability
+            .clone()
+            .or(file.durability)
+            .unwrap_or_else(|| "sync".into());
+        let durability = durability_text.parse::<Durability>().map_err(|_| {
+            anyhow::anyhow!("durability must be sync or relaxed, not {durability_text:?}")
+        })?;
+        let partitions = args
+            .partitions
+            .or(file.partitions)
+            .unwrap_or(shardmall_actors::keys::DEFAULT_PARTITIONS);
         if partitions == 0 {
             anyhow::bail!("partitions must be at least 1");
         }
@@ -82,20 +91,62 @@ impl Config {
             anyhow::bail!("cache_mb must be at least 1");
         }
         Ok(Config {
-            data_dir: args.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("./data")),
-            http: args.http.clone().or(file.http).unwrap_or_else(|| "127.0.0.1:8080".into()),
-            cluster_addr: args.cluster_addr.clone().or(file.cluster_addr).unwrap_or_else(|| "127.0.0.1:7000".into()),
-            node_id: args.node_id.clone().or(file.node_id).unwrap_or_else(|| "node-1".into()),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("./data")),
+            http: args
+                .http
+                .clone()
+                .or(file.http)
+                .unwrap_or_else(|| "127.0.0.1:8080".into()),
+            cluster_addr: args
+                .cluster_addr
+                .clone()
+                .or(file.cluster_addr)
+                .unwrap_or_else(|| "127.0.0.1:7000".into()),
+            node_id: args
+                .node_id
+                .clone()
+                .or(file.node_id)
+                .unwrap_or_else(|| "node-1".into()),
             durability,
             partitions,
-            payment_timeout: duration("payment_timeout", args.payment_timeout.clone().or(file.payment_timeout), "30m")?,
-            auto_confirm_after: duration("auto_confirm_after", args.auto_confirm_after.clone().or(file.auto_confirm_after), "15days")?,
-            reservation_grace: duration("reservation_grace", env("SHARDMALL_RESERVATION_GRACE").or(file.reservation_grace), "5m")?,
-            refund_window: duration("refund_window", env("SHARDMALL_REFUND_WINDOW").or(file.refund_window), "15days")?,
-            idle_timeout: duration("idle_timeout", args.idle_timeout.clone().or(file.idle_timeout), "60s")?,
-            drain_timeout: duration("drain_timeout", env("SHARDMALL_DRAIN_TIMEOUT").or(file.drain_timeout), "10s")?,
+            payment_timeout: duration(
+                "payment_timeout",
+                args.payment_timeout.clone().or(file.payment_timeout),
+                "30m",
+            )?,
+            auto_confirm_after: duration(
+                "auto_confirm_after",
+                args.auto_confirm_after.clone().or(file.auto_confirm_after),
+                "15days",
+            )?,
+            reservation_grace: duration(
+                "reservation_grace",
+                env("SHARDMALL_RESERVATION_GRACE").or(file.reservation_grace),
+                "5m",
+            )?,
+            refund_window: duration(
+                "refund_window",
+                env("SHARDMALL_REFUND_WINDOW").or(file.refund_window),
+                "15days",
+            )?,
+            idle_timeout: duration(
+                "idle_timeout",
+                args.idle_timeout.clone().or(file.idle_timeout),
+                "60s",
+            )?,
+            drain_timeout: duration(
+                "drain_timeout",
+                env("SHARDMALL_DRAIN_TIMEOUT").or(file.drain_timeout),
+                "10s",
+            )?,
             cache_mb,
-            log: env("SHARDMALL_LOG").or(file.log).unwrap_or_else(|| "info".into()),
+            log: env("SHARDMALL_LOG")
+                .or(file.log)
+                .unwrap_or_else(|| "info".into()),
             jwt_secret: env("SHARDMALL_JWT_SECRET").or(file.jwt_secret),
             payment_secret: env("SHARDMALL_PAYMENT_SECRET").or(file.payment_secret),
         })
@@ -103,13 +154,16 @@ impl Config {
 
     /// A 16-bit tag of the node id, part of every order id it mints.
     pub fn node_tag(&self) -> u16 {
-        let h = self.node_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let h = self.node_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         (h & 0xffff) as u16
     }
 }
 
 fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
 }
 
@@ -121,26 +175,47 @@ mod tests {
     fn defaults_and_file_and_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "http = \"127.0.0.1:9\"\ndurability = \"relaxed\"\npayment_timeout = \"2s\"\n").unwrap();
-        let args = ServeArgs { config: Some(path.clone()), ..Default::default() };
+        std::fs::write(
+            &path,
+            "http = \"127.0.0.1:9\"\ndurability = \"relaxed\"\npayment_timeout = \"2s\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
         let c = Config::load(&args).unwrap();
         assert_eq!(c.http, "127.0.0.1:9");
         assert_eq!(c.durability, Durability::Relaxed);
         assert_eq!(c.payment_timeout, Duration::from_secs(2));
         assert_eq!(c.partitions, 256);
-        let args = ServeArgs { config: Some(path), http: Some("127.0.0.1:10".into()), ..Default::default() };
+        let args = ServeArgs {
+            config: Some(path),
+            http: Some("127.0.0.1:10".into()),
+            ..Default::default()
+        };
         assert_eq!(Config::load(&args).unwrap().http, "127.0.0.1:10");
     }
 
     #[test]
     fn refuses_bad_values() {
-        let bad = ServeArgs { durability: Some("fast".into()), ..Default::default() };
+        let bad = ServeArgs {
+            durability: Some("fast".into()),
+            ..Default::default()
+        };
         assert!(Config::load(&bad).is_err());
-        let bad = ServeArgs { payment_timeout: Some("soon".into()), ..Default::default() };
+        let bad = ServeArgs {
+            payment_timeout: Some("soon".into()),
+            ..Default::default()
+        };
         assert!(Config::load(&bad).is_err());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "unknown_key = 1\n").unwrap();
-        assert!(Config::load(&ServeArgs { config: Some(path), ..Default::default() }).is_err());
+        assert!(Config::load(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .is_err());
     }
 }

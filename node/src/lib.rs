@@ -25,31 +25,52 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = Config::load(&args)?;
             init_tracing(&config.log);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(serve(config))
         }
         Command::Token(args) => {
-            let config = Config::load(&cli::ServeArgs { config: args.serve.config.clone(), data_dir: args.serve.data_dir.clone(), ..Default::default() })?;
+            let config = Config::load(&cli::ServeArgs {
+                config: args.serve.config.clone(),
+                data_dir: args.serve.data_dir.clone(),
+                ..Default::default()
+            })?;
             let secret = secrets::jwt_secret(&config, false)?;
-            let role = Role::parse(&args.role).with_context(|| format!("unknown role {:?}: customer, admin or operator", args.role))?;
+            let role = Role::parse(&args.role).with_context(|| {
+                format!("unknown role {:?}: customer, admin or operator", args.role)
+            })?;
             if !shardmall_http_edge::validate::is_id(&args.sub) {
                 anyhow::bail!("--sub must match [A-Za-z0-9._-]{{1,64}}");
             }
-            let ttl = humantime::parse_duration(&args.ttl).with_context(|| format!("--ttl {:?}", args.ttl))?;
+            let ttl = humantime::parse_duration(&args.ttl)
+                .with_context(|| format!("--ttl {:?}", args.ttl))?;
             let exp = shardmall_http_edge::extract::now_secs() + ttl.as_secs();
-            println!("{}", JwtKeys::new(secret).sign(&Claims { sub: args.sub, role, exp }));
+            println!(
+                "{}",
+                JwtKeys::new(secret).sign(&Claims {
+                    sub: args.sub,
+                    role,
+                    exp
+                })
+            );
             Ok(())
         }
     }
 }
 
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let jwt = secrets::jwt_secret(&config, true)?;
     let payment = secrets::payment_secret(&config)?;
 
@@ -70,8 +91,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ..ShopConfig::default()
     };
     let started = std::time::Instant::now();
-    let shop = Shop::start(wal, shop_cfg).await.context("starting the actors")?;
-    let listener = tokio::net::TcpListener::bind(&config.http).await.with_context(|| format!("binding {}", config.http))?;
+    let shop = Shop::start(wal, shop_cfg)
+        .await
+        .context("starting the actors")?;
+    let listener = tokio::net::TcpListener::bind(&config.http)
+        .await
+        .with_context(|| format!("binding {}", config.http))?;
     let local = listener.local_addr()?;
     tracing::info!(http = %local, data_dir = %config.data_dir.display(), durability = %config.durability, partitions, recovered_in = ?started.elapsed(), "shardmall is serving");
     // Tests and scripts read this line to learn the bound port.

@@ -20,7 +20,12 @@ pub fn jwt_secret(config: &Config, create: bool) -> anyhow::Result<Vec<u8>> {
     if create {
         file_secret(&path)
     } else {
-        read_secret(&path).with_context(|| format!("no SHARDMALL_JWT_SECRET and no {} (start the node once first)", path.display()))
+        read_secret(&path).with_context(|| {
+            format!(
+                "no SHARDMALL_JWT_SECRET and no {} (start the node once first)",
+                path.display()
+            )
+        })
     }
 }
 
@@ -53,7 +58,9 @@ fn file_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     file.write_all(secret.as_bytes())?;
     file.sync_all()?;
     Ok(secret.into_bytes())
@@ -63,9 +70,18 @@ fn file_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
 pub fn partition_count(wal: &Wal, configured: u16) -> anyhow::Result<u16> {
     match wal.meta_get("partitions")? {
         Some(bytes) => {
-            let stored = u16::from_be_bytes(bytes.as_slice().try_into().context("corrupt partition count in node metadata")?);
+            let stored = u16::from_be_bytes(
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .context("corrupt partition count in node metadata")?,
+            );
             if stored != configured {
-                tracing::warn!(stored, configured, "the data set was created with another partition count; keeping it");
+                tracing::warn!(
+                    stored,
+                    configured,
+                    "the data set was created with another partition count; keeping it"
+                );
             }
             Ok(stored)
         }

@@ -17,7 +17,9 @@ use serde::{de::DeserializeOwned, Serialize};
 pub use common::{Address, Millis, Money, ProductStatus};
 
 /// The kinds of entity; the discriminant is part of every entity key on disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 pub enum Kind {
     Product = 1,
     Sku = 2,

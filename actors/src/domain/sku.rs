@@ -689,7 +689,10 @@ impl Entity for SkuState {
     /// the alert when the entry appears, and admins can list low-stock SKUs.
     fn index_entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         match &self.sku {
-            Some(s) if s.is_low_stock() => vec![([b"I/low/".as_slice(), s.sku_id.as_bytes()].concat(), Vec::new())],
+            Some(s) if s.is_low_stock() => vec![(
+                [b"I/low/".as_slice(), s.sku_id.as_bytes()].concat(),
+                Vec::new(),
+            )],
             _ => Vec::new(),
         }
     }

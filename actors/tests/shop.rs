@@ -1,0 +1,274 @@
+//! The shop on real actors and a real log in a temporary directory: activation,
+//! passivation racing messages, supervision, timers re-armed after a restart, and
+//! checkpoints.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use shardmall_actors::domain::order::OrderStatus;
+use shardmall_actors::domain::{Money, ProductStatus};
+use shardmall_actors::keys::{EntityKey, Partitioner};
+use shardmall_actors::{NewProduct, NewSku, Shop, ShopConfig, ShopError};
+use shardmall_persistence::{Record, Wal, WalConfig};
+
+fn config() -> ShopConfig {
+    ShopConfig {
+        partitions: 8,
+        timer_tick: Duration::from_millis(20),
+        checkpoint_interval: Duration::from_millis(100),
+        ..ShopConfig::default()
+    }
+}
+
+async fn open(dir: &std::path::Path, cfg: ShopConfig) -> Shop {
+    // A restart within one process: the previous shop's last handles on the database are
+    // dropped by its tasks shortly after its shutdown.
+    let start = Instant::now();
+    let wal = loop {
+        match Wal::open(WalConfig::new(dir.join("db"))) {
+            Ok(wal) => break wal,
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("open log: {e}"),
+        }
+    };
+    Shop::start(wal, cfg).await.expect("start shop")
+}
+
+fn product(id: &str, skus: &[(&str, u64)]) -> NewProduct {
+    NewProduct {
+        product_id: id.into(),
+        title: "t".into(),
+        category: "c".into(),
+        brand: "b".into(),
+        description: String::new(),
+        status: ProductStatus::OnShelf,
+        skus: skus
+            .iter()
+            .map(|(sku, stock)| NewSku {
+                sku_id: (*sku).into(),
+                name: format!("name of {sku}"),
+                specs: BTreeMap::new(),
+                price: Money {
+                    amount: 100,
+                    currency: "CNY".into(),
+                },
+                market_price: None,
+                stock: *stock,
+                low_stock_threshold: 0,
+            })
+            .collect(),
+    }
+}
+
+#[track_caller]
+fn stock(s: &shardmall_actors::domain::sku::SkuView) -> (u64, u64, u64) {
+    (s.available, s.reserved, s.sold)
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_racing_passivation_are_never_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ShopConfig {
+        idle_timeout: Duration::from_millis(30),
+        ..config()
+    };
+    let shop = open(dir.path(), cfg).await;
+    shop.create_product(product("p", &[("s", 0)]))
+        .await
+        .unwrap();
+    // Writes spaced around the idle period, so many land while the actor passivates.
+    let mut expected = 0u64;
+    for i in 0..60u64 {
+        shop.adjust_stock("s", 1, "restock".into()).await.unwrap();
+        expected += 1;
+        tokio::time::sleep(Duration::from_millis(5 + (i * 7) % 40)).await;
+    }
+    assert_eq!(shop.get_sku("s").await.unwrap().available, expected);
+    assert!(
+        shop.metrics()
+            .passivations
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "the test must exercise passivation"
+    );
+    eventually("every actor passivated", Duration::from_secs(5), || async {
+        shop.active_actors() == 0
+    })
+    .await;
+    assert_eq!(shop.get_sku("s").await.unwrap().available, expected);
+    shop.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_entity_does_not_take_its_partition_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ShopConfig {
+        partitions: 1,
+        ..config()
+    };
+    let wal = Wal::open(WalConfig::new(dir.path().join("db"))).unwrap();
+    // A record no SKU can decode, for SKU "bad".
+    let key = EntityKey::new(shardmall_actors::domain::Kind::Sku, "bad");
+    let ack = wal
+        .append(Record {
+            partition: 0,
+            entity: key.to_bytes(),
+            payload: vec![1, 250, 250, 250],
+            aux: vec![],
+        })
+        .await
+        .unwrap();
+    ack.durable().await.unwrap();
+    let shop = Shop::start(wal, cfg).await.unwrap();
+    shop.create_product(product("p", &[("good", 5)]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        shop.get_sku("bad").await,
+        Err(ShopError::Unavailable(_))
+    ));
+    assert_eq!(shop.get_sku("good").await.unwrap().available, 5);
+    assert!(matches!(
+        shop.get_sku("bad").await,
+        Err(ShopError::Unavailable(_))
+    ));
+    assert_eq!(
+        shop.adjust_stock("good", 1, "r".into())
+            .await
+            .unwrap()
+            .available,
+        6
+    );
+    shop.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_deadlines_are_rearmed_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ShopConfig {
+        payment_timeout: Duration::from_millis(600),
+        ..config()
+    };
+    let shop = open(dir.path(), cfg.clone()).await;
+    shop.create_product(product("p", &[("a", 10), ("b", 10)]))
+        .await
+        .unwrap();
+    let order = shop
+        .checkout("alice", Some(vec![("a".into(), 3), ("b".into(), 2)]), None)
+        .await
+        .unwrap();
+    assert_eq!(stock(&shop.get_sku("a").await.unwrap()), (7, 3, 0));
+    shop.shutdown().await;
+    drop(shop);
+
+    let shop = open(dir.path(), cfg).await;
+    eventually(
+        "the unpaid order expires",
+        Duration::from_secs(10),
+        || async {
+            shop.get_order(&order.order_id).await.unwrap().status == OrderStatus::Cancelled
+        },
+    )
+    .await;
+    eventually("stock returns", Duration::from_secs(10), || async {
+        stock(&shop.get_sku("a").await.unwrap()) == (10, 0, 0)
+            && stock(&shop.get_sku("b").await.unwrap()) == (10, 0, 0)
+    })
+    .await;
+    shop.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_bound_the_log_and_keep_every_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = open(dir.path(), config()).await;
+    shop.create_product(product("p", &[("a", 100)]))
+        .await
+        .unwrap();
+    let mut paid = Vec::new();
+    for i in 0..20 {
+        let buyer = format!("b{i}");
+        let order = shop
+            .checkout(&buyer, Some(vec![("a".into(), 1)]), None)
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            shop.pay(&order.order_id, order.total.clone())
+                .await
+                .unwrap();
+            paid.push(order.order_id);
+        }
+    }
+    eventually(
+        "the checkpointer empties the log",
+        Duration::from_secs(10),
+        || async { shop.wal().partitions_with_log().unwrap().is_empty() },
+    )
+    .await;
+    shop.shutdown().await;
+    drop(shop);
+
+    let shop = open(dir.path(), config()).await;
+    assert_eq!(stock(&shop.get_sku("a").await.unwrap()), (80, 10, 10));
+    for id in &paid {
+        assert_eq!(shop.get_order(id).await.unwrap().status, OrderStatus::Paid);
+    }
+    let page = shop.list_orders(Some("b0"), None, 10, None).await.unwrap();
+    assert_eq!(page.items.len(), 1);
+    shop.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_checkout_leaves_nothing_reserved() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = open(dir.path(), config()).await;
+    shop.create_product(product("p", &[("a", 5), ("b", 1), ("c", 5)]))
+        .await
+        .unwrap();
+    let err = shop
+        .checkout(
+            "alice",
+            Some(vec![("a".into(), 2), ("b".into(), 2), ("c".into(), 1)]),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ShopError::OutOfStock { ref sku_id, .. } if sku_id == "b"),
+        "{err:?}"
+    );
+    for (sku, n) in [("a", 5), ("b", 1), ("c", 5)] {
+        assert_eq!(stock(&shop.get_sku(sku).await.unwrap()), (n, 0, 0));
+    }
+    assert!(shop
+        .list_orders(Some("alice"), None, 10, None)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    shop.shutdown().await;
+}
+
+#[test]
+fn buyer_data_shares_a_partition() {
+    let p = Partitioner::new(256);
+    let cart = EntityKey::new(shardmall_actors::domain::Kind::Cart, "alice");
+    let idem = EntityKey::new(shardmall_actors::domain::Kind::Idempotency, "alice");
+    assert_eq!(p.of(&cart), p.of(&idem));
+    assert_eq!(p.of(&cart), Some(p.buyer("alice")));
+}
