@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::cart::{CartCommand, CartState};
 use crate::domain::idempotency::{IdemCommand, IdemState, StoredResponse};
 use crate::domain::order::{
-    CancelReason, Line, Order, OrderCommand, OrderState, OrderStatus, Shipment,
+    payment_index_key, CancelReason, Line, Order, OrderCommand, OrderState, OrderStatus, Shipment,
 };
 use crate::domain::product::{Product, ProductCommand, ProductState};
 use crate::domain::sku::{SkuCommand, SkuState, SkuView};
@@ -706,7 +706,16 @@ impl Shop {
     /// Pays an order through the API (`method: fake`): one payment id per order, so a
     /// retry continues the same payment.
     pub async fn pay(&self, order_id: &str, amount: Money) -> Result<Order> {
-        self.settle_payment(order_id, &format!("api-{order_id}"), amount)
+        // No shortcut for an already applied payment: a fresh pay of a paid order is an
+        // illegal transition (409); a retry of the same request is replayed by its
+        // Idempotency-Key before it gets here.
+        let order = self.get_order(order_id).await?;
+        if order.status != OrderStatus::PendingPayment {
+            return Err(ShopError::InvalidState {
+                status: order.status.as_str().into(),
+            });
+        }
+        self.begin_and_finish_payment(order_id, &format!("api-{order_id}"), amount)
             .await
     }
 
@@ -718,6 +727,18 @@ impl Shop {
         amount: Money,
         succeeded: bool,
     ) -> Result<Order> {
+        if let Some(applied_to) = self
+            .inner
+            .wal
+            .aux_get(&payment_index_key(payment_id))
+            .map_err(storage)?
+        {
+            if applied_to != order_id.as_bytes() {
+                return Err(ShopError::InvalidStateMsg(format!(
+                    "payment {payment_id} was already applied to another order"
+                )));
+            }
+        }
         let order = self.get_order(order_id).await?;
         if order.payment_ids.contains(payment_id) || !succeeded {
             return Ok(order);
@@ -745,6 +766,16 @@ impl Shop {
         if current.payment_ids.contains(payment_id) {
             return Ok(current);
         }
+        self.begin_and_finish_payment(order_id, payment_id, amount)
+            .await
+    }
+
+    async fn begin_and_finish_payment(
+        &self,
+        order_id: &str,
+        payment_id: &str,
+        amount: Money,
+    ) -> Result<Order> {
         let begin = OrderCommand::BeginPayment {
             payment_id: payment_id.to_owned(),
             amount,

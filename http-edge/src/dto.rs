@@ -353,7 +353,7 @@ pub struct NewOrder {
     pub items: Option<Vec<OrderItem>>,
     #[serde(default)]
     pub from_cart: bool,
-    pub shipping_address: Option<Address>,
+    pub shipping_address: Address,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

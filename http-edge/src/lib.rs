@@ -48,6 +48,7 @@ pub struct AppState {
     pub http_metrics: Arc<metrics::HttpMetrics>,
     /// Cancelled when the node begins to shut down: readiness turns 503 at once.
     pub shutting_down: CancellationToken,
+    pub identity: Arc<routes::cluster::NodeIdentity>,
 }
 
 #[derive(OpenApi)]
@@ -83,6 +84,8 @@ pub struct AppState {
         routes::ops::healthz,
         routes::ops::readyz,
         routes::ops::metrics,
+        routes::ops::dashboard,
+        routes::cluster::get_cluster,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail))
 )]
@@ -140,6 +143,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .route("/dashboard", get(ops::dashboard))
+        .route("/v1/cluster", get(routes::cluster::get_cluster))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -196,6 +201,45 @@ pub async fn serve(
         _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
             tracing::warn!(?drain, "drain period over; dropping the requests still in flight");
             Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The generated document MUST list every endpoint of API.md that this node serves.
+    #[test]
+    fn openapi_lists_every_contract_path() {
+        let doc = ApiDoc::openapi();
+        let paths: Vec<&str> = doc.paths.paths.keys().map(String::as_str).collect();
+        for p in [
+            "/v1/products",
+            "/v1/products/{product_id}",
+            "/v1/skus/{sku_id}",
+            "/v1/skus/{sku_id}/stock",
+            "/v1/skus/{sku_id}/price",
+            "/v1/cart",
+            "/v1/cart/items/{sku_id}",
+            "/v1/orders",
+            "/v1/orders/{order_id}",
+            "/v1/orders/{order_id}/pay",
+            "/v1/orders/{order_id}/cancel",
+            "/v1/orders/{order_id}/ship",
+            "/v1/orders/{order_id}/confirm-receipt",
+            "/v1/orders/{order_id}/refund",
+            "/v1/orders/{order_id}/refund/approve",
+            "/v1/orders/{order_id}/refund/reject",
+            "/v1/admin/orders",
+            "/v1/payments/callback",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/dashboard",
+            "/v1/cluster",
+        ] {
+            assert!(paths.contains(&p), "{p} missing from /openapi.json");
         }
     }
 }

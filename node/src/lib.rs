@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use shardmall_actors::{Shop, ShopConfig};
+use shardmall_http_edge::routes::cluster::NodeIdentity;
 use shardmall_http_edge::{AppState, Claims, JwtKeys, Role};
 use shardmall_persistence::{Wal, WalConfig};
 use tokio_util::sync::CancellationToken;
@@ -65,6 +66,7 @@ fn init_tracing(default: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .try_init();
 }
 
@@ -79,6 +81,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     wal_cfg.cache_bytes = config.cache_mb * 1024 * 1024;
     let wal = Wal::open(wal_cfg).context("opening the log")?;
     let partitions = secrets::partition_count(&wal, config.partitions)?;
+    let cluster_id = secrets::cluster_id(&wal)?;
 
     let shop_cfg = ShopConfig {
         partitions,
@@ -109,6 +112,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         payment_secret: Some(Arc::new(payment)),
         http_metrics: Default::default(),
         shutting_down: shutting_down.clone(),
+        identity: Arc::new(NodeIdentity {
+            cluster_id,
+            node_id: config.node_id.clone(),
+            http_addr: local.to_string(),
+            cluster_addr: config.cluster_addr.clone(),
+        }),
     };
     tokio::spawn(watch_signals(shutting_down.clone()));
     shardmall_http_edge::serve(listener, state, config.drain_timeout).await?;

@@ -91,3 +91,13 @@ pub fn partition_count(wal: &Wal, configured: u16) -> anyhow::Result<u16> {
         }
     }
 }
+
+/// The cluster's id, created with the data set.
+pub fn cluster_id(wal: &Wal) -> anyhow::Result<String> {
+    if let Some(bytes) = wal.meta_get("cluster_id")? {
+        return String::from_utf8(bytes).context("corrupt cluster id in node metadata");
+    }
+    let id = format!("c-{}", hex::encode(rand::random::<[u8; 8]>()));
+    wal.meta_put("cluster_id", id.as_bytes())?;
+    Ok(id)
+}

@@ -115,42 +115,28 @@ async fn all_orders(api: &Api, token: &str) -> Vec<Value> {
     panic!("more than 50 pages of orders");
 }
 
-/// kill -9 while 8 clients check out and pay; after restart every acknowledged order is
-/// there with its acknowledged status, and stock is conserved.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_mid_stream_keeps_acknowledged_writes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::config()
-        .dir(dir.path())
-        .args(&["--durability", "sync"])
-        .start()
-        .await;
-    let admin = admin();
-    let skus = node
-        .product_with_skus(&admin, "crash", 2, 100, INITIAL_STOCK)
-        .await;
-
+/// Runs the clients until `ACKED_BEFORE_KILL` operations are acknowledged, kills the
+/// node with SIGKILL mid-stream, and answers what was acknowledged.
+async fn run_and_kill(node: &mut Node, skus: &[String], round: usize) -> Vec<Acked> {
     let acked_ops = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..CLIENTS)
-        .map(|i| tokio::spawn(client(node.api(), i, skus.clone(), acked_ops.clone())))
+        .map(|i| tokio::spawn(client(node.api(), i, skus.to_vec(), acked_ops.clone())))
         .collect();
 
-    // Kill mid-stream once enough has been acknowledged.
     let deadline = Instant::now() + Duration::from_secs(60);
     while acked_ops.load(Ordering::SeqCst) < ACKED_BEFORE_KILL {
         assert!(
             Instant::now() < deadline,
-            "only {} operations acknowledged in 60s",
+            "round {round}: only {} operations acknowledged in 60s",
             acked_ops.load(Ordering::SeqCst)
         );
         assert!(
             !tasks.iter().all(|t| t.is_finished()),
-            "every client stopped before the kill"
+            "round {round}: every client stopped before the kill"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     node.kill9();
-    let at_kill = acked_ops.load(Ordering::SeqCst);
 
     let mut acked = Vec::new();
     for t in tasks {
@@ -160,39 +146,40 @@ async fn kill9_mid_stream_keeps_acknowledged_writes() {
             .expect("a client panicked");
         acked.extend(got);
     }
-    let still_running = acked_ops.load(Ordering::SeqCst);
-    assert!(still_running >= at_kill);
-    drop(node);
+    eprintln!(
+        "round {round}: killed after {} acknowledged operations ({} orders, {} paid)",
+        acked_ops.load(Ordering::SeqCst),
+        acked.len(),
+        acked.iter().filter(|a| a.paid).count()
+    );
+    acked
+}
 
-    let node = Node::config()
-        .dir(dir.path())
-        .args(&["--durability", "sync"])
-        .start()
-        .await;
-
+/// Checks the recovered node against everything acknowledged so far.
+async fn check_recovered(node: &Node, skus: &[String], acked: &[Acked], round: usize) {
     // Every acknowledged order is there, with what was acknowledged.
     let mut acked_units: HashMap<&str, i64> = HashMap::new();
     let mut acked_paid: HashMap<&str, i64> = HashMap::new();
-    for a in &acked {
+    for a in acked {
         let (st, o) = node
             .get(&format!("/v1/orders/{}", a.order_id), Some(&a.buyer))
             .await;
         assert_eq!(
             st, 200,
-            "acknowledged order {} lost after kill -9: {o}",
+            "round {round}: acknowledged order {} lost after kill -9: {o}",
             a.order_id
         );
         let status = o["status"].as_str().unwrap_or_default();
         if a.paid {
             assert_eq!(
                 status, "paid",
-                "acknowledged payment of {} lost: {o}",
+                "round {round}: acknowledged payment of {} lost: {o}",
                 a.order_id
             );
         } else {
             assert!(
                 status == "pending_payment" || status == "paid",
-                "acknowledged order {} in status {status}: {o}",
+                "round {round}: acknowledged order {} in status {status}: {o}",
                 a.order_id
             );
         }
@@ -204,34 +191,30 @@ async fn kill9_mid_stream_keeps_acknowledged_writes() {
         }
     }
 
-    // Everything the buyers have now (acknowledged or not), by SKU and status.
+    // Everything the buyers have now (acknowledged or not), by SKU.
     let mut open_units: HashMap<String, i64> = HashMap::new();
-    let mut paid_units: HashMap<String, i64> = HashMap::new();
     for i in 0..CLIENTS {
         let token = customer(&format!("crash-buyer-{i}"));
-        for o in all_orders(&node, &token).await {
+        for o in all_orders(node, &token).await {
             let sku = o["lines"][0]["sku_id"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
             match o["status"].as_str() {
-                Some("pending_payment") => *open_units.entry(sku).or_default() += 1,
-                Some("paid") => {
-                    *open_units.entry(sku.clone()).or_default() += 1;
-                    *paid_units.entry(sku).or_default() += 1;
-                }
-                other => panic!("an order in status {other:?} after restart: {o}"),
+                Some("pending_payment") | Some("paid") => *open_units.entry(sku).or_default() += 1,
+                other => panic!("round {round}: an order in status {other:?} after restart: {o}"),
             }
         }
     }
 
-    for sku in &skus {
+    for sku in skus {
         let s = node.stock(sku).await;
         let units = acked_units.get(sku.as_str()).copied().unwrap_or(0);
         let paid = acked_paid.get(sku.as_str()).copied().unwrap_or(0);
         let open = open_units.get(sku).copied().unwrap_or(0);
         let what = format!(
-            "{sku} after kill -9 ({units} acked orders, {paid} acked paid, {open} open now): {s:?}"
+            "round {round}: {sku} after kill -9 ({units} acked orders, {paid} acked paid, \
+             {open} open now): {s:?}"
         );
         assert!(s.available >= 0 && s.reserved >= 0 && s.sold >= 0, "{what}");
         assert_eq!(s.total(), INITIAL_STOCK, "stock not conserved: {what}");
@@ -245,11 +228,40 @@ async fn kill9_mid_stream_keeps_acknowledged_writes() {
             "open orders without stock behind them: {what}"
         );
     }
-    assert!(
-        acked.len() >= ACKED_BEFORE_KILL / 2,
-        "few orders acknowledged: {}",
-        acked.len()
-    );
+}
+
+/// kill -9 while 8 clients check out and pay, three times over; after each restart every
+/// acknowledged order (of every round) is there with its acknowledged status, and stock
+/// is conserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_stream_keeps_acknowledged_writes() {
+    const ROUNDS: usize = 3;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = || {
+        Node::config()
+            .dir(dir.path())
+            .args(&["--durability", "sync"])
+            .start()
+    };
+    let mut node = start().await;
+    let admin = admin();
+    let skus = node
+        .product_with_skus(&admin, "crash", 2, 100, INITIAL_STOCK)
+        .await;
+
+    let mut acked: Vec<Acked> = Vec::new();
+    for round in 1..=ROUNDS {
+        let got = run_and_kill(&mut node, &skus, round).await;
+        assert!(
+            got.len() >= ACKED_BEFORE_KILL / 2,
+            "round {round}: few orders acknowledged: {}",
+            got.len()
+        );
+        acked.extend(got);
+        drop(node);
+        node = start().await;
+        check_recovered(&node, &skus, &acked, round).await;
+    }
 
     // The node serves after recovery: an acknowledged unpaid order can still be paid.
     if let Some(a) = acked.iter().find(|a| !a.paid) {

@@ -33,7 +33,11 @@ fn env_list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
         .unwrap_or_else(|_| default.to_string())
         .split(',')
         .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().unwrap_or_else(|_| panic!("bad value {s:?} in {name}")))
+        .map(|s| {
+            s.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value {s:?} in {name}"))
+        })
         .collect()
 }
 
@@ -55,12 +59,18 @@ async fn run(mode: Durability, appenders: usize, secs: f64) -> Run {
         let stop = stop.clone();
         let payload = payload.clone();
         tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let entity = format!("sku-{i}").into_bytes();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let t = Instant::now();
-                let rec = Record { partition: (i % 256) as u16, entity: entity.clone(), payload: payload.clone(), aux: Vec::new() };
+                let rec = Record {
+                    partition: (i % 256) as u16,
+                    entity: entity.clone(),
+                    payload: payload.clone(),
+                    aux: Vec::new(),
+                };
                 let ack = wal.append(rec).await.expect("append");
                 ack.durable().await.expect("durable");
                 hist.saturating_record(t.elapsed().as_micros() as u64);
@@ -72,7 +82,8 @@ async fn run(mode: Durability, appenders: usize, secs: f64) -> Run {
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     stop.store(true, Ordering::Relaxed);
     let mut appends = 0;
-    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut latency_us =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     for t in tasks {
         let (n, h) = t.await.expect("appender task");
         appends += n;
@@ -94,11 +105,20 @@ async fn run(mode: Durability, appenders: usize, secs: f64) -> Run {
 }
 
 fn main() {
-    let secs: f64 = std::env::var("WAL_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let secs: f64 = std::env::var("WAL_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     let modes: Vec<Durability> = env_list("WAL_BENCH_MODES", "sync,relaxed");
     let counts: Vec<usize> = env_list("WAL_BENCH_APPENDERS", "1,64,1024");
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    println!("wal_append: {secs} s per run, 100-byte payloads, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    println!(
+        "wal_append: {secs} s per run, 100-byte payloads, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     println!(
         "{:<8} {:>9} {:>12} {:>9} {:>9} {:>10} {:>10} {:>9}",
         "mode", "appenders", "appends/s", "p50 µs", "p99 µs", "avg batch", "flushes/s", "flush ms"
@@ -123,7 +143,10 @@ fn main() {
                 if r.appenders == 1 {
                     baseline = Some(rate);
                 } else if let (Some(base), 1024) = (baseline, r.appenders) {
-                    println!("         sync x{:.1} the 1-appender rate with 1024 appenders", rate / base);
+                    println!(
+                        "         sync x{:.1} the 1-appender rate with 1024 appenders",
+                        rate / base
+                    );
                 }
             }
         }

@@ -36,15 +36,25 @@ impl Wal {
     /// has not. Folding 7 without 6 would set the snapshot lsn past 6 and lose it. Every
     /// record up to the applied lsn read first exists before the scan starts, so the
     /// bound makes each entity's folded tail a gap-free prefix of its log.
+    // The fold's type is spelled out in the signature on purpose: it is the contract
+    // the domain's checkpointer is written against.
+    #[allow(clippy::type_complexity)]
     pub fn checkpoint_partition(
         &self,
         partition: u16,
-        fold: &mut dyn FnMut(&[u8], Option<&[u8]>, &[(Lsn, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String>,
+        fold: &mut dyn FnMut(
+            &[u8],
+            Option<&[u8]>,
+            &[(Lsn, Vec<u8>)],
+        ) -> std::result::Result<Option<Vec<u8>>, String>,
     ) -> Result<CheckpointStats> {
         let shared = self.shared();
         // Poisoning only means another checkpoint panicked inside `fold`; the tree itself
         // is consistent (batches are atomic), so carry on.
-        let _serial = shared.checkpoint_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = shared
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let bound = shared.applied_lsn.load(Ordering::Acquire);
         let prefix = keys::partition_prefix(LOG, partition);
         // Exists: the first byte is `L`, below 0xff.
@@ -54,7 +64,10 @@ impl Wal {
         loop {
             let mut groups: Vec<Group> = Vec::new();
             let mut next = None;
-            for kv in shared.tree.range::<Vec<u8>, _>((cursor.clone(), Bound::Excluded(end.clone()))) {
+            for kv in shared
+                .tree
+                .range::<Vec<u8>, _>((cursor.clone(), Bound::Excluded(end.clone())))
+            {
                 let (k, v) = kv?;
                 let key = keys::decode_log_key(&k)?;
                 if groups.last().is_none_or(|g| g.entity != key.entity) {
@@ -62,7 +75,11 @@ impl Wal {
                         next = Some(keys::entity_prefix(LOG, partition, key.entity));
                         break;
                     }
-                    groups.push(Group { entity: key.entity.to_vec(), keys: Vec::new(), tail: Vec::new() });
+                    groups.push(Group {
+                        entity: key.entity.to_vec(),
+                        keys: Vec::new(),
+                        tail: Vec::new(),
+                    });
                 }
                 if key.lsn <= bound {
                     // Just pushed or matched above.
@@ -73,7 +90,9 @@ impl Wal {
             }
             let mut batch = sled::Batch::default();
             for g in groups {
-                let Some(&(last, _)) = g.tail.last() else { continue };
+                let Some(&(last, _)) = g.tail.last() else {
+                    continue;
+                };
                 let skey = keys::snapshot_key(partition, &g.entity);
                 let (old_lsn, old) = keys::decode_snapshot(shared.tree.get(&skey)?.as_deref())?;
                 // Records at or below the snapshot lsn were folded already (they cannot

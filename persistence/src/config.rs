@@ -77,10 +77,14 @@ impl WalConfig {
             return Err(Error::InvalidConfig("max_batch must be at least 1".into()));
         }
         if self.queue_capacity == 0 {
-            return Err(Error::InvalidConfig("queue_capacity must be at least 1".into()));
+            return Err(Error::InvalidConfig(
+                "queue_capacity must be at least 1".into(),
+            ));
         }
         if self.relaxed_flush_interval.is_zero() {
-            return Err(Error::InvalidConfig("relaxed_flush_interval must be positive".into()));
+            return Err(Error::InvalidConfig(
+                "relaxed_flush_interval must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -95,7 +99,10 @@ mod tests {
         for d in [Durability::Sync, Durability::Relaxed] {
             assert_eq!(d.to_string().parse::<Durability>().unwrap(), d);
         }
-        assert_eq!("RELAXED".parse::<Durability>().unwrap(), Durability::Relaxed);
+        assert_eq!(
+            "RELAXED".parse::<Durability>().unwrap(),
+            Durability::Relaxed
+        );
         assert!("fast".parse::<Durability>().is_err());
     }
 

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::keys::{self, HIGH_WATER};
 use crate::metrics::Counters;
-use crate::{Durability, Error, Lsn, Record, Result};
+use crate::{AuxOp, Durability, Error, Lsn, Record, Result};
 
 /// How many applied-but-not-yet-flushed batches the writer may run ahead of the flusher.
 /// The flusher merges everything queued here into one flush, so a few slots are enough;
@@ -76,9 +76,41 @@ impl Shared {
     }
 }
 
+/// A record as queued: payload and aux changes already converted to sled's byte type by
+/// the appender, so that the allocations and copies happen on the callers' threads and
+/// the single writer thread, the pipeline's bottleneck, only builds keys and applies.
+pub(crate) struct Prepared {
+    partition: u16,
+    entity: Vec<u8>,
+    payload: sled::IVec,
+    aux: Vec<(sled::IVec, Option<sled::IVec>)>,
+}
+
+impl Prepared {
+    pub(crate) fn new(rec: Record) -> Prepared {
+        let aux = rec
+            .aux
+            .into_iter()
+            .map(|op| match op {
+                AuxOp::Put(k, v) => (keys::aux_key(&k).into(), Some(v.into())),
+                AuxOp::Delete(k) => (keys::aux_key(&k).into(), None),
+            })
+            .collect();
+        Prepared {
+            partition: rec.partition,
+            entity: rec.entity,
+            payload: rec.payload.into(),
+            aux,
+        }
+    }
+}
+
 /// A message on the append queue.
 pub(crate) enum Msg {
-    Append { rec: Record, ack: oneshot::Sender<Result<Lsn>> },
+    Append {
+        rec: Prepared,
+        ack: oneshot::Sender<Result<Lsn>>,
+    },
     /// Resolve once everything queued before it is durable.
     Flush(oneshot::Sender<Result<()>>),
     /// Close the queue; the writer drains what is already queued, then stops.
@@ -131,7 +163,12 @@ pub(crate) fn start(
         .spawn(move || run_writer(writer_shared, rx, handoff_tx, next_lsn, max_batch))?;
     // The flusher is a task: it mostly awaits `flush_async`, which runs the fsync on
     // sled's own thread pool, and in relaxed mode it needs a tokio timer.
-    runtime.spawn(run_flusher(shared, handoff_rx, relaxed_flush_interval, stopped));
+    runtime.spawn(run_flusher(
+        shared,
+        handoff_rx,
+        relaxed_flush_interval,
+        stopped,
+    ));
     Ok(())
 }
 
@@ -144,10 +181,8 @@ fn run_writer(
     max_batch: usize,
 ) {
     let mut msgs = Vec::with_capacity(max_batch);
-    let (mut t_wait, mut t_apply, mut t_hand) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    let mut t0 = Instant::now();
+    let mut key = Vec::new();
     while let Some(first) = rx.blocking_recv() {
-        t_wait += t0.elapsed();
         msgs.push(first);
         while msgs.len() < max_batch {
             match rx.try_recv() {
@@ -165,11 +200,13 @@ fn run_writer(
                     // after the other, get increasing lsns.
                     let lsn = next_lsn;
                     next_lsn += 1;
-                    batch.insert(keys::log_key(rec.partition, &rec.entity, lsn), rec.payload);
-                    for op in rec.aux {
-                        match op {
-                            crate::AuxOp::Put(k, v) => batch.insert(keys::aux_key(&k), v),
-                            crate::AuxOp::Delete(k) => batch.remove(keys::aux_key(&k)),
+                    keys::write_log_key(&mut key, rec.partition, &rec.entity, lsn);
+                    // Short keys are stored inline in the IVec: no allocation.
+                    batch.insert(&key[..], rec.payload);
+                    for (k, v) in rec.aux {
+                        match v {
+                            Some(v) => batch.insert(k, v),
+                            None => batch.remove(k),
                         }
                     }
                     acks.push((lsn, ack));
@@ -185,7 +222,10 @@ fn run_writer(
             let count = acks.len();
             batch.insert(HIGH_WATER, &last.to_be_bytes()[..]);
             let applied = match shared.check_failed() {
-                Ok(()) => { let t = Instant::now(); let r = shared.tree.apply_batch(batch); t_apply += t.elapsed(); r }.map_err(|e| Error::Failed(shared.fail("applying a batch", &e))),
+                Ok(()) => shared
+                    .tree
+                    .apply_batch(batch)
+                    .map_err(|e| Error::Failed(shared.fail("applying a batch", &e))),
                 Err(e) => Err(e),
             };
             match applied {
@@ -207,20 +247,17 @@ fn run_writer(
                 let _ = ack.send(Ok(lsn));
             }
         }
-        let th = Instant::now();
         if !acks.is_empty() || !flushes.is_empty() {
             // Blocks while the flusher is HANDOFF_CAPACITY batches behind (backpressure).
-            if let Err(mpsc::error::SendError(h)) = handoff.blocking_send(Handoff { acks, flushes }) {
+            if let Err(mpsc::error::SendError(h)) = handoff.blocking_send(Handoff { acks, flushes })
+            {
                 // The flusher is gone (its runtime shut down): nobody can make these
                 // durable, the dropped senders resolve the acks with `Closed`.
                 drop(h);
                 break;
             }
         }
-        t_hand += th.elapsed();
-        t0 = Instant::now();
     }
-    eprintln!("writer: wait {t_wait:?} apply {t_apply:?} handoff {t_hand:?}");
     // Drop our share of the database before the hand-off channel: the flusher reports
     // `stopped` only after the channel closes, and by then no thread of ours holds the
     // database open, so it can be reopened at once.
@@ -273,8 +310,14 @@ async fn run_flusher(
 }
 
 /// Merges `first` with every hand-off already waiting, so one flush covers them all.
-fn take_ready(first: Handoff, rx: &mut mpsc::Receiver<Handoff>) -> (Vec<(Lsn, AckTx)>, Vec<FlushTx>) {
-    let Handoff { mut acks, mut flushes } = first;
+fn take_ready(
+    first: Handoff,
+    rx: &mut mpsc::Receiver<Handoff>,
+) -> (Vec<(Lsn, AckTx)>, Vec<FlushTx>) {
+    let Handoff {
+        mut acks,
+        mut flushes,
+    } = first;
     while let Ok(more) = rx.try_recv() {
         acks.extend(more.acks);
         flushes.extend(more.flushes);
@@ -288,7 +331,11 @@ async fn flush_and_release(shared: &Shared, acks: Vec<(Lsn, AckTx)>, flushes: Ve
     let upto = shared.applied_lsn.load(Ordering::Acquire);
     let started = Instant::now();
     let result = match shared.check_failed() {
-        Ok(()) => shared.db.flush_async().await.map_err(|e| Error::Failed(shared.fail("flushing", &e))),
+        Ok(()) => shared
+            .db
+            .flush_async()
+            .await
+            .map_err(|e| Error::Failed(shared.fail("flushing", &e))),
         Err(e) => Err(e),
     };
     match result {
@@ -298,7 +345,10 @@ async fn flush_and_release(shared: &Shared, acks: Vec<(Lsn, AckTx)>, flushes: Ve
             let durable = shared.durable_lsn.load(Ordering::Acquire);
             for (lsn, ack) in acks {
                 // An ack MUST NOT resolve before its record is durable.
-                debug_assert!(lsn <= durable, "ack for lsn {lsn} released with durable lsn {durable}");
+                debug_assert!(
+                    lsn <= durable,
+                    "ack for lsn {lsn} released with durable lsn {durable}"
+                );
                 let _ = ack.send(Ok(lsn));
             }
             for f in flushes {

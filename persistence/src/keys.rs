@@ -24,7 +24,10 @@ pub(crate) const MAX_ENTITY_LEN: usize = u16::MAX as usize;
 
 pub(crate) fn check_entity(entity: &[u8]) -> Result<()> {
     if entity.len() > MAX_ENTITY_LEN {
-        return Err(Error::EntityTooLong { len: entity.len(), max: MAX_ENTITY_LEN });
+        return Err(Error::EntityTooLong {
+            len: entity.len(),
+            max: MAX_ENTITY_LEN,
+        });
     }
     Ok(())
 }
@@ -51,10 +54,22 @@ pub(crate) fn entity_prefix(space: u8, partition: u16, entity: &[u8]) -> Vec<u8>
     k
 }
 
+#[cfg(test)]
 pub(crate) fn log_key(partition: u16, entity: &[u8], lsn: Lsn) -> Vec<u8> {
-    let mut k = entity_prefix(LOG, partition, entity);
-    k.extend_from_slice(&lsn.to_be_bytes());
+    let mut k = Vec::new();
+    write_log_key(&mut k, partition, entity, lsn);
     k
+}
+
+/// [`log_key`] into a reused buffer (the writer's hot path).
+pub(crate) fn write_log_key(k: &mut Vec<u8>, partition: u16, entity: &[u8], lsn: Lsn) {
+    debug_assert!(entity.len() <= MAX_ENTITY_LEN);
+    k.clear();
+    k.push(LOG);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(&(entity.len() as u16).to_be_bytes());
+    k.extend_from_slice(entity);
+    k.extend_from_slice(&lsn.to_be_bytes());
 }
 
 pub(crate) fn snapshot_key(partition: u16, entity: &[u8]) -> Vec<u8> {
@@ -88,7 +103,11 @@ pub(crate) fn decode_log_key(key: &[u8]) -> Result<LogKey<'_>> {
     }
     let entity = &key[5..5 + len];
     let lsn = decode_lsn(&key[5 + len..]).ok_or_else(corrupt)?;
-    Ok(LogKey { partition, entity, lsn })
+    Ok(LogKey {
+        partition,
+        entity,
+        lsn,
+    })
 }
 
 fn decode_lsn(bytes: &[u8]) -> Option<Lsn> {
@@ -96,7 +115,8 @@ fn decode_lsn(bytes: &[u8]) -> Option<Lsn> {
 }
 
 pub(crate) fn decode_high_water(value: &[u8]) -> Result<Lsn> {
-    decode_lsn(value).ok_or_else(|| Error::Corrupt(format!("malformed lsn high-water mark {value:02x?}")))
+    decode_lsn(value)
+        .ok_or_else(|| Error::Corrupt(format!("malformed lsn high-water mark {value:02x?}")))
 }
 
 const TOMBSTONE: u8 = 0;
@@ -119,7 +139,9 @@ pub(crate) fn encode_snapshot(lsn: Lsn, snapshot: Option<&[u8]>) -> Vec<u8> {
 
 /// Decodes a snapshot value; an absent key is lsn 0 with no snapshot.
 pub(crate) fn decode_snapshot(value: Option<&[u8]>) -> Result<(Lsn, Option<Vec<u8>>)> {
-    let Some(value) = value else { return Ok((0, None)) };
+    let Some(value) = value else {
+        return Ok((0, None));
+    };
     let corrupt = || Error::Corrupt(format!("malformed snapshot value of {} bytes", value.len()));
     if value.len() < 9 {
         return Err(corrupt());
@@ -152,9 +174,15 @@ mod tests {
 
     #[test]
     fn log_keys_of_one_entity_sort_by_lsn() {
-        let mut keys: Vec<_> = [5u64, 1, 256, 70_000, u64::MAX, 2].iter().map(|&l| log_key(3, b"sku-1", l)).collect();
+        let mut keys: Vec<_> = [5u64, 1, 256, 70_000, u64::MAX, 2]
+            .iter()
+            .map(|&l| log_key(3, b"sku-1", l))
+            .collect();
         keys.sort();
-        let lsns: Vec<_> = keys.iter().map(|k| decode_log_key(k).unwrap().lsn).collect();
+        let lsns: Vec<_> = keys
+            .iter()
+            .map(|k| decode_log_key(k).unwrap().lsn)
+            .collect();
         assert_eq!(lsns, vec![1, 2, 5, 256, 70_000, u64::MAX]);
     }
 
@@ -198,7 +226,10 @@ mod tests {
     fn snapshot_values_round_trip() {
         assert_eq!(decode_snapshot(None).unwrap(), (0, None));
         let v = encode_snapshot(42, Some(b"state"));
-        assert_eq!(decode_snapshot(Some(&v)).unwrap(), (42, Some(b"state".to_vec())));
+        assert_eq!(
+            decode_snapshot(Some(&v)).unwrap(),
+            (42, Some(b"state".to_vec()))
+        );
         let v = encode_snapshot(43, Some(b""));
         assert_eq!(decode_snapshot(Some(&v)).unwrap(), (43, Some(vec![])));
         let t = encode_snapshot(44, None);

@@ -10,10 +10,13 @@ use std::time::Duration;
 use crate::Lsn;
 
 /// Upper bounds of the batch size histogram (records per applied batch).
-const BATCH_SIZE_BOUNDS: [f64; 13] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0];
+const BATCH_SIZE_BOUNDS: [f64; 13] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
+];
 /// Upper bounds of the flush duration histogram, in seconds.
-const FLUSH_SECONDS_BOUNDS: [f64; 13] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+const FLUSH_SECONDS_BOUNDS: [f64; 13] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
 
 /// A snapshot of the log's metrics.
 ///
@@ -55,14 +58,18 @@ impl Counters {
         self.appended.fetch_add(n, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.batch_size_sum.fetch_add(n, Ordering::Relaxed);
-        if let Some(i) = BATCH_SIZE_BOUNDS.iter().position(|&le| records as f64 <= le) {
+        if let Some(i) = BATCH_SIZE_BOUNDS
+            .iter()
+            .position(|&le| records as f64 <= le)
+        {
             self.batch_size_counts[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
     pub(crate) fn record_flush(&self, took: Duration) {
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.flush_nanos_sum.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        self.flush_nanos_sum
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         let secs = took.as_secs_f64();
         if let Some(i) = FLUSH_SECONDS_BOUNDS.iter().position(|&le| secs <= le) {
             self.flush_counts[i].fetch_add(1, Ordering::Relaxed);

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::group_commit::{self, Ack, Msg, Shared};
+use crate::group_commit::{self, Ack, Msg, Prepared, Shared};
 use crate::keys::{self, LOG};
 use crate::metrics::{Counters, WalMetrics};
 use crate::{Durability, EntityLog, Error, Record, Result, WalConfig};
@@ -67,9 +67,23 @@ impl Wal {
         });
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         let (stopped_tx, stopped_rx) = watch::channel(false);
-        group_commit::start(shared.clone(), rx, high + 1, cfg.max_batch, cfg.relaxed_flush_interval, stopped_tx)?;
+        group_commit::start(
+            shared.clone(),
+            rx,
+            high + 1,
+            cfg.max_batch,
+            cfg.relaxed_flush_interval,
+            stopped_tx,
+        )?;
         tracing::info!(path = %cfg.path.display(), durability = %cfg.durability, next_lsn = high + 1, "write-ahead log open");
-        Ok(Wal { inner: Arc::new(Inner { tx, shared, closed: AtomicBool::new(false), stopped: stopped_rx }) })
+        Ok(Wal {
+            inner: Arc::new(Inner {
+                tx,
+                shared,
+                closed: AtomicBool::new(false),
+                stopped: stopped_rx,
+            }),
+        })
     }
 
     pub(crate) fn shared(&self) -> &Shared {
@@ -87,7 +101,14 @@ impl Wal {
         self.shared().check_failed()?;
         keys::check_entity(&rec.entity)?;
         let (ack, rx) = oneshot::channel();
-        self.inner.tx.send(Msg::Append { rec, ack }).await.map_err(|_| Error::Closed)?;
+        self.inner
+            .tx
+            .send(Msg::Append {
+                rec: Prepared::new(rec),
+                ack,
+            })
+            .await
+            .map_err(|_| Error::Closed)?;
         Ok(Ack { rx })
     }
 
@@ -95,7 +116,9 @@ impl Wal {
     /// shutdown to finish, which flushes everything.
     pub async fn flush(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        if self.inner.closed.load(Ordering::Acquire) || self.inner.tx.send(Msg::Flush(tx)).await.is_err() {
+        if self.inner.closed.load(Ordering::Acquire)
+            || self.inner.tx.send(Msg::Flush(tx)).await.is_err()
+        {
             return self.wait_stopped().await;
         }
         rx.await.unwrap_or(Err(Error::Closed))
@@ -150,12 +173,18 @@ impl Wal {
             }
             std::thread::yield_now();
         }
-        Err(Error::Contended { attempts: LOAD_ATTEMPTS })
+        Err(Error::Contended {
+            attempts: LOAD_ATTEMPTS,
+        })
     }
 
     /// Value of an auxiliary key.
     pub fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.shared().tree.get(keys::aux_key(key))?.map(|v| v.to_vec()))
+        Ok(self
+            .shared()
+            .tree
+            .get(keys::aux_key(key))?
+            .map(|v| v.to_vec()))
     }
 
     /// Auxiliary keys starting with `prefix`, strictly after `after` (strictly before it
@@ -169,7 +198,8 @@ impl Wal {
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let full = keys::aux_key(prefix);
         // Always exists: the first byte is `A`, below 0xff.
-        let end = keys::prefix_end(&full).ok_or_else(|| Error::Corrupt("aux prefix has no end".into()))?;
+        let end = keys::prefix_end(&full)
+            .ok_or_else(|| Error::Corrupt("aux prefix has no end".into()))?;
         let mut lo = Bound::Included(full.clone());
         let mut hi = Bound::Excluded(end.clone());
         if let Some(cursor) = after {
@@ -219,7 +249,9 @@ impl Wal {
     pub fn metrics(&self) -> WalMetrics {
         let shared = self.shared();
         let depth = self.inner.tx.max_capacity() - self.inner.tx.capacity();
-        shared.counters.snapshot(shared.durable_lsn.load(Ordering::Acquire), depth)
+        shared
+            .counters
+            .snapshot(shared.durable_lsn.load(Ordering::Acquire), depth)
     }
 
     pub fn durability(&self) -> Durability {
@@ -235,6 +267,8 @@ impl Wal {
 
 impl std::fmt::Debug for Wal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Wal").field("durability", &self.durability()).finish_non_exhaustive()
+        f.debug_struct("Wal")
+            .field("durability", &self.durability())
+            .finish_non_exhaustive()
     }
 }

@@ -24,7 +24,11 @@ async fn concurrent_appenders_get_unique_lsns_in_caller_order() {
             // increasing lsns in append order even when many are in flight.
             let mut acks = Vec::new();
             for seq in 0..PER_TASK {
-                acks.push(wal.append(record((t % 7) as u16, &entity, &seq.to_be_bytes())).await.unwrap());
+                acks.push(
+                    wal.append(record((t % 7) as u16, &entity, &seq.to_be_bytes()))
+                        .await
+                        .unwrap(),
+                );
             }
             let mut lsns = Vec::new();
             for ack in acks {
@@ -36,13 +40,22 @@ async fn concurrent_appenders_get_unique_lsns_in_caller_order() {
     let mut all = HashSet::new();
     for (t, h) in handles.into_iter().enumerate() {
         let lsns = h.await.unwrap();
-        assert!(lsns.windows(2).all(|w| w[0] < w[1]), "task {t}: lsns not increasing");
+        assert!(
+            lsns.windows(2).all(|w| w[0] < w[1]),
+            "task {t}: lsns not increasing"
+        );
         for l in &lsns {
             assert!(all.insert(*l), "lsn {l} given twice");
         }
-        let log = wal.load_entity((t % 7) as u16, format!("t{t}").as_bytes()).unwrap();
+        let log = wal
+            .load_entity((t % 7) as u16, format!("t{t}").as_bytes())
+            .unwrap();
         assert_eq!(log.snapshot, None);
-        let expected: Vec<_> = lsns.iter().zip(0..PER_TASK).map(|(l, s)| (*l, s.to_be_bytes().to_vec())).collect();
+        let expected: Vec<_> = lsns
+            .iter()
+            .zip(0..PER_TASK)
+            .map(|(l, s)| (*l, s.to_be_bytes().to_vec()))
+            .collect();
         assert_eq!(log.tail, expected, "task {t}");
     }
     assert_eq!(all.len(), TASKS * PER_TASK as usize);
@@ -59,7 +72,8 @@ async fn checkpoints_race(durability: Durability) {
     const PARTITIONS: u16 = 4;
     let dir = tempfile::tempdir().unwrap();
     let wal = open(dir.path(), durability);
-    let acked: Arc<Vec<AtomicUsize>> = Arc::new((0..ENTITIES).map(|_| AtomicUsize::new(0)).collect());
+    let acked: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..ENTITIES).map(|_| AtomicUsize::new(0)).collect());
     let done = Arc::new(AtomicBool::new(false));
     let entity = |i: usize| (i as u16 % PARTITIONS, format!("e{i}").into_bytes());
 
@@ -69,7 +83,12 @@ async fn checkpoints_race(durability: Durability) {
         let (p, e) = entity(i);
         appenders.push(tokio::spawn(async move {
             for seq in 0..PER_ENTITY {
-                wal.append(record(p, &e, &seq.to_be_bytes())).await.unwrap().durable().await.unwrap();
+                wal.append(record(p, &e, &seq.to_be_bytes()))
+                    .await
+                    .unwrap()
+                    .durable()
+                    .await
+                    .unwrap();
                 acked[i].store(seq as usize + 1, Ordering::Release);
             }
         }));
@@ -80,7 +99,10 @@ async fn checkpoints_race(durability: Durability) {
             let (mut rounds, mut folded) = (0, 0);
             while !done.load(Ordering::Acquire) {
                 for p in 0..PARTITIONS {
-                    folded += wal.checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail))).unwrap().records;
+                    folded += wal
+                        .checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail)))
+                        .unwrap()
+                        .records;
                 }
                 rounds += 1;
             }
@@ -97,9 +119,19 @@ async fn checkpoints_race(durability: Durability) {
                 let (p, e) = entity(i % ENTITIES);
                 let at_least = acked[i % ENTITIES].load(Ordering::Acquire);
                 let items = load_list(&wal, p, &e);
-                let seqs: Vec<u32> = items.iter().map(|b| u32::from_be_bytes(b[..].try_into().unwrap())).collect();
-                assert_eq!(seqs, (0..seqs.len() as u32).collect::<Vec<_>>(), "entity {i}: lost or duplicated record");
-                assert!(seqs.len() >= at_least, "entity {i}: acknowledged record missing");
+                let seqs: Vec<u32> = items
+                    .iter()
+                    .map(|b| u32::from_be_bytes(b[..].try_into().unwrap()))
+                    .collect();
+                assert_eq!(
+                    seqs,
+                    (0..seqs.len() as u32).collect::<Vec<_>>(),
+                    "entity {i}: lost or duplicated record"
+                );
+                assert!(
+                    seqs.len() >= at_least,
+                    "entity {i}: acknowledged record missing"
+                );
                 loads += 1;
                 i += 1;
             }
@@ -114,9 +146,13 @@ async fn checkpoints_race(durability: Durability) {
     for l in loaders {
         assert!(l.await.unwrap() > 0);
     }
-    assert!(rounds > 1 && folded > 0, "checkpoints did not race: {rounds} rounds, {folded} records");
+    assert!(
+        rounds > 1 && folded > 0,
+        "checkpoints did not race: {rounds} rounds, {folded} records"
+    );
     for p in 0..PARTITIONS {
-        wal.checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail))).unwrap();
+        wal.checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail)))
+            .unwrap();
     }
     assert!(wal.partitions_with_log().unwrap().is_empty());
     for i in 0..ENTITIES {

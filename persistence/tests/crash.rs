@@ -31,7 +31,9 @@ fn aux_key(task: u16, seq: u32) -> Vec<u8> {
 
 /// FNV-1a, enough to tell a torn or mixed-up payload from an intact one.
 fn checksum(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// task (u16) + seq (u32) + body length (u16) + body + checksum of all before it (u32).
@@ -64,14 +66,22 @@ fn verify(p: &[u8]) -> Option<(u16, u32)> {
 /// The child: appends until killed. A no-op in a normal test run.
 #[test]
 fn crash_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let wal = open(dir.as_ref(), Durability::Sync);
         let checkpointer = wal.clone();
         std::thread::spawn(move || loop {
             for p in 0..PARTITIONS {
-                checkpointer.checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail))).unwrap();
+                checkpointer
+                    .checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail)))
+                    .unwrap();
             }
             std::thread::sleep(Duration::from_millis(3));
         });
@@ -81,8 +91,16 @@ fn crash_child() {
                 let (partition, entity) = entity(task);
                 for seq in 0u32.. {
                     let payload = make_payload(task, seq);
-                    let aux = vec![AuxOp::Put(aux_key(task, seq), checksum(&payload).to_be_bytes().to_vec())];
-                    let rec = Record { partition, entity: entity.clone(), payload, aux };
+                    let aux = vec![AuxOp::Put(
+                        aux_key(task, seq),
+                        checksum(&payload).to_be_bytes().to_vec(),
+                    )];
+                    let rec = Record {
+                        partition,
+                        entity: entity.clone(),
+                        payload,
+                        aux,
+                    };
                     let lsn = wal.append(rec).await.unwrap().durable().await.unwrap();
                     // One write + flush per line: the parent must see every ack that was
                     // printed before the kill.
@@ -153,34 +171,65 @@ fn acknowledged_records_survive_sigkill() {
     for round in 0..ROUNDS {
         let dir = tempfile::tempdir().unwrap();
         let acks = run_child(dir.path(), 300 + 600 * round);
-        let max_acked_lsn = acks.values().flat_map(|m| m.values()).copied().max().unwrap();
+        let max_acked_lsn = acks
+            .values()
+            .flat_map(|m| m.values())
+            .copied()
+            .max()
+            .unwrap();
 
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         let _guard = rt.enter();
         let wal = open(dir.path(), Durability::Sync);
         let mut recovered = 0;
         for task in 0..TASKS {
             let (partition, entity) = entity(task);
             let log = wal.load_entity(partition, &entity).unwrap();
-            let mut records: Vec<(Option<u64>, Vec<u8>)> =
-                log.snapshot.as_deref().map(decode_list).unwrap_or_default().into_iter().map(|p| (None, p)).collect();
+            let mut records: Vec<(Option<u64>, Vec<u8>)> = log
+                .snapshot
+                .as_deref()
+                .map(decode_list)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| (None, p))
+                .collect();
             records.extend(log.tail.into_iter().map(|(lsn, p)| (Some(lsn), p)));
             // Every record present is complete, belongs here, and they form the gap-free
             // sequence 0..n: a task appends seq + 1 only after seq was durable.
             for (i, (lsn, p)) in records.iter().enumerate() {
-                let (t, seq) = verify(p).unwrap_or_else(|| panic!("round {round}: torn record in task {task}: {p:02x?}"));
-                assert_eq!((t, seq), (task, i as u32), "round {round}: record out of place");
+                let (t, seq) = verify(p).unwrap_or_else(|| {
+                    panic!("round {round}: torn record in task {task}: {p:02x?}")
+                });
+                assert_eq!(
+                    (t, seq),
+                    (task, i as u32),
+                    "round {round}: record out of place"
+                );
                 if let (Some(lsn), Some(acked)) = (lsn, acks.get(&task).and_then(|m| m.get(&seq))) {
-                    assert_eq!(lsn, acked, "round {round}: task {task} seq {seq} has another lsn");
+                    assert_eq!(
+                        lsn, acked,
+                        "round {round}: task {task} seq {seq} has another lsn"
+                    );
                 }
                 let aux = wal.aux_get(&aux_key(task, seq)).unwrap();
-                assert_eq!(aux, Some(checksum(p).to_be_bytes().to_vec()), "round {round}: aux of {task}/{seq}");
+                assert_eq!(
+                    aux,
+                    Some(checksum(p).to_be_bytes().to_vec()),
+                    "round {round}: aux of {task}/{seq}"
+                );
             }
             // Every acknowledged record is present; at most one unacknowledged one (the
             // append in flight at the kill) may have made it too.
             let acked = acks.get(&task).map_or(0, |m| m.len());
             if let Some(m) = acks.get(&task) {
-                assert_eq!(m.keys().copied().collect::<Vec<_>>(), (0..acked as u32).collect::<Vec<_>>());
+                assert_eq!(
+                    m.keys().copied().collect::<Vec<_>>(),
+                    (0..acked as u32).collect::<Vec<_>>()
+                );
             }
             assert!(
                 records.len() == acked || records.len() == acked + 1,
@@ -189,19 +238,35 @@ fn acknowledged_records_survive_sigkill() {
             );
             // The aux keys were written in the same batches: no more, no fewer.
             let prefix = format!("rec/{task:02}/").into_bytes();
-            assert_eq!(wal.aux_scan(&prefix, None, false, usize::MAX).unwrap().len(), records.len());
+            assert_eq!(
+                wal.aux_scan(&prefix, None, false, usize::MAX)
+                    .unwrap()
+                    .len(),
+                records.len()
+            );
             recovered += records.len();
         }
         let next = rt.block_on(async {
-            wal.append(Record { partition: 0, entity: b"after".to_vec(), payload: vec![1], aux: vec![] })
-                .await
-                .unwrap()
-                .durable()
-                .await
-                .unwrap()
+            wal.append(Record {
+                partition: 0,
+                entity: b"after".to_vec(),
+                payload: vec![1],
+                aux: vec![],
+            })
+            .await
+            .unwrap()
+            .durable()
+            .await
+            .unwrap()
         });
-        assert!(next > max_acked_lsn, "round {round}: lsn {next} reused after the crash (acked up to {max_acked_lsn})");
+        assert!(
+            next > max_acked_lsn,
+            "round {round}: lsn {next} reused after the crash (acked up to {max_acked_lsn})"
+        );
         rt.block_on(wal.shutdown()).unwrap();
-        eprintln!("round {round}: {} acknowledged, {recovered} recovered", acks.values().map(|m| m.len()).sum::<usize>());
+        eprintln!(
+            "round {round}: {} acknowledged, {recovered} recovered",
+            acks.values().map(|m| m.len()).sum::<usize>()
+        );
     }
 }

@@ -20,10 +20,20 @@ const PARTITIONS: u16 = 3;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { partition: u16, entity: usize, payload: Vec<u8>, aux: Vec<(usize, Option<u8>)> },
+    Append {
+        partition: u16,
+        entity: usize,
+        payload: Vec<u8>,
+        aux: Vec<(usize, Option<u8>)>,
+    },
     Checkpoint(u16),
     Load(u16, usize),
-    AuxScan { prefix: usize, after: Option<usize>, reverse: bool, limit: usize },
+    AuxScan {
+        prefix: usize,
+        after: Option<usize>,
+        reverse: bool,
+        limit: usize,
+    },
     Reboot,
 }
 
@@ -53,14 +63,30 @@ struct Model {
 }
 
 impl Model {
-    fn aux_scan(&self, prefix: &[u8], after: Option<&[u8]>, reverse: bool, limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    fn aux_scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
         let matching = self.aux.iter().filter(|(k, _)| k.starts_with(prefix));
         let picked: Vec<_> = if reverse {
-            matching.rev().filter(|(k, _)| after.is_none_or(|a| k.as_slice() < a)).take(limit).collect()
+            matching
+                .rev()
+                .filter(|(k, _)| after.is_none_or(|a| k.as_slice() < a))
+                .take(limit)
+                .collect()
         } else {
-            matching.filter(|(k, _)| after.is_none_or(|a| k.as_slice() > a)).take(limit).collect()
+            matching
+                .filter(|(k, _)| after.is_none_or(|a| k.as_slice() > a))
+                .take(limit)
+                .collect()
         };
-        picked.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        picked
+            .into_iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 
@@ -68,8 +94,16 @@ impl Model {
 fn check_all(wal: &Wal, model: &Model) {
     for p in 0..PARTITIONS {
         for e in ENTITIES {
-            let expected = model.entities.get(&(p, e.to_vec())).cloned().unwrap_or_default();
-            assert_eq!(load_list(wal, p, e), expected, "entity {e:?} of partition {p}");
+            let expected = model
+                .entities
+                .get(&(p, e.to_vec()))
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(
+                load_list(wal, p, e),
+                expected,
+                "entity {e:?} of partition {p}"
+            );
         }
     }
     let with_log: BTreeSet<u16> = wal.partitions_with_log().unwrap().into_iter().collect();
@@ -77,14 +111,23 @@ fn check_all(wal: &Wal, model: &Model) {
 }
 
 fn run(durability: Durability, ops: Vec<Op>) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let _guard = rt.enter();
     let dir = tempfile::tempdir().unwrap();
     let mut wal = open(dir.path(), durability);
     let mut model = Model::default();
     for op in ops {
         match op {
-            Op::Append { partition, entity, payload, aux } => {
+            Op::Append {
+                partition,
+                entity,
+                payload,
+                aux,
+            } => {
                 let entity = ENTITIES[entity].to_vec();
                 let aux: Vec<AuxOp> = aux
                     .into_iter()
@@ -99,23 +142,48 @@ fn run(durability: Durability, ops: Vec<Op>) {
                         AuxOp::Delete(k) => model.aux.remove(k),
                     };
                 }
-                common::apply(model.entities.entry((partition, entity.clone())).or_default(), &payload);
+                common::apply(
+                    model
+                        .entities
+                        .entry((partition, entity.clone()))
+                        .or_default(),
+                    &payload,
+                );
                 model.unfolded.insert(partition);
-                let rec = Record { partition, entity, payload, aux };
+                let rec = Record {
+                    partition,
+                    entity,
+                    payload,
+                    aux,
+                };
                 rt.block_on(async { wal.append(rec).await.unwrap().durable().await.unwrap() });
             }
             Op::Checkpoint(p) => {
-                wal.checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail))).unwrap();
+                wal.checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail)))
+                    .unwrap();
                 model.unfolded.remove(&p);
             }
             Op::Load(p, e) => {
-                let expected = model.entities.get(&(p, ENTITIES[e].to_vec())).cloned().unwrap_or_default();
+                let expected = model
+                    .entities
+                    .get(&(p, ENTITIES[e].to_vec()))
+                    .cloned()
+                    .unwrap_or_default();
                 assert_eq!(load_list(&wal, p, ENTITIES[e]), expected);
             }
-            Op::AuxScan { prefix, after, reverse, limit } => {
+            Op::AuxScan {
+                prefix,
+                after,
+                reverse,
+                limit,
+            } => {
                 let (prefix, after) = (AUX_PREFIXES[prefix], after.map(|a| AUX_KEYS[a]));
                 let got = wal.aux_scan(prefix, after, reverse, limit).unwrap();
-                assert_eq!(got, model.aux_scan(prefix, after, reverse, limit), "aux_scan({prefix:?}, {after:?}, {reverse})");
+                assert_eq!(
+                    got,
+                    model.aux_scan(prefix, after, reverse, limit),
+                    "aux_scan({prefix:?}, {after:?}, {reverse})"
+                );
                 for k in AUX_KEYS {
                     assert_eq!(wal.aux_get(k).unwrap().as_ref(), model.aux.get(k));
                 }

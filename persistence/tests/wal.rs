@@ -14,11 +14,22 @@ async fn appended_records_load_in_order() {
         let ack = wal.append(record(3, b"sku-1", &[i])).await.unwrap();
         lsns.push(ack.durable().await.unwrap());
     }
-    wal.append(record(3, b"sku-10", b"other")).await.unwrap().durable().await.unwrap();
+    wal.append(record(3, b"sku-10", b"other"))
+        .await
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
     assert!(lsns.windows(2).all(|w| w[0] < w[1]));
     let log = wal.load_entity(3, b"sku-1").unwrap();
     assert_eq!(log.snapshot, None);
-    assert_eq!(log.tail, lsns.iter().zip(0u8..).map(|(l, i)| (*l, vec![i])).collect::<Vec<_>>());
+    assert_eq!(
+        log.tail,
+        lsns.iter()
+            .zip(0u8..)
+            .map(|(l, i)| (*l, vec![i]))
+            .collect::<Vec<_>>()
+    );
     assert!(wal.metrics().durable_lsn >= lsns[4]);
     assert_eq!(wal.partitions_with_log().unwrap(), vec![3]);
     assert!(wal.load_entity(3, b"sku").unwrap().tail.is_empty());
@@ -29,16 +40,34 @@ async fn appended_records_load_in_order() {
 async fn lsns_and_data_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let wal = open(dir.path(), Durability::Sync);
-    let first = wal.append(record(1, b"e", b"a")).await.unwrap().durable().await.unwrap();
+    let first = wal
+        .append(record(1, b"e", b"a"))
+        .await
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
     wal.meta_put("partitions", &256u16.to_be_bytes()).unwrap();
     wal.shutdown().await.unwrap();
     drop(wal);
 
     let wal = open(dir.path(), Durability::Relaxed);
-    assert_eq!(wal.meta_get("partitions").unwrap(), Some(256u16.to_be_bytes().to_vec()));
+    assert_eq!(
+        wal.meta_get("partitions").unwrap(),
+        Some(256u16.to_be_bytes().to_vec())
+    );
     assert_eq!(wal.meta_get("absent").unwrap(), None);
-    let second = wal.append(record(1, b"e", b"b")).await.unwrap().durable().await.unwrap();
-    assert!(second > first, "lsn {second} reused after restart (first was {first})");
+    let second = wal
+        .append(record(1, b"e", b"b"))
+        .await
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    assert!(
+        second > first,
+        "lsn {second} reused after restart (first was {first})"
+    );
     assert_eq!(load_list(&wal, 1, b"e"), vec![b"a".to_vec(), b"b".to_vec()]);
     wal.shutdown().await.unwrap();
 }
@@ -55,7 +84,10 @@ async fn shutdown_is_idempotent_and_refuses_appends() {
     wal.shutdown().await.unwrap();
     // Queued before the shutdown: drained and acknowledged.
     ack.durable().await.unwrap();
-    assert!(matches!(wal.append(record(0, b"e", b"y")).await, Err(Error::Closed)));
+    assert!(matches!(
+        wal.append(record(0, b"e", b"y")).await,
+        Err(Error::Closed)
+    ));
     wal.flush().await.unwrap();
     assert_eq!(wal.metrics().durable_lsn, wal.applied_lsn());
 }
@@ -67,7 +99,10 @@ async fn relaxed_flush_makes_everything_durable() {
     assert_eq!(wal.durability(), Durability::Relaxed);
     let mut last = 0;
     for i in 0..100u32 {
-        let ack = wal.append(record(9, b"cart", &i.to_be_bytes())).await.unwrap();
+        let ack = wal
+            .append(record(9, b"cart", &i.to_be_bytes()))
+            .await
+            .unwrap();
         if i == 99 {
             last = ack.durable().await.unwrap();
         }
@@ -94,21 +129,54 @@ async fn aux_ops_apply_with_their_record() {
         AuxOp::Put(b"tmp".to_vec(), b"t".to_vec()),
         AuxOp::Delete(b"tmp".to_vec()),
     ];
-    let rec = Record { partition: 0, entity: b"o".to_vec(), payload: b"p".to_vec(), aux: ops };
+    let rec = Record {
+        partition: 0,
+        entity: b"o".to_vec(),
+        payload: b"p".to_vec(),
+        aux: ops,
+    };
     wal.append(rec).await.unwrap().durable().await.unwrap();
     assert_eq!(wal.aux_get(b"I/o/b/2").unwrap(), Some(b"2".to_vec()));
     assert_eq!(wal.aux_get(b"tmp").unwrap(), None);
 
-    let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| v.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect::<Vec<_>>();
-    assert_eq!(keys(wal.aux_scan(b"I/o/b/", None, false, 10).unwrap()), ["I/o/b/1", "I/o/b/2", "I/o/b/3"]);
-    assert_eq!(keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/b/1"), false, 1).unwrap()), ["I/o/b/2"]);
-    assert_eq!(keys(wal.aux_scan(b"I/o/b/", None, true, 2).unwrap()), ["I/o/b/3", "I/o/b/2"]);
-    assert_eq!(keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/b/3"), true, 10).unwrap()), ["I/o/b/2", "I/o/b/1"]);
+    let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| {
+        v.into_iter()
+            .map(|(k, _)| String::from_utf8(k).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        keys(wal.aux_scan(b"I/o/b/", None, false, 10).unwrap()),
+        ["I/o/b/1", "I/o/b/2", "I/o/b/3"]
+    );
+    assert_eq!(
+        keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/b/1"), false, 1).unwrap()),
+        ["I/o/b/2"]
+    );
+    assert_eq!(
+        keys(wal.aux_scan(b"I/o/b/", None, true, 2).unwrap()),
+        ["I/o/b/3", "I/o/b/2"]
+    );
+    assert_eq!(
+        keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/b/3"), true, 10).unwrap()),
+        ["I/o/b/2", "I/o/b/1"]
+    );
     // Cursors outside the prefix.
-    assert_eq!(keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/a"), false, 10).unwrap()).len(), 3);
-    assert!(wal.aux_scan(b"I/o/b/", Some(b"I/o/c"), false, 10).unwrap().is_empty());
-    assert_eq!(keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/c"), true, 10).unwrap()).len(), 3);
-    assert!(wal.aux_scan(b"I/o/b/", Some(b"I/o/a"), true, 10).unwrap().is_empty());
+    assert_eq!(
+        keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/a"), false, 10).unwrap()).len(),
+        3
+    );
+    assert!(wal
+        .aux_scan(b"I/o/b/", Some(b"I/o/c"), false, 10)
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        keys(wal.aux_scan(b"I/o/b/", Some(b"I/o/c"), true, 10).unwrap()).len(),
+        3
+    );
+    assert!(wal
+        .aux_scan(b"I/o/b/", Some(b"I/o/a"), true, 10)
+        .unwrap()
+        .is_empty());
     assert_eq!(keys(wal.aux_scan(b"", None, false, 100).unwrap()).len(), 5);
     wal.shutdown().await.unwrap();
 }
@@ -117,8 +185,19 @@ async fn aux_ops_apply_with_their_record() {
 async fn checkpoint_folds_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let wal = open(dir.path(), Durability::Sync);
-    for (e, p) in [(&b"a"[..], &b"1"[..]), (b"a", b"2"), (b"b", b"x"), (b"b", b""), (b"bad", b"!")] {
-        wal.append(record(2, e, p)).await.unwrap().durable().await.unwrap();
+    for (e, p) in [
+        (&b"a"[..], &b"1"[..]),
+        (b"a", b"2"),
+        (b"b", b"x"),
+        (b"b", b""),
+        (b"bad", b"!"),
+    ] {
+        wal.append(record(2, e, p))
+            .await
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
     }
     let stats = wal
         .checkpoint_partition(2, &mut |entity, old, tail| {
@@ -139,7 +218,12 @@ async fn checkpoint_folds_and_deletes() {
     assert_eq!(wal.load_entity(2, b"bad").unwrap().tail.len(), 1);
     assert_eq!(wal.partitions_with_log().unwrap(), vec![2]);
 
-    wal.append(record(2, b"b", b"y")).await.unwrap().durable().await.unwrap();
+    wal.append(record(2, b"b", b"y"))
+        .await
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
     assert_eq!(load_list(&wal, 2, b"b"), vec![b"y".to_vec()]);
     wal.shutdown().await.unwrap();
 }
@@ -149,7 +233,10 @@ async fn oversized_entity_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let wal = open(dir.path(), Durability::Sync);
     let big = vec![b'x'; 70_000];
-    assert!(matches!(wal.append(record(0, &big, b"")).await, Err(Error::EntityTooLong { .. })));
+    assert!(matches!(
+        wal.append(record(0, &big, b"")).await,
+        Err(Error::EntityTooLong { .. })
+    ));
     assert!(wal.load_entity(0, &big).is_err());
     wal.shutdown().await.unwrap();
 }
@@ -158,5 +245,8 @@ async fn oversized_entity_is_refused() {
 fn open_outside_a_runtime_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = shardmall_persistence::WalConfig::new(dir.path());
-    assert!(matches!(shardmall_persistence::Wal::open(cfg), Err(Error::NoRuntime)));
+    assert!(matches!(
+        shardmall_persistence::Wal::open(cfg),
+        Err(Error::NoRuntime)
+    ));
 }

@@ -1,4 +1,5 @@
 pub mod cart;
 pub mod catalog;
+pub mod cluster;
 pub mod ops;
 pub mod orders;

@@ -42,3 +42,8 @@ pub async fn openapi() -> Response {
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint")
 }
+
+#[utoipa::path(get, path = "/dashboard", responses((status = 200, description = "An HTML page of this node's live figures")))]
+pub async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("../dashboard.html"))
+}

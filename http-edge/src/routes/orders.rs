@@ -64,10 +64,7 @@ pub async fn create_order(
                 Some(out)
             }
         };
-        let address = body
-            .shipping_address
-            .map(Address::into_domain)
-            .transpose()?;
+        let address = Some(body.shipping_address.into_domain()?);
         Ok((items, address))
     })();
     let (items, address) = match checked {

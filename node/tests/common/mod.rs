@@ -14,7 +14,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -125,6 +125,9 @@ impl NodeConfig {
         // keep draining it afterwards so the child can never block on a full pipe.
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel::<String>();
+        // Whatever else the node prints on stdout is kept beside its stderr.
+        let mut out_log = std::fs::File::create(log_dir.path().join("stdout.log"))
+            .expect("create the stdout log");
         std::thread::spawn(move || {
             let mut reader = BufReader::new(stdout);
             let mut line = String::new();
@@ -134,6 +137,7 @@ impl NodeConfig {
                 match reader.read_line(&mut line) {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
+                        let _ = out_log.write_all(line.as_bytes());
                         if !sent && line.starts_with("listening on ") {
                             let _ = tx.send(line.trim().to_string());
                             sent = true;
@@ -272,21 +276,30 @@ impl Node {
         }
     }
 
-    /// The last `lines` lines of the node's stderr.
+    /// The last `lines` lines of the node's stderr and of its stdout.
     pub fn log_tail(&self, lines: usize) -> String {
-        let mut f = match std::fs::File::open(&self.log_path) {
-            Ok(f) => f,
-            Err(e) => return format!("(no log: {e})"),
-        };
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let from = len.saturating_sub(64 * 1024);
-        let _ = f.seek(SeekFrom::Start(from));
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        let text = String::from_utf8_lossy(&buf);
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        let stdout = self.log_path.with_file_name("stdout.log");
+        format!(
+            "[stderr]\n{}\n[stdout]\n{}",
+            file_tail(&self.log_path, lines),
+            file_tail(&stdout, lines)
+        )
     }
+}
+
+fn file_tail(path: &Path, lines: usize) -> String {
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return format!("(no log: {e})"),
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = len.saturating_sub(64 * 1024);
+    let _ = f.seek(SeekFrom::Start(from));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 impl Drop for Node {
@@ -382,6 +395,81 @@ impl Api {
             headers,
             body,
         })
+    }
+
+    /// Sends one HTTP/1.1 request over a bare socket, writing the body while reading the
+    /// answer, the way curl does: a server may answer (413) before the body is sent,
+    /// and a client that only reads after writing would see a reset instead.
+    pub async fn http1_early_answer(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> std::io::Result<Resp> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.base.trim_start_matches("http://").to_string();
+        let stream = tokio::net::TcpStream::connect(&addr).await?;
+        let (mut rd, mut wr) = stream.into_split();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-length: {}\r\nconnection: close\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let writer = tokio::spawn(async move {
+            // A write error is expected once the server has answered and closed.
+            if wr.write_all(head.as_bytes()).await.is_ok() {
+                let _ = wr.write_all(&body).await;
+            }
+        });
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let mut chunk = [0u8; 8192];
+            loop {
+                match rd.read(&mut chunk).await {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    // A reset after the answer arrived still leaves the answer.
+                    Err(e) if !buf.is_empty() => {
+                        let _ = e;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        writer.abort();
+        match read {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no answer in time",
+                ))
+            }
+        }
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("not an HTTP answer: {:?}", &text[..text.len().min(200)]),
+                )
+            })?;
+        let payload = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        let json = match (payload.find('{'), payload.rfind('}')) {
+            (Some(a), Some(b)) if a < b => serde_json::from_str(&payload[a..=b])
+                .unwrap_or_else(|_| Value::String(payload.to_string())),
+            _ => Value::String(payload.to_string()),
+        };
+        Ok((status, json))
     }
 
     /// A JSON request with an optional bearer token, idempotency key and body.

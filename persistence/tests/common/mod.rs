@@ -27,7 +27,12 @@ pub fn open(dir: &Path, durability: Durability) -> Wal {
 }
 
 pub fn record(partition: u16, entity: &[u8], payload: &[u8]) -> Record {
-    Record { partition, entity: entity.to_vec(), payload: payload.to_vec(), aux: Vec::new() }
+    Record {
+        partition,
+        entity: entity.to_vec(),
+        payload: payload.to_vec(),
+        aux: Vec::new(),
+    }
 }
 
 /// Fold used by the tests: a snapshot is a list of length-prefixed payloads; an empty
