@@ -85,7 +85,8 @@ impl Partitioner {
     pub fn of(&self, key: &EntityKey) -> Option<u16> {
         match key.kind {
             Kind::Product | Kind::Sku => Some(self.catalog(key.kind, &key.id)),
-            Kind::Cart | Kind::Idempotency => Some(self.buyer(&key.id)),
+            Kind::Cart => Some(self.buyer(&key.id)),
+            Kind::Idempotency => Some(self.buyer(crate::domain::idempotency::idem_subject(&key.id))),
             Kind::Order => OrderId::parse(&key.id)
                 .map(|id| id.partition)
                 .filter(|p| *p < self.count),

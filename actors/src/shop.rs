@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::cart::{CartCommand, CartState};
-use crate::domain::idempotency::{IdemCommand, IdemState, StoredResponse};
+use crate::domain::idempotency::{idem_entity_id, IdemCommand, IdemState, StoredResponse};
 use crate::domain::order::{
     payment_index_key, CancelReason, Line, Order, OrderCommand, OrderState, OrderStatus, Shipment,
 };
@@ -919,18 +919,23 @@ impl Shop {
 
     // ---- idempotency ------------------------------------------------------------------
 
+    /// Every idempotency key is its own small entity in the subject's partition.
+    fn idem_key(&self, sub: &str, scope: &str) -> (u16, String) {
+        (self.inner.partitioner.buyer(sub), idem_entity_id(sub, scope))
+    }
+
     pub async fn idempotency_begin(
         &self,
         sub: &str,
         scope: &str,
         body_hash: u64,
     ) -> Result<IdemStart> {
-        let p = self.inner.partitioner.buyer(sub);
+        let (p, id) = self.idem_key(sub, scope);
         let cmd = IdemCommand::Begin {
             scope: scope.to_owned(),
             body_hash,
         };
-        match self.ask::<IdemState>(p, sub, cmd).await {
+        match self.ask::<IdemState>(p, &id, cmd).await {
             Ok(_) => Ok(IdemStart::Fresh),
             Err(Refusal::Domain(e)) => idem_err(e),
             Err(Refusal::Unavailable(why)) => Err(ShopError::Unavailable(why)),
@@ -943,12 +948,12 @@ impl Shop {
         scope: &str,
         response: StoredResponse,
     ) -> Result<()> {
-        let p = self.inner.partitioner.buyer(sub);
+        let (p, id) = self.idem_key(sub, scope);
         let cmd = IdemCommand::Complete {
             scope: scope.to_owned(),
             response,
         };
-        self.ask::<IdemState>(p, sub, cmd)
+        self.ask::<IdemState>(p, &id, cmd)
             .await
             .map(drop)
             .map_err(|r| match r {
@@ -958,11 +963,11 @@ impl Shop {
     }
 
     pub async fn idempotency_abort(&self, sub: &str, scope: &str) {
-        let p = self.inner.partitioner.buyer(sub);
+        let (p, id) = self.idem_key(sub, scope);
         let cmd = IdemCommand::Abort {
             scope: scope.to_owned(),
         };
-        if let Err(e) = self.ask::<IdemState>(p, sub, cmd).await {
+        if let Err(e) = self.ask::<IdemState>(p, &id, cmd).await {
             tracing::warn!(sub, scope, error = ?e, "could not release an idempotency key");
         }
     }
@@ -995,6 +1000,13 @@ impl Shop {
             Kind::Order => {
                 if let Err(e) = self.order_timer(&key.id).await {
                     tracing::warn!(order = %key.id, error = %e, "order timer failed");
+                }
+            }
+            Kind::Idempotency => {
+                if let Some(p) = self.inner.partitioner.of(&key) {
+                    if let Err(e) = self.ask::<IdemState>(p, &key.id, IdemCommand::Expire).await {
+                        tracing::warn!(error = ?e, "idempotency expiry failed");
+                    }
                 }
             }
             _ => {}
@@ -1077,9 +1089,11 @@ fn fold_entity(
     ) -> std::result::Result<Option<Vec<u8>>, String> {
         let state: E = crate::codec::rebuild(snapshot, tail.iter().map(|(_, r)| r))
             .map_err(|e| e.to_string())?;
-        crate::codec::encode(&state)
-            .map(Some)
-            .map_err(|e| e.to_string())
+        let bytes = crate::codec::encode(&state).map_err(|e| e.to_string())?;
+        // A state equal to the empty one (an expired idempotency key, a discarded SKU)
+        // needs no snapshot.
+        let empty = crate::codec::encode(&E::default()).map_err(|e| e.to_string())?;
+        Ok((bytes != empty).then_some(bytes))
     }
     let key = EntityKey::from_bytes(entity).ok_or("unknown entity key")?;
     match key.kind {

@@ -60,11 +60,20 @@ async fn main() {
                     .post(format!("{base}/v1/orders"))
                     .bearer_auth(&tok)
                     .header("Idempotency-Key", format!("c{c}-{n}"))
-                    .json(&json!({"items": [{"sku_id": format!("s{sku}"), "quantity": 1}]}))
+                    .json(&json!({
+                        "items": [{"sku_id": format!("s{sku}"), "quantity": 1}],
+                        "shipping_address": {"name": "Bench", "phone": "1", "line1": "1 Road", "city": "Shanghai", "country": "CN"}
+                    }))
                     .send()
                     .await;
                 let ok = match r {
-                    Ok(r) if r.status() == 201 => {
+                    Ok(r) if r.status() != 201 => {
+                        if errors == 0 {
+                            eprintln!("checkout refused: {} {}", r.status(), r.text().await.unwrap_or_default());
+                        }
+                        false
+                    }
+                    Ok(r) => {
                         let order: serde_json::Value = r.json().await.unwrap();
                         let id = order["order_id"].as_str().unwrap().to_owned();
                         let pay = http

@@ -1,4 +1,7 @@
-//! Idempotency records: one entity per token subject, one entry per (route, key).
+//! Idempotency records: one entity per (token subject, route, key), living in the
+//! subject's partition (see `idem_entity_id`). The state keeps a map of entries so one
+//! entity could hold several, but the shop gives every key its own entity: a buyer's
+//! history never grows one state, and an expired key is deleted by its own timer.
 //!
 //! The edge calls `Begin` before handling a POST that carries an `Idempotency-Key`. A new
 //! key starts an entry; the same key with the same body gets the stored answer back (or
@@ -61,6 +64,8 @@ pub enum IdemCommand {
     Abort {
         scope: String,
     },
+    /// The timer: drops every entry older than the TTL.
+    Expire,
 }
 
 /// Variants are only ever appended (bincode encodes the variant by position).
@@ -80,6 +85,10 @@ pub enum IdemEvent {
         scope: String,
         at: Millis,
     },
+    /// Every entry older than the TTL at `at` is gone.
+    Expired {
+        at: Millis,
+    },
 }
 
 impl IdemEvent {
@@ -87,7 +96,8 @@ impl IdemEvent {
         match self {
             IdemEvent::Started { at, .. }
             | IdemEvent::Completed { at, .. }
-            | IdemEvent::Aborted { at, .. } => *at,
+            | IdemEvent::Aborted { at, .. }
+            | IdemEvent::Expired { at } => *at,
         }
     }
 }
@@ -159,6 +169,11 @@ impl Entity for IdemState {
                 }],
                 _ => vec![],
             }),
+            IdemCommand::Expire => Ok(if self.entries.values().any(|e| !live(e, now)) {
+                vec![IdemEvent::Expired { at: now }]
+            } else {
+                vec![]
+            }),
         }
     }
 
@@ -188,6 +203,11 @@ impl Entity for IdemState {
             IdemEvent::Aborted { scope, .. } => {
                 self.entries.remove(scope);
             }
+            IdemEvent::Expired { at } => {
+                self.entries.retain(|_, e| live(e, *at));
+                // An emptied record is the empty state again, so it needs no snapshot.
+                self.swept_at = if self.entries.is_empty() { 0 } else { *at };
+            }
         }
         let at = event.at();
         if at >= self.swept_at.saturating_add(SWEEP_INTERVAL_MS) {
@@ -199,6 +219,24 @@ impl Entity for IdemState {
     fn view(&self) -> usize {
         self.entries.len()
     }
+
+    /// When the oldest entry expires.
+    fn next_deadline(&self) -> Option<Millis> {
+        self.entries.values().map(|e| e.at.saturating_add(TTL_MS)).min()
+    }
+}
+
+/// The entity id of one idempotency record: the subject, a separator that ids never
+/// contain, then the scope. Its partition is the subject's.
+pub fn idem_entity_id(sub: &str, scope: &str) -> String {
+    format!("{sub}{ID_SEPARATOR}{scope}")
+}
+
+pub const ID_SEPARATOR: char = '\u{1f}';
+
+/// The subject an idempotency entity id belongs to.
+pub fn idem_subject(entity_id: &str) -> &str {
+    entity_id.split(ID_SEPARATOR).next().unwrap_or(entity_id)
 }
 
 #[cfg(test)]
@@ -238,6 +276,18 @@ mod tests {
         IdemCommand::Abort {
             scope: "POST /v1/orders\nk1".into(),
         }
+    }
+
+    #[test]
+    fn expire_drops_old_entries_and_the_deadline_follows() {
+        let mut s = IdemState::default();
+        run(&mut s, begin(1), 1_000).unwrap();
+        assert_eq!(s.next_deadline(), Some(1_000 + TTL_MS));
+        assert!(run(&mut s, IdemCommand::Expire, 1_000 + TTL_MS - 1).unwrap().is_empty());
+        assert_eq!(run(&mut s, IdemCommand::Expire, 1_000 + TTL_MS).unwrap().len(), 1);
+        assert!(s.entries.is_empty());
+        assert_eq!(s.next_deadline(), None);
+        assert_eq!(idem_subject(&idem_entity_id("alice", "POST /v1/orders\nk")), "alice");
     }
 
     #[test]
