@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use shardmall_persistence::{AuxOp, Record, Wal};
+use tokio::sync::watch;
 
 use crate::codec;
 use crate::domain::{Entity, Kind, Millis};
@@ -73,6 +74,8 @@ pub struct Hosted<E: Entity> {
     state: E,
     deadline: Option<Millis>,
     index: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Becomes true once this actor's latest write is durable.
+    last_write: Option<watch::Receiver<bool>>,
 }
 
 pub fn now_ms() -> Millis {
@@ -139,6 +142,7 @@ impl<E: Entity> Actor for EntityActor<E> {
             state,
             deadline,
             index,
+            last_write: None,
         })
     }
 
@@ -181,12 +185,13 @@ impl<E: Entity> Hosted<E> {
         let events = match self.state.decide(&req.cmd, now) {
             Ok(events) => events,
             Err(refusal) => {
-                let _ = req.reply.send(Err(Refusal::Domain(refusal)));
+                self.answer_after_last_write(req.reply, Err(Refusal::Domain(refusal)));
                 return Ok(());
             }
         };
         if events.is_empty() {
-            let _ = req.reply.send(Ok(self.state.view()));
+            let view = self.state.view();
+            self.answer_after_last_write(req.reply, Ok(view));
             return Ok(());
         }
         let payload = match codec::encode(&events) {
@@ -213,14 +218,44 @@ impl<E: Entity> Hosted<E> {
                 aux,
             })
             .await?;
+        let (durable_tx, durable_rx) = watch::channel(false);
+        self.last_write = Some(durable_rx);
         tokio::spawn(async move {
             let answer = match ack.durable().await {
-                Ok(_) => Ok(view),
+                Ok(_) => {
+                    let _ = durable_tx.send(true);
+                    Ok(view)
+                }
                 Err(e) => Err(Refusal::Unavailable(format!("log: {e}"))),
             };
             let _ = req.reply.send(answer);
         });
         Ok(())
+    }
+
+    /// Answers a command that wrote nothing. Its answer was computed from state that may
+    /// include writes not yet durable; it MUST NOT leave before they are, or a reader
+    /// could see (and act on) a state a crash then loses. Records become durable in
+    /// order, so waiting for the last write suffices.
+    fn answer_after_last_write(&mut self, reply: RpcReplyPort<Reply<E>>, answer: Reply<E>) {
+        match self.last_write.as_ref().filter(|rx| !*rx.borrow()) {
+            None => {
+                self.last_write = None;
+                let _ = reply.send(answer);
+            }
+            Some(rx) => {
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    // An error means the write failed: its own caller was told; this
+                    // answer is not safe to give.
+                    let answer = match rx.wait_for(|durable| *durable).await {
+                        Ok(_) => answer,
+                        Err(_) => Err(Refusal::Unavailable("an earlier write failed".into())),
+                    };
+                    let _ = reply.send(answer);
+                });
+            }
+        }
     }
 
     /// Index and deadline changes implied by the last command, as aux operations written

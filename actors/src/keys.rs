@@ -86,7 +86,9 @@ impl Partitioner {
         match key.kind {
             Kind::Product | Kind::Sku => Some(self.catalog(key.kind, &key.id)),
             Kind::Cart => Some(self.buyer(&key.id)),
-            Kind::Idempotency => Some(self.buyer(crate::domain::idempotency::idem_subject(&key.id))),
+            Kind::Idempotency => {
+                Some(self.buyer(crate::domain::idempotency::idem_subject(&key.id)))
+            }
             Kind::Order => OrderId::parse(&key.id)
                 .map(|id| id.partition)
                 .filter(|p| *p < self.count),

@@ -921,7 +921,10 @@ impl Shop {
 
     /// Every idempotency key is its own small entity in the subject's partition.
     fn idem_key(&self, sub: &str, scope: &str) -> (u16, String) {
-        (self.inner.partitioner.buyer(sub), idem_entity_id(sub, scope))
+        (
+            self.inner.partitioner.buyer(sub),
+            idem_entity_id(sub, scope),
+        )
     }
 
     pub async fn idempotency_begin(

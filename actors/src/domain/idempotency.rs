@@ -222,7 +222,10 @@ impl Entity for IdemState {
 
     /// When the oldest entry expires.
     fn next_deadline(&self) -> Option<Millis> {
-        self.entries.values().map(|e| e.at.saturating_add(TTL_MS)).min()
+        self.entries
+            .values()
+            .map(|e| e.at.saturating_add(TTL_MS))
+            .min()
     }
 }
 
@@ -283,11 +286,21 @@ mod tests {
         let mut s = IdemState::default();
         run(&mut s, begin(1), 1_000).unwrap();
         assert_eq!(s.next_deadline(), Some(1_000 + TTL_MS));
-        assert!(run(&mut s, IdemCommand::Expire, 1_000 + TTL_MS - 1).unwrap().is_empty());
-        assert_eq!(run(&mut s, IdemCommand::Expire, 1_000 + TTL_MS).unwrap().len(), 1);
+        assert!(run(&mut s, IdemCommand::Expire, 1_000 + TTL_MS - 1)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            run(&mut s, IdemCommand::Expire, 1_000 + TTL_MS)
+                .unwrap()
+                .len(),
+            1
+        );
         assert!(s.entries.is_empty());
         assert_eq!(s.next_deadline(), None);
-        assert_eq!(idem_subject(&idem_entity_id("alice", "POST /v1/orders\nk")), "alice");
+        assert_eq!(
+            idem_subject(&idem_entity_id("alice", "POST /v1/orders\nk")),
+            "alice"
+        );
     }
 
     #[test]
