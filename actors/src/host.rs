@@ -38,7 +38,9 @@ pub struct Request<E: Entity> {
 }
 
 pub enum EntityMsg<E: Entity> {
-    Cmd(Request<E>),
+    /// Boxed: a mailbox allocates room for several messages at a time, and some commands
+    /// are large; small messages keep an idle actor's footprint small.
+    Cmd(Box<Request<E>>),
     /// Sent by the partition when the entity has been idle: make everything durable,
     /// then stop. The partition holds later messages for a fresh activation.
     Passivate,
@@ -167,7 +169,7 @@ impl<E: Entity> Actor for EntityActor<E> {
         hosted: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            EntityMsg::Cmd(req) => hosted.handle_command(req).await,
+            EntityMsg::Cmd(req) => hosted.handle_command(*req).await,
             EntityMsg::Passivate => {
                 // Every append of this actor MUST be applied before a fresh activation
                 // reads the store, or it would start from a stale state.

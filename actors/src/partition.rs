@@ -130,9 +130,9 @@ impl AnyRef {
             id: String,
             req: Request<E>,
         ) -> Result<(), Option<Box<Envelope>>> {
-            a.cast(EntityMsg::Cmd(req)).map_err(|e| match e {
+            a.cast(EntityMsg::Cmd(Box::new(req))).map_err(|e| match e {
                 ractor::MessagingErr::SendErr(EntityMsg::Cmd(req)) => {
-                    Some(Box::new(E::wrap(id, req)))
+                    Some(Box::new(E::wrap(id, *req)))
                 }
                 _ => None,
             })

@@ -2,7 +2,7 @@
 //! that data set.
 //!
 //! `cargo bench -p shardmall --bench idle_memory` (env: BENCH_SKUS=1000000,
-//! BENCH_WRITERS=32).
+//! BENCH_WRITERS=32, BENCH_CACHE_MB=64).
 
 mod support;
 
@@ -20,7 +20,11 @@ async fn main() {
     let writers: usize = env_or("BENCH_WRITERS", 32);
     let dir = tempfile::tempdir().expect("tempdir");
     let http = reqwest::Client::new();
-    let node = Node::start(dir.path(), &["--idle-timeout", "2s"]);
+    let cache_mb: String = env_or("BENCH_CACHE_MB", "64".to_string());
+    let node = Node::start(
+        dir.path(),
+        &["--idle-timeout", "2s", "--cache-mb", &cache_mb],
+    );
     node.wait_ready(&http).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let baseline = rss_bytes(node.pid());
@@ -57,6 +61,7 @@ async fn main() {
         t.await.unwrap();
     }
     let load = start.elapsed();
+    let loaded = rss_bytes(node.pid());
     // Wait for every actor to passivate.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -93,11 +98,12 @@ async fn main() {
         "idle memory: {skus} SKUs in {products} products, created in {load:.1?} ({:.0} SKUs/s)",
         skus as f64 / load.as_secs_f64()
     );
-    println!("| SKUs | RSS before | RSS idle after passivation | bytes per idle SKU | start to /readyz | RSS after restart |");
-    println!("|---|---|---|---|---|---|");
+    println!("| SKUs | storage cache | RSS before | RSS after loading | RSS idle after passivation | bytes per idle SKU | start to /readyz | RSS after restart |");
+    println!("|---|---|---|---|---|---|---|---|");
     println!(
-        "| {skus} | {:.1} MiB | {:.1} MiB | {:.0} | {:.2?} | {:.1} MiB |",
+        "| {skus} | {cache_mb} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.0} | {:.2?} | {:.1} MiB |",
         baseline as f64 / 1048576.0,
+        loaded as f64 / 1048576.0,
         idle as f64 / 1048576.0,
         idle.saturating_sub(baseline) as f64 / skus as f64,
         ready,
