@@ -24,6 +24,9 @@ use config::Config;
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
+            if let Some(addr) = &args.join {
+                anyhow::bail!("--join {addr}: this release runs a single node; joining a cluster is not supported yet");
+            }
             let config = Config::load(&args)?;
             init_tracing(&config.log);
             let runtime = tokio::runtime::Builder::new_multi_thread()
