@@ -165,6 +165,9 @@ enum Slot {
 pub struct PartitionConfig {
     pub idle_timeout: Duration,
     pub tick: Duration,
+    /// The memory budget: at most this many active entities; past it the least recently
+    /// used one is passivated.
+    pub max_active: usize,
 }
 
 pub struct PartitionArgs {
@@ -186,6 +189,8 @@ pub struct PartitionState {
     slots: HashMap<EntityKey, Slot>,
     by_actor: HashMap<ActorId, EntityKey>,
     wheel: BTreeSet<(Millis, EntityKey)>,
+    /// Slots that are `Active`.
+    active: usize,
 }
 
 impl Actor for PartitionActor {
@@ -226,6 +231,7 @@ impl Actor for PartitionActor {
             slots: HashMap::new(),
             by_actor: HashMap::new(),
             wheel,
+            active: 0,
         })
     }
 
@@ -343,6 +349,10 @@ impl PartitionState {
                 last_used: Instant::now(),
             },
         );
+        self.active += 1;
+        if self.active > self.config.max_active {
+            self.evict_least_recently_used(key);
+        }
         Ok(actor)
     }
 
@@ -369,7 +379,11 @@ impl PartitionState {
         }
         let held = match self.slots.remove(&key) {
             Some(Slot::Stopping { held }) => held,
-            _ => Vec::new(),
+            Some(Slot::Active { .. }) => {
+                self.active -= 1;
+                Vec::new()
+            }
+            None => Vec::new(),
         };
         for env in held {
             self.deliver(myself, env).await;
@@ -383,7 +397,31 @@ impl PartitionState {
                 if last_used.elapsed() >= idle {
                     actor.passivate();
                     *slot = Slot::Stopping { held: Vec::new() };
+                    self.active -= 1;
                 }
+            }
+        }
+    }
+
+    /// Over the memory budget: passivate the active entity used longest ago (never
+    /// `keep`, the one just activated). A linear scan: the budget bounds its length.
+    fn evict_least_recently_used(&mut self, keep: &EntityKey) {
+        let oldest = self
+            .slots
+            .iter()
+            .filter_map(|(k, slot)| match slot {
+                Slot::Active { last_used, .. } if k != keep => Some((*last_used, k.clone())),
+                _ => None,
+            })
+            .min_by_key(|(used, _)| *used)
+            .map(|(_, k)| k);
+        if let Some(key) = oldest {
+            if let Some(slot) = self.slots.get_mut(&key) {
+                if let Slot::Active { actor, .. } = slot {
+                    actor.passivate();
+                }
+                *slot = Slot::Stopping { held: Vec::new() };
+                self.active -= 1;
             }
         }
     }

@@ -50,6 +50,8 @@ pub struct ShopConfig {
     pub reservation_grace: Duration,
     pub refund_window: Duration,
     pub idle_timeout: Duration,
+    /// Memory budget: active entity actors on this node, shared evenly by its partitions.
+    pub max_active: usize,
     pub timer_tick: Duration,
     pub checkpoint_interval: Duration,
     pub call_timeout: Duration,
@@ -65,6 +67,7 @@ impl Default for ShopConfig {
             reservation_grace: Duration::from_secs(5 * 60),
             refund_window: Duration::from_secs(15 * 24 * 3600),
             idle_timeout: Duration::from_secs(60),
+            max_active: 65_536,
             timer_tick: Duration::from_millis(250),
             checkpoint_interval: Duration::from_secs(2),
             call_timeout: Duration::from_secs(10),
@@ -156,6 +159,7 @@ impl Shop {
                 index,
                 config: PartitionConfig {
                     idle_timeout: cfg.idle_timeout,
+                    max_active: (cfg.max_active / usize::from(cfg.partitions)).max(1),
                     tick: cfg.timer_tick,
                 },
                 ctx: ctx.clone(),

@@ -272,3 +272,42 @@ fn buyer_data_shares_a_partition() {
     assert_eq!(p.of(&cart), p.of(&idem));
     assert_eq!(p.of(&cart), Some(p.buyer("alice")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_budget_passivates_the_least_recently_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ShopConfig {
+        partitions: 1,
+        max_active: 4,
+        ..config()
+    };
+    let shop = open(dir.path(), cfg).await;
+    let skus: Vec<(String, u64)> = (0..20).map(|i| (format!("s{i}"), 10 + i)).collect();
+    let refs: Vec<(&str, u64)> = skus.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    shop.create_product(product("p", &refs)).await.unwrap();
+    eventually("the budget holds", Duration::from_secs(5), || async {
+        shop.active_actors() <= 4
+    })
+    .await;
+    for (sku, stock) in &skus {
+        assert_eq!(shop.get_sku(sku).await.unwrap().available, *stock);
+        // Evicted actors finish their last flush before they stop, so a few may still be
+        // stopping; without the budget all 20 would stay active.
+        assert!(
+            shop.active_actors() <= 10,
+            "the budget bounds active actors"
+        );
+    }
+    eventually("the budget holds again", Duration::from_secs(5), || async {
+        shop.active_actors() <= 4
+    })
+    .await;
+    // Writes survive eviction too.
+    for (sku, _) in &skus {
+        shop.adjust_stock(sku, 1, "r".into()).await.unwrap();
+    }
+    for (sku, stock) in &skus {
+        assert_eq!(shop.get_sku(sku).await.unwrap().available, stock + 1);
+    }
+    shop.shutdown().await;
+}

@@ -2,7 +2,7 @@
 //! that data set.
 //!
 //! `cargo bench -p shardmall --bench idle_memory` (env: BENCH_SKUS=1000000,
-//! BENCH_WRITERS=32, BENCH_CACHE_MB=64).
+//! BENCH_WRITERS=32, BENCH_CACHE_MB=64, BENCH_MAX_ACTIVE=65536).
 
 mod support;
 
@@ -98,10 +98,10 @@ async fn main() {
         "idle memory: {skus} SKUs in {products} products, created in {load:.1?} ({:.0} SKUs/s)",
         skus as f64 / load.as_secs_f64()
     );
-    println!("| SKUs | storage cache | RSS before | RSS after loading | RSS idle after passivation | bytes per idle SKU | start to /readyz | RSS after restart |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| SKUs | storage cache | max active | RSS before | RSS after loading | RSS idle after passivation | bytes per idle SKU | start to /readyz | RSS after restart |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     println!(
-        "| {skus} | {cache_mb} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.0} | {:.2?} | {:.1} MiB |",
+        "| {skus} | {cache_mb} MiB | {max_active} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.0} | {:.2?} | {:.1} MiB |",
         baseline as f64 / 1048576.0,
         loaded as f64 / 1048576.0,
         idle as f64 / 1048576.0,

@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Entity actors idle this long are passivated [default: 60s].
     #[arg(long, env = "SHARDMALL_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
+    /// Memory budget: active entity actors on this node; past it the least recently used
+    /// are passivated [default: 65536].
+    #[arg(long, env = "SHARDMALL_MAX_ACTIVE")]
+    pub max_active: Option<usize>,
     /// Storage cache, MiB [default: 64].
     #[arg(long, env = "SHARDMALL_CACHE_MB")]
     pub cache_mb: Option<u64>,

@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub idle_timeout: Option<String>,
     pub drain_timeout: Option<String>,
     pub cache_mb: Option<u64>,
+    pub max_active: Option<usize>,
     pub log: Option<String>,
     pub jwt_secret: Option<String>,
     pub payment_secret: Option<String>,
@@ -48,6 +49,7 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
     pub cache_mb: u64,
+    pub max_active: usize,
     pub log: String,
     pub jwt_secret: Option<String>,
     pub payment_secret: Option<String>,
@@ -89,6 +91,10 @@ impl Config {
         let cache_mb = args.cache_mb.or(file.cache_mb).unwrap_or(64);
         if cache_mb == 0 {
             anyhow::bail!("cache_mb must be at least 1");
+        }
+        let max_active = args.max_active.or(file.max_active).unwrap_or(65_536);
+        if max_active == 0 {
+            anyhow::bail!("max_active must be at least 1");
         }
         Ok(Config {
             data_dir: args
@@ -144,6 +150,7 @@ impl Config {
                 "10s",
             )?,
             cache_mb,
+            max_active,
             log: env("SHARDMALL_LOG")
                 .or(file.log)
                 .unwrap_or_else(|| "info".into()),

@@ -94,6 +94,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         reservation_grace: config.reservation_grace,
         refund_window: config.refund_window,
         idle_timeout: config.idle_timeout,
+        max_active: config.max_active,
         ..ShopConfig::default()
     };
     let started = std::time::Instant::now();

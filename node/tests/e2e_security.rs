@@ -817,17 +817,15 @@ async fn cli_token_from_data_dir() {
     );
     {
         use std::os::unix::fs::PermissionsExt;
-        for secret in ["jwt.secret"] {
-            let mode = std::fs::metadata(dir.path().join(secret))
-                .expect("secret file")
-                .permissions()
-                .mode();
-            assert_eq!(
-                mode & 0o777,
-                0o600,
-                "{secret} must be readable by its owner only"
-            );
-        }
+        let mode = std::fs::metadata(dir.path().join("jwt.secret"))
+            .expect("secret file")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "jwt.secret must be readable by its owner only"
+        );
     }
     let cli_token = |role: &str, sub: &str| -> String {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardmall"))
