@@ -21,9 +21,17 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let http = reqwest::Client::new();
     let cache_mb: String = env_or("BENCH_CACHE_MB", "64".to_string());
+    let max_active: String = env_or("BENCH_MAX_ACTIVE", "65536".to_string());
     let node = Node::start(
         dir.path(),
-        &["--idle-timeout", "2s", "--cache-mb", &cache_mb],
+        &[
+            "--idle-timeout",
+            "2s",
+            "--cache-mb",
+            &cache_mb,
+            "--max-active",
+            &max_active,
+        ],
     );
     node.wait_ready(&http).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
