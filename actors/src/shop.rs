@@ -386,28 +386,9 @@ impl Shop {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Page<ProductDetail>> {
-        let prefix = b"I/p/".to_vec();
-        let mut after = cursor.map(|c| [prefix.as_slice(), c.as_bytes()].concat());
-        let mut ids = Vec::new();
-        let mut exhausted = false;
-        while ids.len() < limit && !exhausted {
-            let page = self
-                .inner
-                .wal
-                .aux_scan(&prefix, after.as_deref(), false, 512)
-                .map_err(storage)?;
-            exhausted = page.len() < 512;
-            for (k, v) in page {
-                if ids.len() == limit {
-                    exhausted = false;
-                    break;
-                }
-                after = Some(k.clone());
-                if category.is_none_or(|c| c.as_bytes() == v.as_slice()) {
-                    ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-                }
-            }
-        }
+        let (ids, next_cursor) = self.scan_index(b"I/p/", cursor, false, limit, |v| {
+            category.is_none_or(|c| c.as_bytes() == v)
+        })?;
         let mut items = Vec::with_capacity(ids.len());
         for id in &ids {
             match self.get_product(id).await {
@@ -416,11 +397,6 @@ impl Shop {
                 Err(e) => return Err(e),
             }
         }
-        let next_cursor = if ids.len() == limit && !exhausted {
-            ids.last().cloned()
-        } else {
-            None
-        };
         Ok(Page { items, next_cursor })
     }
 
@@ -668,43 +644,59 @@ impl Shop {
             Some(b) => format!("I/ob/{b}/").into_bytes(),
             None => b"I/o/".to_vec(),
         };
-        let want = status.map(|s| s.as_str().as_bytes().to_vec());
-        let mut before = cursor.map(|c| [prefix.as_slice(), c.as_bytes()].concat());
-        let mut ids = Vec::new();
-        let mut exhausted = false;
-        while ids.len() < limit && !exhausted {
-            let page = self
-                .inner
-                .wal
-                .aux_scan(&prefix, before.as_deref(), true, 512)
-                .map_err(storage)?;
-            exhausted = page.len() < 512;
-            for (k, v) in page {
-                if ids.len() == limit {
-                    exhausted = false;
-                    break;
-                }
-                before = Some(k.clone());
-                let st = if buyer.is_some() {
-                    v.as_slice()
-                } else {
-                    v.split(|b| *b == 0).nth(1).unwrap_or_default()
-                };
-                if want.as_deref().is_none_or(|w| w == st) {
-                    ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-                }
-            }
-        }
+        let want = status.map(|s| s.as_str().as_bytes());
+        let (ids, next_cursor) = self.scan_index(&prefix, cursor, true, limit, |v| {
+            // By buyer the value is the status; by id it is `buyer \0 status`.
+            let st = if buyer.is_some() {
+                v
+            } else {
+                v.split(|b| *b == 0).nth(1).unwrap_or_default()
+            };
+            want.is_none_or(|w| w == st)
+        })?;
         let mut items = Vec::with_capacity(ids.len());
         for id in &ids {
             items.push(self.get_order(id).await?);
         }
-        let next_cursor = if ids.len() == limit && !exhausted {
-            ids.last().cloned()
-        } else {
-            None
-        };
         Ok(Page { items, next_cursor })
+    }
+
+    /// Ids under an index prefix, after (or, `reverse`, before) the cursor, whose index
+    /// value passes `keep`: at most `limit`, and the cursor of the next page when there
+    /// may be more.
+    fn scan_index(
+        &self,
+        prefix: &[u8],
+        cursor: Option<&str>,
+        reverse: bool,
+        limit: usize,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Result<(Vec<String>, Option<String>)> {
+        const PAGE: usize = 512;
+        let mut from = cursor.map(|c| [prefix, c.as_bytes()].concat());
+        let mut ids = Vec::new();
+        loop {
+            let page = self
+                .inner
+                .wal
+                .aux_scan(prefix, from.as_deref(), reverse, PAGE)
+                .map_err(storage)?;
+            let last_page = page.len() < PAGE;
+            for (i, (k, v)) in page.iter().enumerate() {
+                if keep(v) {
+                    ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+                    if ids.len() == limit {
+                        let more = !last_page || i + 1 < page.len();
+                        let next = if more { ids.last().cloned() } else { None };
+                        return Ok((ids, next));
+                    }
+                }
+            }
+            match page.last() {
+                Some((k, _)) if !last_page => from = Some(k.clone()),
+                _ => return Ok((ids, None)),
+            }
+        }
     }
 
     /// Pays an order through the API (`method: fake`): one payment id per order, so a
