@@ -49,6 +49,8 @@ pub struct AppState {
     /// Cancelled when the node begins to shut down: readiness turns 503 at once.
     pub shutting_down: CancellationToken,
     pub identity: Arc<routes::cluster::NodeIdentity>,
+    /// Admission control: one permit per request in flight (see [`admit`]).
+    pub admission: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(OpenApi)]
@@ -153,7 +155,8 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this path",
             )
         });
-    api.layer(middleware::from_fn_with_state(state.clone(), metrics::track))
+    api.layer(middleware::from_fn_with_state(state.clone(), admit))
+        .layer(middleware::from_fn_with_state(state.clone(), metrics::track))
         .layer(DefaultBodyLimit::max(validate::MAX_BODY_BYTES))
         .layer(middleware::from_fn(limit_headers))
         .layer(CatchPanicLayer::custom(|_| ApiError::internal().into_response()))
@@ -164,6 +167,37 @@ pub fn router(state: AppState) -> Router {
         }))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
         .with_state(state)
+}
+
+/// Bounds the requests in flight. Past the bound a request is answered 429 `overloaded`
+/// with Retry-After at once, instead of queueing in front of the actors (whose mailboxes
+/// are unbounded) and letting latency grow without limit. Health, readiness and metrics
+/// are always admitted, so operators can see a node under overload.
+async fn admit(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        return next.run(req).await;
+    }
+    match state.admission.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let resp = next.run(req).await;
+            drop(permit);
+            resp
+        }
+        Err(_) => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "overloaded",
+                "too many requests in flight; retry shortly",
+            );
+            e.retry_after = Some(1);
+            e.into_response()
+        }
+    }
 }
 
 /// Refuses requests whose headers together exceed the limit.

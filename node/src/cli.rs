@@ -63,6 +63,10 @@ pub struct ServeArgs {
     /// are passivated [default: 65536].
     #[arg(long, env = "SHARDMALL_MAX_ACTIVE")]
     pub max_active: Option<usize>,
+    /// Admission control: requests in flight; past it the edge answers 429 overloaded
+    /// [default: 4096].
+    #[arg(long, env = "SHARDMALL_MAX_INFLIGHT")]
+    pub max_inflight: Option<usize>,
     /// Storage cache, MiB [default: 64].
     #[arg(long, env = "SHARDMALL_CACHE_MB")]
     pub cache_mb: Option<u64>,

@@ -28,6 +28,7 @@ pub struct FileConfig {
     pub drain_timeout: Option<String>,
     pub cache_mb: Option<u64>,
     pub max_active: Option<usize>,
+    pub max_inflight: Option<usize>,
     pub log: Option<String>,
     pub jwt_secret: Option<String>,
     pub payment_secret: Option<String>,
@@ -50,6 +51,7 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub cache_mb: u64,
     pub max_active: usize,
+    pub max_inflight: usize,
     pub log: String,
     pub jwt_secret: Option<String>,
     pub payment_secret: Option<String>,
@@ -95,6 +97,10 @@ impl Config {
         let max_active = args.max_active.or(file.max_active).unwrap_or(65_536);
         if max_active == 0 {
             anyhow::bail!("max_active must be at least 1");
+        }
+        let max_inflight = args.max_inflight.or(file.max_inflight).unwrap_or(4096);
+        if max_inflight == 0 {
+            anyhow::bail!("max_inflight must be at least 1");
         }
         Ok(Config {
             data_dir: args
@@ -151,6 +157,7 @@ impl Config {
             )?,
             cache_mb,
             max_active,
+            max_inflight,
             log: env("SHARDMALL_LOG")
                 .or(file.log)
                 .unwrap_or_else(|| "info".into()),

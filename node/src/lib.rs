@@ -116,6 +116,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         payment_secret: Some(Arc::new(payment)),
         http_metrics: Default::default(),
         shutting_down: shutting_down.clone(),
+        admission: Arc::new(tokio::sync::Semaphore::new(config.max_inflight)),
         identity: Arc::new(NodeIdentity {
             cluster_id,
             node_id: config.node_id.clone(),
