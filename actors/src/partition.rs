@@ -157,6 +157,8 @@ enum Slot {
     // Boxed as they arrive: no need to move them out and in again.
     #[allow(clippy::vec_box)]
     Stopping {
+        /// The actor being stopped.
+        actor_id: ActorId,
         held: Vec<Box<Envelope>>,
     },
 }
@@ -285,7 +287,7 @@ impl PartitionState {
     async fn deliver(&mut self, myself: &ActorRef<PartitionMsg>, env: Box<Envelope>) {
         let key = env.key();
         let env = match self.slots.get_mut(&key) {
-            Some(Slot::Stopping { held }) => {
+            Some(Slot::Stopping { held, .. }) => {
                 held.push(env);
                 return;
             }
@@ -293,7 +295,13 @@ impl PartitionState {
                 *last_used = Instant::now();
                 match actor.send(env) {
                     Ok(()) | Err(None) => return,
-                    Err(Some(env)) => env,
+                    Err(Some(env)) => {
+                        // The actor is gone and its termination event is still on its
+                        // way: forget it now; `stopped` ignores the late event.
+                        self.slots.remove(&key);
+                        self.active -= 1;
+                        env
+                    }
                 }
             }
             None => env,
@@ -377,13 +385,22 @@ impl PartitionState {
                 .passivations
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let held = match self.slots.remove(&key) {
-            Some(Slot::Stopping { held }) => held,
-            Some(Slot::Active { .. }) => {
+        // The slot may already belong to a newer activation of the same entity (the old
+        // actor's event arrived late): only the actor that ended may clear it.
+        let ended = cell.get_id();
+        let held = match self.slots.get(&key) {
+            Some(Slot::Stopping { actor_id, .. }) if *actor_id == ended => {
+                match self.slots.remove(&key) {
+                    Some(Slot::Stopping { held, .. }) => held,
+                    _ => Vec::new(),
+                }
+            }
+            Some(Slot::Active { actor, .. }) if actor.id() == ended => {
+                self.slots.remove(&key);
                 self.active -= 1;
                 Vec::new()
             }
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         for env in held {
             self.deliver(myself, env).await;
@@ -396,7 +413,10 @@ impl PartitionState {
             if let Slot::Active { actor, last_used } = slot {
                 if last_used.elapsed() >= idle {
                     actor.passivate();
-                    *slot = Slot::Stopping { held: Vec::new() };
+                    *slot = Slot::Stopping {
+                        actor_id: actor.id(),
+                        held: Vec::new(),
+                    };
                     self.active -= 1;
                 }
             }
@@ -419,9 +439,12 @@ impl PartitionState {
             if let Some(slot) = self.slots.get_mut(&key) {
                 if let Slot::Active { actor, .. } = slot {
                     actor.passivate();
+                    *slot = Slot::Stopping {
+                        actor_id: actor.id(),
+                        held: Vec::new(),
+                    };
+                    self.active -= 1;
                 }
-                *slot = Slot::Stopping { held: Vec::new() };
-                self.active -= 1;
             }
         }
     }

@@ -572,7 +572,12 @@ impl Shop {
                     break;
                 }
                 Err(r) => {
-                    failure = Some(sku_err(r, sku_id));
+                    let err = sku_err(r, sku_id);
+                    if matches!(err, ShopError::Unavailable(_)) {
+                        // The reserve may still land after the timeout: release it too.
+                        reserved.push(sku_id.clone());
+                    }
+                    failure = Some(err);
                     break;
                 }
             }
@@ -787,28 +792,44 @@ impl Shop {
     /// Moves every line to sold, then marks the order paid. Safe to repeat.
     async fn finish_payment(&self, order: Order, payment_id: &str) -> Result<Order> {
         let order_id = order.order_id.clone();
+        // Commit every line before acting on a refusal, so the outcome is all or nothing.
+        let mut committed = Vec::with_capacity(order.lines.len());
+        let mut gone = None;
         for line in &order.lines {
             let cmd = SkuCommand::Commit {
                 order_id: order_id.clone(),
             };
-            if let Err(r) = self.sku(&line.sku_id, cmd).await {
-                let err = sku_err(r, &line.sku_id);
-                if matches!(err, ShopError::Unavailable(_)) {
-                    // Left in progress: the order's timer finishes the payment later.
-                    return Err(err);
-                }
-                tracing::error!(order = %order_id, sku = %line.sku_id, error = %err, "stock could not be committed; payment aborted");
-                let abort = OrderCommand::AbortPayment {
-                    payment_id: payment_id.to_owned(),
-                };
-                self.order(&order_id, abort)
-                    .await
-                    .map_err(|r| order_err(r, &order_id))?;
-                return Err(ShopError::InvalidStateMsg(format!(
-                    "the reservation of {} is gone; the order cannot be paid",
-                    line.sku_id
-                )));
+            match self.sku(&line.sku_id, cmd).await {
+                Ok(_) => committed.push(line.sku_id.clone()),
+                Err(r) => match sku_err(r, &line.sku_id) {
+                    // Left in progress: the order's timer finishes the payment later
+                    // (every step is idempotent).
+                    err @ ShopError::Unavailable(_) => return Err(err),
+                    err => {
+                        tracing::error!(order = %order_id, sku = %line.sku_id, error = %err, "stock could not be committed; aborting the payment");
+                        gone = Some(line.sku_id.clone());
+                    }
+                },
             }
+        }
+        if let Some(sku_id) = gone {
+            // Undo the lines that did commit: their units go back to available, so
+            // nothing stays sold for an order that is not paid.
+            for sku in &committed {
+                let cmd = SkuCommand::Restock {
+                    order_id: order_id.clone(),
+                };
+                self.sku(sku, cmd).await.map_err(|r| sku_err(r, sku))?;
+            }
+            let abort = OrderCommand::AbortPayment {
+                payment_id: payment_id.to_owned(),
+            };
+            self.order(&order_id, abort)
+                .await
+                .map_err(|r| order_err(r, &order_id))?;
+            return Err(ShopError::InvalidStateMsg(format!(
+                "the reservation of {sku_id} is gone; the order cannot be paid"
+            )));
         }
         let paid = OrderCommand::MarkPaid {
             payment_id: payment_id.to_owned(),
@@ -862,14 +883,29 @@ impl Shop {
             .await
     }
 
+    /// Approves a refund: the order records it first (so a concurrent reject can no
+    /// longer win), then each SKU takes its units back, once per order. If a SKU does not
+    /// answer, approving again (the order is then `refunded` with restock) finishes the
+    /// restock; until then the units stay counted as sold, never sold twice.
     pub async fn approve_refund(&self, order_id: &str, restock: bool) -> Result<Order> {
         let order = self.get_order(order_id).await?;
-        if order.status != OrderStatus::RefundRequested {
-            return Err(ShopError::InvalidState {
-                status: order.status.as_str().into(),
-            });
-        }
-        if restock {
+        let order = match order.status {
+            OrderStatus::RefundRequested => {
+                self.order_cmd(order_id, OrderCommand::ApproveRefund { restock })
+                    .await?
+            }
+            OrderStatus::Refunded
+                if restock && order.refund.as_ref().is_some_and(|r| r.restock) =>
+            {
+                order
+            }
+            status => {
+                return Err(ShopError::InvalidState {
+                    status: status.as_str().into(),
+                })
+            }
+        };
+        if order.refund.as_ref().is_some_and(|r| r.restock) {
             for line in &order.lines {
                 let cmd = SkuCommand::Restock {
                     order_id: order_id.to_owned(),
@@ -879,8 +915,7 @@ impl Shop {
                     .map_err(|r| sku_err(r, &line.sku_id))?;
             }
         }
-        self.order_cmd(order_id, OrderCommand::ApproveRefund { restock })
-            .await
+        Ok(order)
     }
 
     pub async fn reject_refund(&self, order_id: &str, reason: String) -> Result<Order> {
@@ -990,25 +1025,31 @@ impl Shop {
     }
 
     async fn on_timer(&self, key: EntityKey) {
-        match key.kind {
-            Kind::Sku => {
-                if let Err(e) = self.sku(&key.id, SkuCommand::Expire).await {
-                    tracing::warn!(sku = %key.id, error = ?e, "reservation expiry failed");
-                }
-            }
-            Kind::Order => {
-                if let Err(e) = self.order_timer(&key.id).await {
-                    tracing::warn!(order = %key.id, error = %e, "order timer failed");
-                }
-            }
-            Kind::Idempotency => {
-                if let Some(p) = self.inner.partitioner.of(&key) {
-                    if let Err(e) = self.ask::<IdemState>(p, &key.id, IdemCommand::Expire).await {
-                        tracing::warn!(error = ?e, "idempotency expiry failed");
-                    }
-                }
-            }
-            _ => {}
+        let failed = match key.kind {
+            Kind::Sku => self
+                .sku(&key.id, SkuCommand::Expire)
+                .await
+                .err()
+                .map(|e| format!("reservation expiry: {e:?}")),
+            Kind::Order => self
+                .order_timer(&key.id)
+                .await
+                .err()
+                .map(|e| format!("order timer: {e}")),
+            Kind::Idempotency => match self.inner.partitioner.of(&key) {
+                Some(p) => self
+                    .ask::<IdemState>(p, &key.id, IdemCommand::Expire)
+                    .await
+                    .err()
+                    .map(|e| format!("idempotency expiry: {e:?}")),
+                None => None,
+            },
+            Kind::Product | Kind::Cart => None,
+        };
+        if let Some(why) = failed {
+            // The entity's deadline did not change, so nothing else would arm it again.
+            tracing::warn!(entity = ?key, error = %why, "timer action failed; retrying shortly");
+            self.arm_in(key, RETRY_TIMER_AFTER);
         }
     }
 
@@ -1018,17 +1059,10 @@ impl Shop {
         let order = self.get_order(order_id).await?;
         if order.status == OrderStatus::PendingPayment {
             if let Some(payment_id) = order.payment_in_progress.clone() {
-                let key = EntityKey::new(Kind::Order, order_id);
-                return match self.finish_payment(order, &payment_id).await {
-                    Ok(_) => Ok(()),
-                    // Still in progress (a SKU did not answer): try again shortly. A
-                    // payment whose reservation is gone was aborted by finish_payment; the
-                    // next tick expires the order.
-                    Err(e) => {
-                        self.arm_in(key, RETRY_TIMER_AFTER);
-                        Err(e)
-                    }
-                };
+                // On failure (a SKU did not answer) on_timer tries again shortly. A payment
+                // whose reservation is gone was aborted by finish_payment; the next tick
+                // expires the order.
+                return self.finish_payment(order, &payment_id).await.map(drop);
             }
         }
         let after = self.order_cmd(order_id, OrderCommand::Tick).await?;

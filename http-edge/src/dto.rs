@@ -113,7 +113,7 @@ pub struct Sku {
     pub stock: Stock,
     pub low_stock_threshold: u64,
     pub low_stock: bool,
-    /// `active` when the product is on shelf, else the product's status.
+    /// The product's status: only an `on_shelf` product's SKUs can be ordered.
     pub status: String,
     pub version: u64,
 }
@@ -134,10 +134,7 @@ impl From<&SkuView> for Sku {
             },
             low_stock_threshold: s.low_stock_threshold,
             low_stock: s.low_stock,
-            status: match s.product_status {
-                domain::ProductStatus::OnShelf => "active".into(),
-                other => other.as_str().into(),
-            },
+            status: s.product_status.as_str().into(),
             version: s.version,
         }
     }

@@ -18,17 +18,20 @@ use crate::AppState;
 pub const HEADER: &str = "idempotency-key";
 
 /// Runs `op` at most once per idempotency key.
-pub async fn run<F, Fut>(
+///
+/// The operation and the recording of its answer run in a task of their own: a client
+/// that disconnects mid-request MUST NOT leave an operation done but unrecorded, or its
+/// retry would run it again.
+pub async fn run<Fut>(
     state: &AppState,
     caller: &Caller,
     route: &str,
     headers: &HeaderMap,
     body: &[u8],
-    op: F,
+    op: Fut,
 ) -> Response
 where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
+    Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>> + Send + 'static,
 {
     let key = match headers.get(HEADER).map(|v| v.to_str()) {
         None => {
@@ -57,26 +60,33 @@ where
         Ok(IdemStart::Fresh) => {}
         Err(e) => return ApiError::from(e).into_response(),
     }
-    let (status, value) = match op().await {
-        Ok(ok) => ok,
-        Err(err) => {
-            let keep =
-                !(err.status.is_server_error() || err.status == StatusCode::TOO_MANY_REQUESTS);
-            if keep {
-                let body = serde_json::to_vec(
-                    &serde_json::json!({"error": {"code": err.code, "message": err.message}}),
-                )
-                .unwrap_or_default();
-                store(state, caller, &scope, err.status, body).await;
-            } else {
-                state.shop.idempotency_abort(&caller.sub, &scope).await;
+    let (state, caller) = (state.clone(), caller.clone());
+    let task = tokio::spawn(async move {
+        let (status, value) = match op.await {
+            Ok(ok) => ok,
+            Err(err) => {
+                let keep =
+                    !(err.status.is_server_error() || err.status == StatusCode::TOO_MANY_REQUESTS);
+                if keep {
+                    let body = serde_json::to_vec(
+                        &serde_json::json!({"error": {"code": err.code, "message": err.message}}),
+                    )
+                    .unwrap_or_default();
+                    store(&state, &caller, &scope, err.status, body).await;
+                } else {
+                    state.shop.idempotency_abort(&caller.sub, &scope).await;
+                }
+                return err.into_response();
             }
-            return err.into_response();
-        }
-    };
-    let body = serde_json::to_vec(&value).unwrap_or_default();
-    store(state, caller, &scope, status, body.clone()).await;
-    json_response(status, body)
+        };
+        let body = serde_json::to_vec(&value).unwrap_or_default();
+        store(&state, &caller, &scope, status, body.clone()).await;
+        json_response(status, body)
+    });
+    task.await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "an idempotent request's task failed");
+        ApiError::internal().into_response()
+    })
 }
 
 async fn store(state: &AppState, caller: &Caller, scope: &str, status: StatusCode, body: Vec<u8>) {

@@ -21,7 +21,7 @@ pub const TTL_MS: Millis = DAY_MS;
 /// An attempt that neither completed nor aborted within this long is taken as abandoned
 /// (its node crashed mid-request), so a retry may start afresh instead of being told
 /// "in flight" for a whole day.
-pub const IN_FLIGHT_TIMEOUT_MS: Millis = 60_000;
+pub const IN_FLIGHT_TIMEOUT_MS: Millis = 5 * 60_000;
 /// Expired entries are swept at most this often; until then `decide` ignores them.
 pub const SWEEP_INTERVAL_MS: Millis = 10 * 60_000;
 

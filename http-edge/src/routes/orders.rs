@@ -71,10 +71,18 @@ pub async fn create_order(
         Ok(v) => v,
         Err(e) => return axum::response::IntoResponse::into_response(e),
     };
-    idem::run(&st, &caller, "POST /v1/orders", &headers, &raw, || async {
-        let order = st.shop.checkout(&caller.sub, items, address).await?;
-        Ok((StatusCode::CREATED, to_json(&order)))
-    })
+    let (shop, buyer) = (st.shop.clone(), caller.sub.clone());
+    idem::run(
+        &st,
+        &caller,
+        "POST /v1/orders",
+        &headers,
+        &raw,
+        async move {
+            let order = shop.checkout(&buyer, items, address).await?;
+            Ok((StatusCode::CREATED, to_json(&order)))
+        },
+    )
     .await
 }
 
@@ -132,19 +140,22 @@ pub async fn pay(
     idem::run(
         &st,
         &caller,
-        "POST /v1/orders/{id}/pay",
+        &format!("POST /v1/orders/{id}/pay"),
         &headers,
         &raw,
-        || async {
-            visible_order(&st, &caller, &id, &[Role::Customer]).await?;
-            if body.method != "fake" {
-                return Err(ApiError::bad_request(
+        {
+            let (st, caller, id) = (st.clone(), caller.clone(), id.clone());
+            async move {
+                visible_order(&st, &caller, &id, &[Role::Customer]).await?;
+                if body.method != "fake" {
+                    return Err(ApiError::bad_request(
                     "method must be \"fake\"; real providers report through /v1/payments/callback",
                 ));
+                }
+                let amount = body.amount.into_domain("amount")?;
+                let order = st.shop.pay(&id, amount).await?;
+                Ok((StatusCode::OK, to_json(&order)))
             }
-            let amount = body.amount.into_domain("amount")?;
-            let order = st.shop.pay(&id, amount).await?;
-            Ok((StatusCode::OK, to_json(&order)))
         },
     )
     .await
