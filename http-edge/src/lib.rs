@@ -150,7 +150,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(ops::not_found)
         .method_not_allowed_fallback(|| async {
             ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
+                StatusCode::BAD_REQUEST,
                 "bad_request",
                 "method not allowed on this path",
             )
@@ -209,7 +209,7 @@ async fn limit_headers(req: Request, next: Next) -> Response {
         .sum();
     if size > validate::MAX_HEADER_BYTES {
         return ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            StatusCode::BAD_REQUEST,
             "bad_request",
             "request headers are larger than 16 KiB",
         )

@@ -57,6 +57,8 @@ pub struct Config {
     pub payment_secret: Option<String>,
 }
 
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 fn duration(name: &str, value: Option<String>, default: &str) -> anyhow::Result<Duration> {
     let text = value.unwrap_or_else(|| default.to_owned());
     let d = humantime::parse_duration(&text).with_context(|| {
@@ -64,6 +66,10 @@ fn duration(name: &str, value: Option<String>, default: &str) -> anyhow::Result<
     })?;
     if d.is_zero() {
         anyhow::bail!("{name} must be greater than zero");
+    }
+    // Deadlines are instants in ms; a bound keeps every sum of them far from overflow.
+    if d > MAX_DURATION {
+        anyhow::bail!("{name} must be at most 3650 days");
     }
     Ok(d)
 }
@@ -220,6 +226,11 @@ mod tests {
         assert!(Config::load(&bad).is_err());
         let bad = ServeArgs {
             payment_timeout: Some("soon".into()),
+            ..Default::default()
+        };
+        assert!(Config::load(&bad).is_err());
+        let bad = ServeArgs {
+            auto_confirm_after: Some("100000years".into()),
             ..Default::default()
         };
         assert!(Config::load(&bad).is_err());

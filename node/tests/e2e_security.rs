@@ -961,3 +961,37 @@ async fn overload_is_429_with_retry_after() {
     );
     assert_eq!(node.get("/healthz", None).await.0, 200);
 }
+
+/// A wrong method is a 400 in the JSON shape; the payment callback's body limit answers
+/// the JSON 413; the bearer scheme is case-insensitive.
+#[tokio::test]
+async fn edge_cases_keep_the_json_shape() {
+    let node = Node::start().await;
+    let r = node.raw(Method::DELETE, "/v1/products", &[], None).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "bad_request");
+
+    let big = vec![b'x'; 256 * 1024];
+    let r = node
+        .raw(
+            Method::POST,
+            "/v1/payments/callback",
+            &[("content-type", "application/json"), ("x-signature", "00")],
+            Some(big),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert_eq!(r.body["error"]["code"], "payload_too_large");
+
+    let t = customer("casey");
+    // A fresh client: the 413 above closed its connection mid-body.
+    let r = Api::new(&node.api().base)
+        .raw(
+            Method::GET,
+            "/v1/cart",
+            &[("authorization", &format!("bearer {t}"))],
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

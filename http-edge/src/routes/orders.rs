@@ -1,6 +1,5 @@
 //! Orders: checkout, payment, the order lifecycle, and the payment provider's callback.
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
@@ -12,7 +11,7 @@ use shardmall_actors::domain::order::{Order, Shipment};
 use crate::auth::{Caller, Role};
 use crate::dto::*;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiQuery, IdPath};
+use crate::extract::{ApiJson, ApiQuery, IdPath, RawBody};
 use crate::{idem, validate, AppState};
 
 /// The order, if this caller may see it. A customer asking for another's order gets the
@@ -278,7 +277,7 @@ pub async fn patch_order(
 pub async fn payment_callback(
     State(st): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> ApiResult<Json<OrderBody>> {
     let secret = st
         .payment_secret
