@@ -744,17 +744,42 @@ impl Shop {
         if order.payment_ids.contains(payment_id) || !succeeded {
             return Ok(order);
         }
-        if order.status == OrderStatus::Cancelled {
-            tracing::warn!(
-                order = order_id,
-                payment = payment_id,
-                "payment callback for a cancelled order: not applied as a sale; flag for refund"
-            );
-            return Err(ShopError::InvalidState {
-                status: order.status.as_str().into(),
-            });
+        if order.flagged_payments.contains_key(payment_id) {
+            // A retry of a callback already recorded for refund gets the same answer.
+            return Err(ShopError::InvalidStateMsg(format!(
+                "payment {payment_id} was recorded for refund: the order could not take it"
+            )));
         }
-        self.settle_payment(order_id, payment_id, amount).await
+        let refusal = if order.status == OrderStatus::PendingPayment {
+            match self
+                .settle_payment(order_id, payment_id, amount.clone())
+                .await
+            {
+                Ok(order) => return Ok(order),
+                // Not applied and may still apply on a retry: nothing to flag.
+                Err(e @ (ShopError::Unavailable(_) | ShopError::NotFound(_))) => return Err(e),
+                Err(e) => e,
+            }
+        } else {
+            ShopError::InvalidState {
+                status: order.status.as_str().into(),
+            }
+        };
+        // The provider took the money but the order cannot take the payment (cancelled,
+        // expired, paid by another payment, another amount): record it, never as a sale,
+        // so it is refunded to the payer.
+        let flag = OrderCommand::FlagPayment {
+            payment_id: payment_id.to_owned(),
+            amount,
+        };
+        self.order_cmd(order_id, flag).await?;
+        tracing::warn!(
+            order = order_id,
+            payment = payment_id,
+            error = %refusal,
+            "provider payment not applied; recorded and flagged for refund"
+        );
+        Err(refusal)
     }
 
     async fn settle_payment(

@@ -445,7 +445,16 @@ pub struct OrderBody {
     pub shipment: Option<Shipment>,
     pub refund: Option<Refund>,
     pub campaign_id: Option<String>,
+    /// Provider payments recorded but not applied (the order could not take them); they
+    /// are owed back to the payer.
+    pub payments_to_refund: Vec<FlaggedPayment>,
     pub version: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FlaggedPayment {
+    pub payment_id: String,
+    pub amount: Money,
 }
 
 impl From<&Order> for OrderBody {
@@ -491,6 +500,14 @@ impl From<&Order> for OrderBody {
                 restock: r.restock,
             }),
             campaign_id: o.campaign_id.clone(),
+            payments_to_refund: o
+                .flagged_payments
+                .iter()
+                .map(|(id, amount)| FlaggedPayment {
+                    payment_id: id.clone(),
+                    amount: amount.into(),
+                })
+                .collect(),
             version: o.version,
         }
     }

@@ -1232,3 +1232,41 @@ async fn concurrent_replays_create_one_order() {
         r.1
     );
 }
+
+/// A provider's payment for a cancelled order is never applied as a sale: it is
+/// recorded on the order for refund, answered 409 every time, and its id cannot pay
+/// another order.
+#[tokio::test]
+async fn callback_for_a_cancelled_order_is_flagged_for_refund() {
+    let node = Node::start().await;
+    let skus = node.product_with_skus(&admin(), "flag", 1, 500, 5).await;
+    let alice = customer("alice-flag");
+    let r = node.checkout(&alice, &[(&skus[0], 1)], "flag-1").await;
+    assert_status(&r, 201, "checkout");
+    let id = r.1["order_id"].as_str().unwrap().to_string();
+    let r = node
+        .post(&format!("/v1/orders/{id}/cancel"), &alice, &json!({}))
+        .await;
+    assert_status(&r, 200, "cancel");
+
+    let body = json!({
+        "payment_id": "late-pay", "order_id": id, "amount": money(500), "status": "succeeded"
+    });
+    for attempt in 0..2 {
+        let r = callback(&node, &body, PAYMENT_SECRET.as_bytes()).await;
+        assert_eq!(r.0, 409, "attempt {attempt}: {}", r.1);
+        assert_eq!(r.1["error"]["code"], "invalid_state");
+    }
+    let order = node.order(&alice, &id).await;
+    assert_eq!(order["status"], "cancelled");
+    assert_eq!(
+        order["payments_to_refund"][0]["payment_id"], "late-pay",
+        "{order}"
+    );
+    let stock = node.stock(&skus[0]).await;
+    assert_eq!(
+        (stock.available, stock.reserved, stock.sold),
+        (5, 0, 0),
+        "nothing sold"
+    );
+}

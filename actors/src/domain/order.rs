@@ -14,7 +14,7 @@
 //! expiry), the SKUs move the units to sold, then `MarkPaid` completes it, or
 //! `AbortPayment` gives up.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -188,6 +188,10 @@ pub struct Order {
     pub payment_ids: BTreeSet<String>,
     pub campaign_id: Option<String>,
     pub cancel_reason: Option<CancelReason>,
+    /// Provider payments that arrived when the order could not take them (cancelled,
+    /// already paid by another payment): recorded, never applied as a sale, to be
+    /// refunded to the payer.
+    pub flagged_payments: BTreeMap<String, Money>,
     /// Bumped by every event; 1 after placement. Operators' edits name the version they
     /// saw, so a late retry cannot overwrite a newer edit.
     pub version: u64,
@@ -247,6 +251,11 @@ pub enum OrderCommand {
     /// The timer: expires an unpaid order, or completes a shipped one.
     Tick,
     Get,
+    /// Records a provider payment the order cannot take, for refund. Once per payment id.
+    FlagPayment {
+        payment_id: String,
+        amount: Money,
+    },
 }
 
 /// The facts of an order's life. Variants are only ever appended (bincode encodes the
@@ -297,6 +306,11 @@ pub enum OrderEvent {
     Patched {
         shipping_address: Option<Address>,
         shipment: Option<Shipment>,
+        at: Millis,
+    },
+    PaymentFlagged {
+        payment_id: String,
+        amount: Money,
         at: Millis,
     },
 }
@@ -535,6 +549,18 @@ impl OrderState {
                 _ => vec![],
             }),
             OrderCommand::Get => Ok(vec![]),
+            OrderCommand::FlagPayment { payment_id, amount } => Ok(
+                if o.payment_ids.contains(payment_id) || o.flagged_payments.contains_key(payment_id)
+                {
+                    vec![]
+                } else {
+                    vec![OrderEvent::PaymentFlagged {
+                        payment_id: payment_id.clone(),
+                        amount: amount.clone(),
+                        at: now,
+                    }]
+                },
+            ),
         }
     }
 }
@@ -601,6 +627,7 @@ impl Entity for OrderState {
                 payment_ids: BTreeSet::new(),
                 campaign_id: p.campaign_id.clone(),
                 cancel_reason: None,
+                flagged_payments: BTreeMap::new(),
                 version: 1,
             });
             return;
@@ -679,6 +706,12 @@ impl Entity for OrderState {
                 if let Some(s) = shipment {
                     o.shipment = Some(s.clone());
                 }
+            }
+            OrderEvent::PaymentFlagged {
+                payment_id, amount, ..
+            } => {
+                o.flagged_payments
+                    .insert(payment_id.clone(), amount.clone());
             }
         }
         o.version += 1;
