@@ -1189,3 +1189,89 @@ fn millis(d: Duration) -> Millis {
 fn storage(e: shardmall_persistence::Error) -> ShopError {
     ShopError::Unavailable(format!("storage: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shardmall_persistence::WalConfig;
+
+    async fn shop(dir: &std::path::Path) -> Shop {
+        let wal = Wal::open(WalConfig::new(dir.join("db"))).expect("open log");
+        let cfg = ShopConfig {
+            partitions: 4,
+            ..ShopConfig::default()
+        };
+        Shop::start(wal, cfg).await.expect("start")
+    }
+
+    fn sku(id: &str, stock: u64) -> NewSku {
+        NewSku {
+            sku_id: id.into(),
+            name: id.into(),
+            specs: BTreeMap::new(),
+            price: Money {
+                amount: 100,
+                currency: "CNY".into(),
+            },
+            market_price: None,
+            stock,
+            low_stock_threshold: 0,
+        }
+    }
+
+    /// A payment whose reservation vanished on one line MUST NOT leave the other lines
+    /// sold: they are restocked and the payment aborted, all or nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_aborted_payment_restocks_the_lines_it_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let shop = shop(dir.path()).await;
+        shop.create_product(NewProduct {
+            product_id: "p".into(),
+            title: "t".into(),
+            category: String::new(),
+            brand: String::new(),
+            description: String::new(),
+            status: ProductStatus::OnShelf,
+            skus: vec![sku("a", 10), sku("b", 10)],
+        })
+        .await
+        .unwrap();
+        let order = shop
+            .checkout("alice", Some(vec![("a".into(), 1), ("b".into(), 2)]), None)
+            .await
+            .unwrap();
+        let id = order.order_id.clone();
+        let begin = OrderCommand::BeginPayment {
+            payment_id: "pay-1".into(),
+            amount: order.total.clone(),
+        };
+        let order = shop.order(&id, begin).await.unwrap().unwrap();
+        // Line a committed, line b's reservation gone (as after an expiry).
+        shop.sku(
+            "a",
+            SkuCommand::Commit {
+                order_id: id.clone(),
+            },
+        )
+        .await
+        .unwrap();
+        shop.sku(
+            "b",
+            SkuCommand::Release {
+                order_id: id.clone(),
+            },
+        )
+        .await
+        .unwrap();
+
+        let err = shop.finish_payment(order, "pay-1").await.unwrap_err();
+        assert!(matches!(err, ShopError::InvalidStateMsg(_)), "{err:?}");
+        let figures = |v: SkuView| (v.available, v.reserved, v.sold);
+        assert_eq!(figures(shop.get_sku("a").await.unwrap()), (10, 0, 0));
+        assert_eq!(figures(shop.get_sku("b").await.unwrap()), (10, 0, 0));
+        let order = shop.get_order(&id).await.unwrap();
+        assert_eq!(order.status, OrderStatus::PendingPayment);
+        assert_eq!(order.payment_in_progress, None);
+        shop.shutdown().await;
+    }
+}
