@@ -217,6 +217,21 @@ mod tests {
         assert_eq!(Config::load(&args).unwrap().http, "127.0.0.1:10");
     }
 
+    /// The example config shipped in deploy/ MUST load with the real loader.
+    #[test]
+    fn the_shipped_example_config_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/shardmall.example.toml");
+        let c = Config::load(&ServeArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.durability, Durability::Sync);
+        assert_eq!(c.max_active, 65_536);
+        assert_eq!(c.max_inflight, 4096);
+    }
+
     #[test]
     fn refuses_bad_values() {
         let bad = ServeArgs {
