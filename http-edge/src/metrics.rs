@@ -108,88 +108,109 @@ pub async fn render(state: &AppState) -> String {
     let mut out = String::with_capacity(8192);
     state.http_metrics.render(&mut out);
     let wal = state.shop.wal().metrics();
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_wal_appended_total counter\nshardmall_wal_appended_total {}",
-        wal.appended
+    scalar(
+        &mut out,
+        "shardmall_wal_appended_total",
+        "counter",
+        wal.appended,
     );
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_wal_durable_lsn gauge\nshardmall_wal_durable_lsn {}",
-        wal.durable_lsn
+    scalar(
+        &mut out,
+        "shardmall_wal_durable_lsn",
+        "gauge",
+        wal.durable_lsn,
     );
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_wal_flushes_total counter\nshardmall_wal_flushes_total {}",
-        wal.flushes
+    scalar(
+        &mut out,
+        "shardmall_wal_flushes_total",
+        "counter",
+        wal.flushes,
     );
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_wal_queue_depth gauge\nshardmall_wal_queue_depth {}",
-        wal.queue_depth
+    scalar(
+        &mut out,
+        "shardmall_wal_queue_depth",
+        "gauge",
+        wal.queue_depth,
     );
-    out.push_str("# HELP shardmall_wal_batch_size Records per group-commit batch.\n# TYPE shardmall_wal_batch_size histogram\n");
-    for (le, n) in &wal.batch_size_buckets {
-        let _ = writeln!(out, "shardmall_wal_batch_size_bucket{{le=\"{le}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "shardmall_wal_batch_size_bucket{{le=\"+Inf\"}} {}",
-        wal.batches
+    histogram(
+        &mut out,
+        "shardmall_wal_batch_size",
+        "Records per group-commit batch.",
+        &wal.batch_size_buckets,
+        wal.batches,
+        wal.batch_size_sum as f64,
     );
-    let _ = writeln!(
-        out,
-        "shardmall_wal_batch_size_sum {}\nshardmall_wal_batch_size_count {}",
-        wal.batch_size_sum, wal.batches
-    );
-    out.push_str("# HELP shardmall_wal_flush_seconds Latency of one log flush.\n# TYPE shardmall_wal_flush_seconds histogram\n");
-    for (le, n) in &wal.flush_seconds_buckets {
-        let _ = writeln!(out, "shardmall_wal_flush_seconds_bucket{{le=\"{le}\"}} {n}");
-    }
-    let _ = writeln!(
-        out,
-        "shardmall_wal_flush_seconds_bucket{{le=\"+Inf\"}} {}",
-        wal.flushes
-    );
-    let _ = writeln!(
-        out,
-        "shardmall_wal_flush_seconds_sum {}\nshardmall_wal_flush_seconds_count {}",
-        wal.flush_seconds_sum, wal.flushes
+    histogram(
+        &mut out,
+        "shardmall_wal_flush_seconds",
+        "Latency of one log flush.",
+        &wal.flush_seconds_buckets,
+        wal.flushes,
+        wal.flush_seconds_sum,
     );
     let m = state.shop.metrics();
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_active_actors gauge\nshardmall_active_actors {}",
-        m.active_actors.load(Ordering::Relaxed)
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    scalar(
+        &mut out,
+        "shardmall_active_actors",
+        "gauge",
+        m.active_actors.load(Ordering::Relaxed),
     );
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_actor_activations_total counter\nshardmall_actor_activations_total {}",
-        m.activations.load(Ordering::Relaxed)
+    scalar(
+        &mut out,
+        "shardmall_actor_activations_total",
+        "counter",
+        load(&m.activations),
     );
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_actor_passivations_total counter\nshardmall_actor_passivations_total {}",
-        m.passivations.load(Ordering::Relaxed)
+    scalar(
+        &mut out,
+        "shardmall_actor_passivations_total",
+        "counter",
+        load(&m.passivations),
     );
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_actor_failures_total counter\nshardmall_actor_failures_total {}",
-        m.actor_failures.load(Ordering::Relaxed)
+    scalar(
+        &mut out,
+        "shardmall_actor_failures_total",
+        "counter",
+        load(&m.actor_failures),
     );
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_low_stock_alerts_total counter\nshardmall_low_stock_alerts_total {}",
-        m.low_stock_alerts.load(Ordering::Relaxed)
+    scalar(
+        &mut out,
+        "shardmall_low_stock_alerts_total",
+        "counter",
+        load(&m.low_stock_alerts),
     );
-    let _ = writeln!(
-        out,
-        "# TYPE shardmall_timers_fired_total counter\nshardmall_timers_fired_total {}",
-        m.timers_fired.load(Ordering::Relaxed)
+    scalar(
+        &mut out,
+        "shardmall_timers_fired_total",
+        "counter",
+        load(&m.timers_fired),
     );
     out.push_str("# TYPE shardmall_orders gauge\n");
     for (status, n) in m.orders_by_status() {
         let _ = writeln!(out, "shardmall_orders{{status=\"{status}\"}} {n}");
     }
     out
+}
+
+fn scalar(out: &mut String, name: &str, kind: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {value}");
+}
+
+/// A cumulative histogram; `buckets` holds (le, count) without the `+Inf` bucket, whose
+/// count is `count`.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    buckets: &[(f64, u64)],
+    count: u64,
+    sum: f64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (le, n) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
 }
