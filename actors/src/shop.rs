@@ -67,7 +67,7 @@ impl Default for ShopConfig {
             reservation_grace: Duration::from_secs(5 * 60),
             refund_window: Duration::from_secs(15 * 24 * 3600),
             idle_timeout: Duration::from_secs(60),
-            max_active: 65_536,
+            max_active: 4096,
             timer_tick: Duration::from_millis(250),
             checkpoint_interval: Duration::from_secs(2),
             call_timeout: Duration::from_secs(10),

@@ -1,7 +1,7 @@
 //! Checkout then pay for random SKUs through HTTP against a real node.
 //!
 //! `cargo bench -p shardmall --bench checkout_pay` (env: BENCH_CLIENTS=64,
-//! BENCH_SECS=15, BENCH_SKUS=1000, BENCH_DURABILITY=sync).
+//! BENCH_SECS=15, BENCH_SKUS=1000, BENCH_DURABILITY=sync, BENCH_MAX_ACTIVE=4096).
 
 mod support;
 
@@ -20,7 +20,11 @@ async fn main() {
     let skus: usize = env_or("BENCH_SKUS", 1000);
     let durability: String = env_or("BENCH_DURABILITY", "sync".to_string());
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = Node::start(dir.path(), &["--durability", &durability]);
+    let max_active: String = env_or("BENCH_MAX_ACTIVE", "4096".to_string());
+    let node = Node::start(
+        dir.path(),
+        &["--durability", &durability, "--max-active", &max_active],
+    );
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(clients * 2)
         .build()
@@ -105,11 +109,11 @@ async fn main() {
         errors += e;
     }
     let secs_f = secs as f64;
-    println!("checkout+pay over HTTP: durability={durability} clients={clients} skus={skus} duration={secs}s");
-    println!("| durability | clients | checkout+pay/s | p50 ms | p99 ms | errors |");
-    println!("|---|---|---|---|---|---|");
+    println!("checkout+pay over HTTP: durability={durability} clients={clients} skus={skus} max_active={max_active} duration={secs}s");
+    println!("| durability | max active | clients | checkout+pay/s | p50 ms | p99 ms | errors |");
+    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| {durability} | {clients} | {:.0} | {:.2} | {:.2} | {errors} |",
+        "| {durability} | {max_active} | {clients} | {:.0} | {:.2} | {:.2} | {errors} |",
         hist.len() as f64 / secs_f,
         hist.value_at_quantile(0.5) as f64 / 1000.0,
         hist.value_at_quantile(0.99) as f64 / 1000.0

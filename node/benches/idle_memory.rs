@@ -2,7 +2,7 @@
 //! that data set.
 //!
 //! `cargo bench -p shardmall --bench idle_memory` (env: BENCH_SKUS=1000000,
-//! BENCH_WRITERS=32, BENCH_CACHE_MB=64, BENCH_MAX_ACTIVE=65536).
+//! BENCH_WRITERS=32, BENCH_CACHE_MB=64, BENCH_MAX_ACTIVE=4096).
 
 mod support;
 
@@ -21,7 +21,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let http = reqwest::Client::new();
     let cache_mb: String = env_or("BENCH_CACHE_MB", "64".to_string());
-    let max_active: String = env_or("BENCH_MAX_ACTIVE", "65536".to_string());
+    let max_active: String = env_or("BENCH_MAX_ACTIVE", "4096".to_string());
     let node = Node::start(
         dir.path(),
         &[

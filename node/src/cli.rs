@@ -60,7 +60,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDMALL_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
     /// Memory budget: active entity actors on this node; past it the least recently used
-    /// are passivated [default: 65536].
+    /// are passivated [default: 4096].
     #[arg(long, env = "SHARDMALL_MAX_ACTIVE")]
     pub max_active: Option<usize>,
     /// Admission control: requests in flight; past it the edge answers 429 overloaded

@@ -100,7 +100,7 @@ impl Config {
         if cache_mb == 0 {
             anyhow::bail!("cache_mb must be at least 1");
         }
-        let max_active = args.max_active.or(file.max_active).unwrap_or(65_536);
+        let max_active = args.max_active.or(file.max_active).unwrap_or(4096);
         if max_active == 0 {
             anyhow::bail!("max_active must be at least 1");
         }
@@ -228,7 +228,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.durability, Durability::Sync);
-        assert_eq!(c.max_active, 65_536);
+        assert_eq!(c.max_active, 4096);
         assert_eq!(c.max_inflight, 4096);
     }
 
