@@ -57,6 +57,9 @@ pub struct EntityArgs {
     pub partition: u16,
     pub owner: ActorRef<PartitionMsg>,
     pub ctx: Arc<HostContext>,
+    /// The previous activation failed and may have left appends in the log's queue: they
+    /// MUST be applied before this activation reads the store.
+    pub flush_first: bool,
 }
 
 pub struct EntityActor<E>(PhantomData<fn() -> E>);
@@ -122,6 +125,9 @@ impl<E: Entity> Actor for EntityActor<E> {
         args: EntityArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         let key_bytes = args.key.to_bytes();
+        if args.flush_first {
+            args.ctx.wal.flush().await?;
+        }
         let log = args.ctx.wal.load_entity(args.partition, &key_bytes)?;
         let state: E = codec::rebuild(log.snapshot.as_deref(), log.tail.iter().map(|(_, r)| r))?;
         let index = state.index_entries().into_iter().collect();

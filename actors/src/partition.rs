@@ -11,7 +11,7 @@
 //! re-armed at start-up from the persisted deadline index (`D/` aux keys), not from a scan
 //! of every entity; a fired timer only nudges the entity, whose state decides what is due.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -190,6 +190,8 @@ pub struct PartitionState {
     timers_out: mpsc::Sender<EntityKey>,
     slots: HashMap<EntityKey, Slot>,
     by_actor: HashMap<ActorId, EntityKey>,
+    /// Entities whose last actor died without passivating (see `EntityArgs::flush_first`).
+    failed: HashSet<EntityKey>,
     wheel: BTreeSet<(Millis, EntityKey)>,
     /// Slots that are `Active`.
     active: usize,
@@ -232,6 +234,7 @@ impl Actor for PartitionActor {
             timers_out: args.timers,
             slots: HashMap::new(),
             by_actor: HashMap::new(),
+            failed: HashSet::new(),
             wheel,
             active: 0,
         })
@@ -300,6 +303,7 @@ impl PartitionState {
                         // way: forget it now; `stopped` ignores the late event.
                         self.slots.remove(&key);
                         self.active -= 1;
+                        self.failed.insert(key.clone());
                         env
                     }
                 }
@@ -336,6 +340,7 @@ impl PartitionState {
             partition: self.index,
             owner: myself.clone(),
             ctx: self.ctx.clone(),
+            flush_first: self.failed.remove(key),
         };
         let sup = myself.get_cell();
         let actor = match key.kind {
@@ -374,6 +379,7 @@ impl PartitionState {
             return;
         };
         if let Some(why) = &failure {
+            self.failed.insert(key.clone());
             self.ctx
                 .metrics
                 .actor_failures
