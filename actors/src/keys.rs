@@ -50,6 +50,7 @@ pub fn kind_from_u8(tag: u8) -> Option<Kind> {
         3 => Kind::Cart,
         4 => Kind::Order,
         5 => Kind::Idempotency,
+        6 => Kind::Payment,
         _ => return None,
     })
 }
@@ -70,7 +71,8 @@ impl Partitioner {
         self.count
     }
 
-    /// The partition of catalog entities (products, SKUs): hash of the kind and id.
+    /// The partition of entities keyed by their own id (products, SKUs, payment claims):
+    /// hash of the kind and id.
     pub fn catalog(&self, kind: Kind, id: &str) -> u16 {
         self.hash(kind as u8, id)
     }
@@ -84,7 +86,7 @@ impl Partitioner {
     /// order id that does not parse has no partition (it cannot exist).
     pub fn of(&self, key: &EntityKey) -> Option<u16> {
         match key.kind {
-            Kind::Product | Kind::Sku => Some(self.catalog(key.kind, &key.id)),
+            Kind::Product | Kind::Sku | Kind::Payment => Some(self.catalog(key.kind, &key.id)),
             Kind::Cart => Some(self.buyer(&key.id)),
             Kind::Idempotency => {
                 Some(self.buyer(crate::domain::idempotency::idem_subject(&key.id)))

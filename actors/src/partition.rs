@@ -19,8 +19,8 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use tokio::sync::mpsc;
 
 use crate::domain::{
-    cart::CartState, idempotency::IdemState, order::OrderState, product::ProductState,
-    sku::SkuState, Entity, Kind, Millis,
+    cart::CartState, idempotency::IdemState, order::OrderState, payment::PaymentState,
+    product::ProductState, sku::SkuState, Entity, Kind, Millis,
 };
 use crate::host::{self, EntityActor, EntityArgs, EntityMsg, HostContext, Refusal, Request};
 use crate::keys::EntityKey;
@@ -32,6 +32,7 @@ pub enum Envelope {
     Cart(String, Request<CartState>),
     Order(String, Request<OrderState>),
     Idem(String, Request<IdemState>),
+    Payment(String, Request<PaymentState>),
 }
 
 impl Envelope {
@@ -42,6 +43,7 @@ impl Envelope {
             Envelope::Cart(id, _) => (Kind::Cart, id),
             Envelope::Order(id, _) => (Kind::Order, id),
             Envelope::Idem(id, _) => (Kind::Idempotency, id),
+            Envelope::Payment(id, _) => (Kind::Payment, id),
         };
         EntityKey::new(kind, id.clone())
     }
@@ -57,6 +59,7 @@ impl Envelope {
             Envelope::Cart(_, r) => no(r, why),
             Envelope::Order(_, r) => no(r, why),
             Envelope::Idem(_, r) => no(r, why),
+            Envelope::Payment(_, r) => no(r, why),
         }
     }
 }
@@ -79,6 +82,7 @@ routed!(SkuState, Sku);
 routed!(CartState, Cart);
 routed!(OrderState, Order);
 routed!(IdemState, Idem);
+routed!(PaymentState, Payment);
 
 pub enum PartitionMsg {
     /// Boxed: commands are large, and most partition messages are not.
@@ -99,6 +103,7 @@ enum AnyRef {
     Cart(ActorRef<EntityMsg<CartState>>),
     Order(ActorRef<EntityMsg<OrderState>>),
     Idem(ActorRef<EntityMsg<IdemState>>),
+    Payment(ActorRef<EntityMsg<PaymentState>>),
 }
 
 impl AnyRef {
@@ -109,6 +114,7 @@ impl AnyRef {
             AnyRef::Cart(a) => a.get_id(),
             AnyRef::Order(a) => a.get_id(),
             AnyRef::Idem(a) => a.get_id(),
+            AnyRef::Payment(a) => a.get_id(),
         }
     }
 
@@ -119,6 +125,7 @@ impl AnyRef {
             AnyRef::Cart(a) => a.cast(EntityMsg::Passivate).map_err(drop),
             AnyRef::Order(a) => a.cast(EntityMsg::Passivate).map_err(drop),
             AnyRef::Idem(a) => a.cast(EntityMsg::Passivate).map_err(drop),
+            AnyRef::Payment(a) => a.cast(EntityMsg::Passivate).map_err(drop),
         };
     }
 
@@ -143,6 +150,7 @@ impl AnyRef {
             (AnyRef::Cart(a), Envelope::Cart(id, r)) => cast(a, id, r),
             (AnyRef::Order(a), Envelope::Order(id, r)) => cast(a, id, r),
             (AnyRef::Idem(a), Envelope::Idem(id, r)) => cast(a, id, r),
+            (AnyRef::Payment(a), Envelope::Payment(id, r)) => cast(a, id, r),
             (_, env) => Err(Some(Box::new(env))),
         }
     }
@@ -349,6 +357,7 @@ impl PartitionState {
             Kind::Cart => AnyRef::Cart(spawn(args, sup).await?),
             Kind::Order => AnyRef::Order(spawn(args, sup).await?),
             Kind::Idempotency => AnyRef::Idem(spawn(args, sup).await?),
+            Kind::Payment => AnyRef::Payment(spawn(args, sup).await?),
         };
         self.ctx
             .metrics

@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::cart::{CartCommand, CartState};
 use crate::domain::idempotency::{idem_entity_id, IdemCommand, IdemState, StoredResponse};
 use crate::domain::order::{
-    payment_index_key, CancelReason, Line, Order, OrderCommand, OrderState, OrderStatus, Shipment,
+    CancelReason, Line, Order, OrderCommand, OrderState, OrderStatus, Shipment,
 };
+use crate::domain::payment::{PaymentCommand, PaymentError, PaymentState};
 use crate::domain::product::{Product, ProductCommand, ProductState};
 use crate::domain::sku::{SkuCommand, SkuState, SkuView};
 use crate::domain::{Address, Entity, Kind, Millis, Money, ProductStatus};
@@ -728,16 +729,22 @@ impl Shop {
         amount: Money,
         succeeded: bool,
     ) -> Result<Order> {
-        if let Some(applied_to) = self
-            .inner
-            .wal
-            .aux_get(&payment_index_key(payment_id))
-            .map_err(storage)?
-        {
-            if applied_to != order_id.as_bytes() {
-                return Err(ShopError::InvalidStateMsg(format!(
-                    "payment {payment_id} was already applied to another order"
-                )));
+        if succeeded {
+            // Claim the payment id for this order first: the claim is one entity's
+            // decision, so two callbacks naming the same id for two orders cannot both
+            // apply.
+            let p = self.inner.partitioner.catalog(Kind::Payment, payment_id);
+            let claim = PaymentCommand::Claim {
+                order_id: order_id.to_owned(),
+            };
+            match self.ask::<PaymentState>(p, payment_id, claim).await {
+                Ok(_) => {}
+                Err(Refusal::Domain(PaymentError::ClaimedByAnother { .. })) => {
+                    return Err(ShopError::InvalidStateMsg(format!(
+                        "payment {payment_id} was already applied to another order"
+                    )))
+                }
+                Err(Refusal::Unavailable(why)) => return Err(ShopError::Unavailable(why)),
             }
         }
         let order = self.get_order(order_id).await?;
@@ -1069,7 +1076,7 @@ impl Shop {
                     .map(|e| format!("idempotency expiry: {e:?}")),
                 None => None,
             },
-            Kind::Product | Kind::Cart => None,
+            Kind::Product | Kind::Cart | Kind::Payment => None,
         };
         if let Some(why) = failed {
             // The entity's deadline did not change, so nothing else would arm it again.
@@ -1160,6 +1167,7 @@ fn fold_entity(
         Kind::Cart => fold::<CartState>(snapshot, tail),
         Kind::Order => fold::<OrderState>(snapshot, tail),
         Kind::Idempotency => fold::<IdemState>(snapshot, tail),
+        Kind::Payment => fold::<PaymentState>(snapshot, tail),
     }
 }
 

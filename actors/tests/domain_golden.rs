@@ -163,3 +163,22 @@ fn idempotency_completed_layout() {
         "0112504f5354202f76312f6f72646572730a6b31c9027b7dfd0068e5cf8b010000",
     );
 }
+
+#[test]
+fn payment_claimed_layout() {
+    let ev = shardmall_actors::domain::payment::PaymentEvent::Claimed {
+        order_id: "o1".into(),
+        at: AT,
+    };
+    assert_golden(&ev, "00026f31fd0068e5cf8b010000");
+}
+
+#[test]
+fn order_payment_flagged_layout() {
+    let ev = OrderEvent::PaymentFlagged {
+        payment_id: "pay-1".into(),
+        amount: cny(500),
+        at: AT,
+    };
+    assert_golden(&ev, "0b057061792d31fbe80303434e59fd0068e5cf8b010000");
+}

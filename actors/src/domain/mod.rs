@@ -9,6 +9,7 @@ pub mod cart;
 pub mod common;
 pub mod idempotency;
 pub mod order;
+pub mod payment;
 pub mod product;
 pub mod sku;
 
@@ -26,6 +27,7 @@ pub enum Kind {
     Cart = 3,
     Order = 4,
     Idempotency = 5,
+    Payment = 6,
 }
 
 /// One entity's state machine.

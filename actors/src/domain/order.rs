@@ -743,24 +743,11 @@ impl Entity for OrderState {
         ]
         .concat();
         let by_id = [ORDER_INDEX_PREFIX, o.order_id.as_bytes()].concat();
-        let mut entries = vec![
+        vec![
             (by_buyer, status.to_vec()),
             (by_id, [o.buyer.as_bytes(), b"\0", status].concat()),
-        ];
-        // Every applied payment id, so a provider's id is applied to one order only.
-        for payment_id in &o.payment_ids {
-            entries.push((
-                payment_index_key(payment_id),
-                o.order_id.as_bytes().to_vec(),
-            ));
-        }
-        entries
+        ]
     }
-}
-
-/// The aux key recording which order a payment id was applied to.
-pub fn payment_index_key(payment_id: &str) -> Vec<u8> {
-    [b"I/pay/".as_slice(), payment_id.as_bytes()].concat()
 }
 
 #[cfg(test)]
