@@ -341,10 +341,17 @@ impl Shop {
                 Ok(Some(view)) => skus.push(view),
                 Ok(None) => {}
                 Err(refusal) => {
-                    // Roll the saga back: what this request created goes away.
-                    for done in &skus {
-                        if let Err(e) = self.sku(&done.sku_id, SkuCommand::Discard).await {
-                            tracing::error!(sku = %done.sku_id, error = ?e, "rolling back a SKU failed");
+                    let err = sku_err(refusal, &s.sku_id);
+                    // Roll the saga back: what this request created goes away, including
+                    // a SKU whose create timed out (it may still land; the discard is
+                    // queued behind it).
+                    let mut undo: Vec<&str> = skus.iter().map(|v| v.sku_id.as_str()).collect();
+                    if matches!(err, ShopError::Unavailable(_)) {
+                        undo.push(&s.sku_id);
+                    }
+                    for sku_id in undo {
+                        if let Err(e) = self.sku(sku_id, SkuCommand::Discard).await {
+                            tracing::error!(sku = %sku_id, error = ?e, "rolling back a SKU failed");
                         }
                     }
                     if let Err(e) = self
@@ -353,7 +360,7 @@ impl Shop {
                     {
                         tracing::error!(product = %input.product_id, error = ?e, "rolling back a product failed");
                     }
-                    return Err(sku_err(refusal, &s.sku_id));
+                    return Err(err);
                 }
             }
         }

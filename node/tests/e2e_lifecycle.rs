@@ -1029,6 +1029,33 @@ async fn catalog_rules() {
         Stock::new(5, 0, 0),
         "SKU untouched by the refused create",
     );
+    // A refused create rolls back what it created: the product and its earlier SKUs.
+    let r = node
+        .post(
+            "/v1/products",
+            &admin,
+            &product_body("rules3", &[("rules3-new", 100, 2), (&skus[0], 1, 1)]),
+        )
+        .await;
+    assert_error(&r, 409, "already_exists", "a later SKU id exists");
+    assert_eq!(
+        node.get("/v1/products/rules3", None).await.0,
+        404,
+        "product rolled back"
+    );
+    assert_eq!(
+        node.get("/v1/skus/rules3-new", None).await.0,
+        404,
+        "SKU rolled back"
+    );
+    let r = node
+        .post(
+            "/v1/products",
+            &admin,
+            &product_body("rules3", &[("rules3-new", 100, 2)]),
+        )
+        .await;
+    assert_status(&r, 201, "the ids are free again after the rollback");
 
     let r = node
         .patch(
