@@ -619,7 +619,21 @@ impl Shop {
                     return Ok(order);
                 }
                 Ok(None) => failure = Some(ShopError::Internal("placed order has no state".into())),
-                Err(r) => failure = Some(order_err(r, &order_id)),
+                Err(r) => {
+                    let err = order_err(r, &order_id);
+                    if matches!(err, ShopError::Unavailable(_)) {
+                        // The place may still land after the timeout: cancel it behind it
+                        // (same mailbox, so in order), so no order survives without its
+                        // reservations. An order that never landed answers NotFound.
+                        let cancel = OrderCommand::Cancel {
+                            reason: CancelReason::PaymentFailed,
+                        };
+                        if let Err(e) = self.order(&order_id, cancel).await {
+                            tracing::warn!(order = %order_id, error = ?e, "cancelling a checkout that timed out failed; it expires at its deadline");
+                        }
+                    }
+                    failure = Some(err);
+                }
             }
         }
         for sku_id in &reserved {
