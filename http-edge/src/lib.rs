@@ -243,6 +243,31 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    /// Every `{name}` in a path MUST be declared as a path parameter of each of its
+    /// operations, or the document is not valid OpenAPI.
+    #[test]
+    fn openapi_declares_every_path_parameter() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for (path, ops) in paths {
+            let names: Vec<&str> = path
+                .split('/')
+                .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            for (method, op) in ops.as_object().unwrap() {
+                for name in &names {
+                    let declared = op["parameters"].as_array().is_some_and(|ps| {
+                        ps.iter().any(|p| p["in"] == "path" && p["name"] == *name)
+                    });
+                    assert!(
+                        declared,
+                        "{method} {path} does not declare path parameter {name}"
+                    );
+                }
+            }
+        }
+    }
+
     /// The generated document MUST list every endpoint of API.md that this node serves.
     #[test]
     fn openapi_lists_every_contract_path() {

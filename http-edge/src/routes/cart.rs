@@ -18,7 +18,7 @@ pub async fn get_cart(State(st): State<AppState>, caller: Caller) -> ApiResult<J
     )?))
 }
 
-#[utoipa::path(put, path = "/v1/cart/items/{sku_id}", request_body = CartItemPut, responses((status = 200, body = Cart)))]
+#[utoipa::path(put, path = "/v1/cart/items/{sku_id}", params(("sku_id" = String, Path)), request_body = CartItemPut, responses((status = 200, body = Cart)))]
 pub async fn put_item(
     State(st): State<AppState>,
     caller: Caller,
@@ -36,7 +36,7 @@ pub async fn put_item(
     )?))
 }
 
-#[utoipa::path(delete, path = "/v1/cart/items/{sku_id}", responses((status = 200, body = Cart)))]
+#[utoipa::path(delete, path = "/v1/cart/items/{sku_id}", params(("sku_id" = String, Path)), responses((status = 200, body = Cart)))]
 pub async fn delete_item(
     State(st): State<AppState>,
     caller: Caller,

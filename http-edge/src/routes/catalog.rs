@@ -95,7 +95,7 @@ pub async fn create_product(
     Ok((StatusCode::CREATED, Json((&detail).into())))
 }
 
-#[utoipa::path(get, path = "/v1/products/{product_id}", responses((status = 200, body = Product), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/products/{product_id}", params(("product_id" = String, Path)), responses((status = 200, body = Product), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn get_product(
     State(st): State<AppState>,
     IdPath(id): IdPath,
@@ -118,7 +118,7 @@ pub async fn list_products(
     Ok(Json(List::from_page(&page, |p| p.into())))
 }
 
-#[utoipa::path(patch, path = "/v1/products/{product_id}", request_body = ProductPatch, responses((status = 200, body = Product)))]
+#[utoipa::path(patch, path = "/v1/products/{product_id}", params(("product_id" = String, Path)), request_body = ProductPatch, responses((status = 200, body = Product)))]
 pub async fn patch_product(
     State(st): State<AppState>,
     caller: Caller,
@@ -140,12 +140,12 @@ pub async fn patch_product(
     Ok(Json((&detail).into()))
 }
 
-#[utoipa::path(get, path = "/v1/skus/{sku_id}", responses((status = 200, body = Sku), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/skus/{sku_id}", params(("sku_id" = String, Path)), responses((status = 200, body = Sku), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn get_sku(State(st): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Sku>> {
     Ok(Json((&st.shop.get_sku(&id).await?).into()))
 }
 
-#[utoipa::path(post, path = "/v1/skus/{sku_id}/stock", request_body = StockAdjustment, responses((status = 200, body = Sku), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/skus/{sku_id}/stock", params(("sku_id" = String, Path)), request_body = StockAdjustment, responses((status = 200, body = Sku), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn adjust_stock(
     State(st): State<AppState>,
     caller: Caller,
@@ -165,7 +165,7 @@ pub async fn adjust_stock(
     ))
 }
 
-#[utoipa::path(put, path = "/v1/skus/{sku_id}/price", request_body = PriceChange, responses((status = 200, body = Sku)))]
+#[utoipa::path(put, path = "/v1/skus/{sku_id}/price", params(("sku_id" = String, Path)), request_body = PriceChange, responses((status = 200, body = Sku)))]
 pub async fn set_price(
     State(st): State<AppState>,
     caller: Caller,

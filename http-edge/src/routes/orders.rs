@@ -85,7 +85,7 @@ pub async fn create_order(
     .await
 }
 
-#[utoipa::path(get, path = "/v1/orders/{order_id}", responses((status = 200, body = OrderBody), (status = 404, body = crate::error::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/orders/{order_id}", params(("order_id" = String, Path)), responses((status = 200, body = OrderBody), (status = 404, body = crate::error::ErrorBody)))]
 pub async fn get_order(
     State(st): State<AppState>,
     caller: Caller,
@@ -128,7 +128,7 @@ pub async fn admin_orders(
     Ok(Json(List::from_page(&page, |p| p.into())))
 }
 
-#[utoipa::path(post, path = "/v1/orders/{order_id}/pay", request_body = Payment, params(("Idempotency-Key" = String, Header)), responses((status = 200, body = OrderBody), (status = 422, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orders/{order_id}/pay", request_body = Payment, params(("order_id" = String, Path), ("Idempotency-Key" = String, Header)), responses((status = 200, body = OrderBody), (status = 422, body = crate::error::ErrorBody)))]
 pub async fn pay(
     State(st): State<AppState>,
     caller: Caller,
@@ -160,7 +160,7 @@ pub async fn pay(
     .await
 }
 
-#[utoipa::path(post, path = "/v1/orders/{order_id}/cancel", responses((status = 200, body = OrderBody), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/orders/{order_id}/cancel", params(("order_id" = String, Path)), responses((status = 200, body = OrderBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn cancel(
     State(st): State<AppState>,
     caller: Caller,
@@ -172,7 +172,7 @@ pub async fn cancel(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/orders/{order_id}/ship", request_body = ShipRequest, responses((status = 200, body = OrderBody)))]
+#[utoipa::path(post, path = "/v1/orders/{order_id}/ship", params(("order_id" = String, Path)), request_body = ShipRequest, responses((status = 200, body = OrderBody)))]
 pub async fn ship(
     State(st): State<AppState>,
     caller: Caller,
@@ -191,7 +191,7 @@ pub async fn ship(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/orders/{order_id}/confirm-receipt", responses((status = 200, body = OrderBody)))]
+#[utoipa::path(post, path = "/v1/orders/{order_id}/confirm-receipt", params(("order_id" = String, Path)), responses((status = 200, body = OrderBody)))]
 pub async fn confirm_receipt(
     State(st): State<AppState>,
     caller: Caller,
@@ -201,7 +201,7 @@ pub async fn confirm_receipt(
     Ok(Json((&st.shop.confirm_receipt(&id).await?).into()))
 }
 
-#[utoipa::path(post, path = "/v1/orders/{order_id}/refund", request_body = RefundRequest, responses((status = 200, body = OrderBody)))]
+#[utoipa::path(post, path = "/v1/orders/{order_id}/refund", params(("order_id" = String, Path)), request_body = RefundRequest, responses((status = 200, body = OrderBody)))]
 pub async fn request_refund(
     State(st): State<AppState>,
     caller: Caller,
@@ -215,7 +215,7 @@ pub async fn request_refund(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/orders/{order_id}/refund/approve", request_body = RefundApproval, responses((status = 200, body = OrderBody)))]
+#[utoipa::path(post, path = "/v1/orders/{order_id}/refund/approve", params(("order_id" = String, Path)), request_body = RefundApproval, responses((status = 200, body = OrderBody)))]
 pub async fn approve_refund(
     State(st): State<AppState>,
     caller: Caller,
@@ -228,7 +228,7 @@ pub async fn approve_refund(
     ))
 }
 
-#[utoipa::path(post, path = "/v1/orders/{order_id}/refund/reject", request_body = RefundRejection, responses((status = 200, body = OrderBody)))]
+#[utoipa::path(post, path = "/v1/orders/{order_id}/refund/reject", params(("order_id" = String, Path)), request_body = RefundRejection, responses((status = 200, body = OrderBody)))]
 pub async fn reject_refund(
     State(st): State<AppState>,
     caller: Caller,
@@ -242,7 +242,7 @@ pub async fn reject_refund(
     ))
 }
 
-#[utoipa::path(patch, path = "/v1/orders/{order_id}", request_body = OrderPatch, responses((status = 200, body = OrderBody), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/orders/{order_id}", params(("order_id" = String, Path)), request_body = OrderPatch, responses((status = 200, body = OrderBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn patch_order(
     State(st): State<AppState>,
     caller: Caller,
