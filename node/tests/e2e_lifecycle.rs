@@ -767,12 +767,8 @@ async fn payment_callback_applies_once() {
     let skus = node.product_with_skus(&admin, "cb", 1, 500, 10).await;
     let sku = skus[0].as_str();
 
-    let r = node.checkout(&alice, &[(sku, 2)], &key()).await;
-    assert_status(&r, 201, "checkout");
-    let id = order_id(&r.1);
-    let r2 = node.checkout(&alice, &[(sku, 1)], &key()).await;
-    assert_status(&r2, 201, "checkout 2");
-    let id2 = order_id(&r2.1);
+    let id = node.place(&alice, &[(sku, 2)], "checkout").await;
+    let id2 = node.place(&alice, &[(sku, 1)], "checkout 2").await;
 
     // Bad signatures first: nothing happens.
     let body = json!({"payment_id": "pay-1", "order_id": id, "amount": money(1000), "status": "succeeded"});
@@ -896,9 +892,7 @@ async fn my_orders_newest_first() {
         assert_status(&r, 201, &format!("alice order {i}"));
         created.push(r.1);
     }
-    let r = node.checkout(&bob, &[(sku, 1)], &key()).await;
-    assert_status(&r, 201, "bob order");
-    let bobs = order_id(&r.1);
+    let bobs = node.place(&bob, &[(sku, 1)], "bob order").await;
     assert_ok(&node.pay(&alice, &created[1], &key()).await, "pay one");
 
     let newest_first: Vec<String> = created.iter().rev().map(order_id).collect();
@@ -1127,12 +1121,8 @@ async fn payment_callback_id_is_used_once_across_orders() {
     let alice = customer("alice");
     let skus = node.product_with_skus(&admin, "cbx", 1, 500, 10).await;
     let sku = skus[0].as_str();
-    let r = node.checkout(&alice, &[(sku, 1)], &key()).await;
-    assert_status(&r, 201, "checkout");
-    let first = order_id(&r.1);
-    let r = node.checkout(&alice, &[(sku, 1)], &key()).await;
-    assert_status(&r, 201, "checkout 2");
-    let second = order_id(&r.1);
+    let first = node.place(&alice, &[(sku, 1)], "checkout").await;
+    let second = node.place(&alice, &[(sku, 1)], "checkout 2").await;
 
     let body = json!({"payment_id": "pay-once", "order_id": first, "amount": money(500), "status": "succeeded"});
     assert_ok(

@@ -593,6 +593,13 @@ impl Api {
             .await
     }
 
+    /// Places an order with a fresh idempotency key; panics unless 201. Answers its id.
+    pub async fn place(&self, token: &str, items: &[(&str, i64)], what: &str) -> String {
+        let r = self.checkout(token, items, &key()).await;
+        assert_status(&r, 201, what);
+        order_id(&r.1)
+    }
+
     /// `POST /v1/orders/{id}/pay` with the order's own total.
     pub async fn pay(&self, token: &str, order: &Value, key: &str) -> Resp {
         let id = order["order_id"].as_str().expect("order has an order_id");
