@@ -27,6 +27,17 @@ pub enum ShopError {
     IdempotencyConflict,
     #[error("a request with this Idempotency-Key is still in progress")]
     IdempotencyInFlight,
+    #[error("campaign {0} is sold out")]
+    SoldOut(String),
+    #[error("campaign {0} has not started")]
+    CampaignNotStarted(String),
+    #[error("campaign {0} has ended")]
+    CampaignEnded(String),
+    #[error("the per-buyer limit of this campaign is {limit}; this buyer already holds {held}")]
+    LimitExceeded { limit: u64, held: u64 },
+    /// Too many requests are queued for one entity: retry after a moment.
+    #[error("too many requests for {0}; retry shortly")]
+    Overloaded(String),
     #[error("temporarily unavailable: {0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -48,6 +59,11 @@ impl ShopError {
             ShopError::IdempotencyConflict | ShopError::IdempotencyInFlight => {
                 "idempotency_conflict"
             }
+            ShopError::SoldOut(_) => "sold_out",
+            ShopError::CampaignNotStarted(_) => "campaign_not_started",
+            ShopError::CampaignEnded(_) => "campaign_ended",
+            ShopError::LimitExceeded { .. } => "limit_exceeded",
+            ShopError::Overloaded(_) => "overloaded",
             ShopError::Unavailable(_) => "unavailable",
             ShopError::Internal(_) => "internal",
         }

@@ -1,5 +1,6 @@
 //! Maps each entity's refusals onto the shop's error, naming the entity concerned.
 
+use crate::domain::campaign::CampaignError;
 use crate::domain::cart::CartError;
 use crate::domain::idempotency::IdemError;
 use crate::domain::order::OrderError;
@@ -13,7 +14,26 @@ fn unavailable<E>(r: Refusal<E>, map: impl FnOnce(E) -> ShopError) -> ShopError 
     match r {
         Refusal::Domain(e) => map(e),
         Refusal::Unavailable(why) => ShopError::Unavailable(why),
+        Refusal::Overloaded(what) => ShopError::Overloaded(what),
     }
+}
+
+pub fn campaign_err(r: Refusal<CampaignError>, id: &str) -> ShopError {
+    unavailable(r, |e| match e {
+        CampaignError::NotFound => ShopError::NotFound(format!("campaign {id}")),
+        CampaignError::AlreadyExists => ShopError::AlreadyExists(format!("campaign {id}")),
+        CampaignError::NotStarted => ShopError::CampaignNotStarted(id.to_owned()),
+        CampaignError::Ended => ShopError::CampaignEnded(id.to_owned()),
+        CampaignError::SoldOut => ShopError::SoldOut(id.to_owned()),
+        CampaignError::LimitExceeded { limit, held } => ShopError::LimitExceeded { limit, held },
+        CampaignError::ClaimGone => ShopError::InvalidStateMsg(format!(
+            "the order's claim on campaign {id} has expired; the order cannot be paid"
+        )),
+        CampaignError::InvalidState(msg) => {
+            ShopError::InvalidStateMsg(format!("campaign {id}: {msg}"))
+        }
+        CampaignError::BadRequest(msg) => ShopError::BadRequest(msg),
+    })
 }
 
 pub fn product_err(r: Refusal<ProductError>, id: &str) -> ShopError {

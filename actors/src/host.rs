@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -29,6 +30,8 @@ pub enum Refusal<Err> {
     Domain(Err),
     /// The entity could not be reached, loaded or made durable.
     Unavailable(String),
+    /// The entity's admission queue is full (names the entity): retry shortly.
+    Overloaded(String),
 }
 
 /// One command on its way to an entity.
@@ -60,6 +63,8 @@ pub struct EntityArgs {
     /// The previous activation failed and may have left appends in the log's queue: they
     /// MUST be applied before this activation reads the store.
     pub flush_first: bool,
+    /// Commands in this actor's mailbox, counted by the partition for admission.
+    pub queued: Arc<AtomicUsize>,
 }
 
 pub struct EntityActor<E>(PhantomData<fn() -> E>);
@@ -81,6 +86,7 @@ pub struct Hosted<E: Entity> {
     index: BTreeMap<Vec<u8>, Vec<u8>>,
     /// Becomes true once this actor's latest write is durable.
     last_write: Option<watch::Receiver<bool>>,
+    queued: Arc<AtomicUsize>,
 }
 
 pub fn now_ms() -> Millis {
@@ -151,6 +157,7 @@ impl<E: Entity> Actor for EntityActor<E> {
             deadline,
             index,
             last_write: None,
+            queued: args.queued,
         })
     }
 
@@ -175,7 +182,10 @@ impl<E: Entity> Actor for EntityActor<E> {
         hosted: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            EntityMsg::Cmd(req) => hosted.handle_command(*req).await,
+            EntityMsg::Cmd(req) => {
+                hosted.queued.fetch_sub(1, Ordering::Relaxed);
+                hosted.handle_command(*req).await
+            }
             EntityMsg::Passivate => {
                 // Every append of this actor MUST be applied before a fresh activation
                 // reads the store, or it would start from a stale state. Writes become

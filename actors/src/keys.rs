@@ -51,6 +51,7 @@ pub fn kind_from_u8(tag: u8) -> Option<Kind> {
         4 => Kind::Order,
         5 => Kind::Idempotency,
         6 => Kind::Payment,
+        7 => Kind::Campaign,
         _ => return None,
     })
 }
@@ -86,7 +87,9 @@ impl Partitioner {
     /// order id that does not parse has no partition (it cannot exist).
     pub fn of(&self, key: &EntityKey) -> Option<u16> {
         match key.kind {
-            Kind::Product | Kind::Sku | Kind::Payment => Some(self.catalog(key.kind, &key.id)),
+            Kind::Product | Kind::Sku | Kind::Payment | Kind::Campaign => {
+                Some(self.catalog(key.kind, &key.id))
+            }
             Kind::Cart => Some(self.buyer(&key.id)),
             Kind::Idempotency => {
                 Some(self.buyer(crate::domain::idempotency::idem_subject(&key.id)))

@@ -13,6 +13,7 @@
 //! A request flows: edge -> [`Shop`] -> the entity's partition actor -> the entity actor
 //! -> the write-ahead log (group commit) -> answer.
 
+pub mod campaigns;
 pub mod codec;
 pub mod domain;
 pub mod error;
@@ -25,4 +26,5 @@ pub mod partition;
 pub mod shop;
 
 pub use error::{Result, ShopError};
+pub use campaigns::NewCampaign;
 pub use shop::{CartLine, IdemStart, NewProduct, NewSku, Page, ProductDetail, Shop, ShopConfig};

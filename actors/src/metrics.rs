@@ -23,6 +23,8 @@ pub struct ActorMetrics {
     pub actor_failures: AtomicU64,
     pub low_stock_alerts: AtomicU64,
     pub timers_fired: AtomicU64,
+    /// Commands refused because their entity's admission queue was full.
+    pub overloaded: AtomicU64,
     orders_by_status: [AtomicI64; 7],
 }
 

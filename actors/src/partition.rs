@@ -12,6 +12,7 @@
 //! of every entity; a fired timer only nudges the entity, whose state decides what is due.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use tokio::sync::mpsc;
 
 use crate::domain::{
+    campaign::CampaignState,
     cart::CartState, idempotency::IdemState, order::OrderState, payment::PaymentState,
     product::ProductState, sku::SkuState, Entity, Kind, Millis,
 };
@@ -33,6 +35,7 @@ pub enum Envelope {
     Order(String, Request<OrderState>),
     Idem(String, Request<IdemState>),
     Payment(String, Request<PaymentState>),
+    Campaign(String, Request<CampaignState>),
 }
 
 impl Envelope {
@@ -44,15 +47,33 @@ impl Envelope {
             Envelope::Order(id, _) => (Kind::Order, id),
             Envelope::Idem(id, _) => (Kind::Idempotency, id),
             Envelope::Payment(id, _) => (Kind::Payment, id),
+            Envelope::Campaign(id, _) => (Kind::Campaign, id),
         };
         EntityKey::new(kind, id.clone())
     }
 
     /// Answers the request with `Unavailable` (the entity could not be started).
     fn refuse(self, why: String) {
-        fn no<E: Entity>(req: Request<E>, why: String) {
-            let _ = req.reply.send(Err(Refusal::Unavailable(why)));
+        self.answer(|| Refusal::Unavailable(why));
+    }
+
+    /// Answers the request with `Overloaded` (the entity's queue is full).
+    fn overload(self) {
+        let key = self.key();
+        let what = format!("{:?} {}", key.kind, key.id).to_lowercase();
+        self.answer(|| Refusal::Overloaded(what));
+    }
+
+    fn answer(self, refusal: impl FnOnce() -> Refusal<()>) {
+        fn no<E: Entity>(req: Request<E>, why: Refusal<()>) {
+            let why = match why {
+                Refusal::Overloaded(w) => Refusal::Overloaded(w),
+                Refusal::Unavailable(w) => Refusal::Unavailable(w),
+                Refusal::Domain(()) => Refusal::Unavailable("refused".into()),
+            };
+            let _ = req.reply.send(Err(why));
         }
+        let why = refusal();
         match self {
             Envelope::Product(_, r) => no(r, why),
             Envelope::Sku(_, r) => no(r, why),
@@ -60,6 +81,7 @@ impl Envelope {
             Envelope::Order(_, r) => no(r, why),
             Envelope::Idem(_, r) => no(r, why),
             Envelope::Payment(_, r) => no(r, why),
+            Envelope::Campaign(_, r) => no(r, why),
         }
     }
 }
@@ -83,6 +105,7 @@ routed!(CartState, Cart);
 routed!(OrderState, Order);
 routed!(IdemState, Idem);
 routed!(PaymentState, Payment);
+routed!(CampaignState, Campaign);
 
 pub enum PartitionMsg {
     /// Boxed: commands are large, and most partition messages are not.
@@ -104,6 +127,7 @@ enum AnyRef {
     Order(ActorRef<EntityMsg<OrderState>>),
     Idem(ActorRef<EntityMsg<IdemState>>),
     Payment(ActorRef<EntityMsg<PaymentState>>),
+    Campaign(ActorRef<EntityMsg<CampaignState>>),
 }
 
 impl AnyRef {
@@ -115,6 +139,7 @@ impl AnyRef {
             AnyRef::Order(a) => a.get_id(),
             AnyRef::Idem(a) => a.get_id(),
             AnyRef::Payment(a) => a.get_id(),
+            AnyRef::Campaign(a) => a.get_id(),
         }
     }
 
@@ -126,6 +151,7 @@ impl AnyRef {
             AnyRef::Order(a) => a.cast(EntityMsg::Passivate).map_err(drop),
             AnyRef::Idem(a) => a.cast(EntityMsg::Passivate).map_err(drop),
             AnyRef::Payment(a) => a.cast(EntityMsg::Passivate).map_err(drop),
+            AnyRef::Campaign(a) => a.cast(EntityMsg::Passivate).map_err(drop),
         };
     }
 
@@ -151,6 +177,7 @@ impl AnyRef {
             (AnyRef::Order(a), Envelope::Order(id, r)) => cast(a, id, r),
             (AnyRef::Idem(a), Envelope::Idem(id, r)) => cast(a, id, r),
             (AnyRef::Payment(a), Envelope::Payment(id, r)) => cast(a, id, r),
+            (AnyRef::Campaign(a), Envelope::Campaign(id, r)) => cast(a, id, r),
             (_, env) => Err(Some(Box::new(env))),
         }
     }
@@ -160,6 +187,8 @@ enum Slot {
     Active {
         actor: AnyRef,
         last_used: Instant,
+        /// Commands sent to the actor and not yet taken from its mailbox.
+        queued: Arc<AtomicUsize>,
     },
     /// Passivation requested; messages wait here for the next activation.
     // Boxed as they arrive: no need to move them out and in again.
@@ -178,6 +207,9 @@ pub struct PartitionConfig {
     /// The memory budget: at most this many active entities; past it the least recently
     /// used one is passivated.
     pub max_active: usize,
+    /// Admission bound of one entity: commands waiting in its mailbox. Past it, callers
+    /// are answered `Overloaded` at once instead of queueing.
+    pub max_queue: usize,
 }
 
 pub struct PartitionArgs {
@@ -302,8 +334,18 @@ impl PartitionState {
                 held.push(env);
                 return;
             }
-            Some(Slot::Active { actor, last_used }) => {
+            Some(Slot::Active {
+                actor,
+                last_used,
+                queued,
+            }) => {
                 *last_used = Instant::now();
+                if queued.load(Ordering::Relaxed) >= self.config.max_queue {
+                    self.ctx.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
+                    env.overload();
+                    return;
+                }
+                queued.fetch_add(1, Ordering::Relaxed);
                 match actor.send(env) {
                     Ok(()) | Err(None) => return,
                     Err(Some(env)) => {
@@ -320,7 +362,8 @@ impl PartitionState {
         };
         // Not active (or its actor just died): activate and send.
         match self.activate(myself, &key).await {
-            Ok(actor) => {
+            Ok((actor, queued)) => {
+                queued.fetch_add(1, Ordering::Relaxed);
                 if let Err(Some(env)) = actor.send(env) {
                     env.refuse("entity stopped while starting".into());
                 }
@@ -333,7 +376,7 @@ impl PartitionState {
         &mut self,
         myself: &ActorRef<PartitionMsg>,
         key: &EntityKey,
-    ) -> Result<AnyRef, String> {
+    ) -> Result<(AnyRef, Arc<AtomicUsize>), String> {
         async fn spawn<E: Entity>(
             args: EntityArgs,
             sup: ActorCell,
@@ -349,7 +392,9 @@ impl PartitionState {
             owner: myself.clone(),
             ctx: self.ctx.clone(),
             flush_first: self.failed.remove(key),
+            queued: Arc::new(AtomicUsize::new(0)),
         };
+        let queued = args.queued.clone();
         let sup = myself.get_cell();
         let actor = match key.kind {
             Kind::Product => AnyRef::Product(spawn(args, sup).await?),
@@ -358,6 +403,7 @@ impl PartitionState {
             Kind::Order => AnyRef::Order(spawn(args, sup).await?),
             Kind::Idempotency => AnyRef::Idem(spawn(args, sup).await?),
             Kind::Payment => AnyRef::Payment(spawn(args, sup).await?),
+            Kind::Campaign => AnyRef::Campaign(spawn(args, sup).await?),
         };
         self.ctx
             .metrics
@@ -369,13 +415,14 @@ impl PartitionState {
             Slot::Active {
                 actor: actor.clone(),
                 last_used: Instant::now(),
+                queued: queued.clone(),
             },
         );
         self.active += 1;
         if self.active > self.config.max_active {
             self.evict_least_recently_used(key);
         }
-        Ok(actor)
+        Ok((actor, queued))
     }
 
     async fn stopped(
@@ -425,7 +472,10 @@ impl PartitionState {
     fn sweep(&mut self) {
         let idle = self.config.idle_timeout;
         for slot in self.slots.values_mut() {
-            if let Slot::Active { actor, last_used } = slot {
+            if let Slot::Active {
+                actor, last_used, ..
+            } = slot
+            {
                 if last_used.elapsed() >= idle {
                     actor.passivate();
                     *slot = Slot::Stopping {

@@ -21,6 +21,7 @@ use shardmall_persistence::Wal;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::campaign::CampaignState;
 use crate::domain::cart::{CartCommand, CartState};
 use crate::domain::idempotency::{idem_entity_id, IdemCommand, IdemState, StoredResponse};
 use crate::domain::order::{
@@ -53,6 +54,8 @@ pub struct ShopConfig {
     pub idle_timeout: Duration,
     /// Memory budget: active entity actors on this node, shared evenly by its partitions.
     pub max_active: usize,
+    /// Admission bound of one entity (commands waiting in its mailbox).
+    pub max_entity_queue: usize,
     pub timer_tick: Duration,
     pub checkpoint_interval: Duration,
     pub call_timeout: Duration,
@@ -69,6 +72,7 @@ impl Default for ShopConfig {
             refund_window: Duration::from_secs(15 * 24 * 3600),
             idle_timeout: Duration::from_secs(60),
             max_active: 4096,
+            max_entity_queue: 1024,
             timer_tick: Duration::from_millis(250),
             checkpoint_interval: Duration::from_secs(2),
             call_timeout: Duration::from_secs(10),
@@ -128,16 +132,16 @@ pub enum IdemStart {
 
 #[derive(Clone)]
 pub struct Shop {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    partitions: Vec<ActorRef<PartitionMsg>>,
-    partitioner: Partitioner,
-    wal: Wal,
-    cfg: ShopConfig,
-    ids: OrderIdGen,
-    metrics: Arc<ActorMetrics>,
+pub(crate) struct Inner {
+    pub(crate) partitions: Vec<ActorRef<PartitionMsg>>,
+    pub(crate) partitioner: Partitioner,
+    pub(crate) wal: Wal,
+    pub(crate) cfg: ShopConfig,
+    pub(crate) ids: OrderIdGen,
+    pub(crate) metrics: Arc<ActorMetrics>,
     ready: AtomicBool,
     /// Stops the background loops (timer dispatcher, checkpointer) at shutdown.
     stop: CancellationToken,
@@ -161,6 +165,7 @@ impl Shop {
                 config: PartitionConfig {
                     idle_timeout: cfg.idle_timeout,
                     max_active: (cfg.max_active / usize::from(cfg.partitions)).max(1),
+                    max_queue: cfg.max_entity_queue.max(1),
                     tick: cfg.timer_tick,
                 },
                 ctx: ctx.clone(),
@@ -234,7 +239,7 @@ impl Shop {
     // ---- plumbing ---------------------------------------------------------------------
 
     /// Sends one command to one entity and waits for its answer.
-    async fn ask<E: Routed>(
+    pub(crate) async fn ask<E: Routed>(
         &self,
         partition: u16,
         id: &str,
@@ -273,7 +278,7 @@ impl Shop {
         self.ask::<ProductState>(p, id, cmd).await
     }
 
-    async fn sku(
+    pub(crate) async fn sku(
         &self,
         id: &str,
         cmd: SkuCommand,
@@ -282,7 +287,7 @@ impl Shop {
         self.ask::<SkuState>(p, id, cmd).await
     }
 
-    async fn order(
+    pub(crate) async fn order(
         &self,
         id: &str,
         cmd: OrderCommand,
@@ -642,7 +647,19 @@ impl Shop {
         Err(failure.unwrap_or_else(|| ShopError::Internal("checkout failed".into())))
     }
 
-    async fn release(&self, sku_id: &str, order_id: &str) {
+    /// Gives a cancelled order's units back: to its campaign, or to each SKU.
+    async fn release_order(&self, order: &Order) {
+        match &order.campaign_id {
+            Some(campaign_id) => self.release_claim(campaign_id, &order.order_id).await,
+            None => {
+                for line in &order.lines {
+                    self.release(&line.sku_id, &order.order_id).await;
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn release(&self, sku_id: &str, order_id: &str) {
         let cmd = SkuCommand::Release {
             order_id: order_id.to_owned(),
         };
@@ -691,7 +708,7 @@ impl Shop {
     /// Ids under an index prefix, after (or, `reverse`, before) the cursor, whose index
     /// value passes `keep`: at most `limit`, and the cursor of the next page when there
     /// may be more.
-    fn scan_index(
+    pub(crate) fn scan_index(
         &self,
         prefix: &[u8],
         cursor: Option<&str>,
@@ -766,6 +783,7 @@ impl Shop {
                     )))
                 }
                 Err(Refusal::Unavailable(why)) => return Err(ShopError::Unavailable(why)),
+                Err(Refusal::Overloaded(what)) => return Err(ShopError::Overloaded(what)),
             }
         }
         let order = self.get_order(order_id).await?;
@@ -845,6 +863,11 @@ impl Shop {
     /// Moves every line to sold, then marks the order paid. Safe to repeat.
     async fn finish_payment(&self, order: Order, payment_id: &str) -> Result<Order> {
         let order_id = order.order_id.clone();
+        if let Some(campaign_id) = order.campaign_id.clone() {
+            return self
+                .finish_campaign_payment(order, &campaign_id, payment_id)
+                .await;
+        }
         // Commit every line before acting on a refusal, so the outcome is all or nothing.
         let mut committed = Vec::with_capacity(order.lines.len());
         let mut gone = None;
@@ -905,9 +928,7 @@ impl Shop {
             .await
             .map_err(|r| order_err(r, order_id))?
             .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
-        for line in &order.lines {
-            self.release(&line.sku_id, order_id).await;
-        }
+        self.release_order(&order).await;
         Ok(order)
     }
 
@@ -959,6 +980,10 @@ impl Shop {
             }
         };
         if order.refund.as_ref().is_some_and(|r| r.restock) {
+            if let Some(campaign_id) = &order.campaign_id {
+                self.restock_campaign_order(&order, campaign_id).await?;
+                return Ok(order);
+            }
             for line in &order.lines {
                 let cmd = SkuCommand::Restock {
                     order_id: order_id.to_owned(),
@@ -994,7 +1019,7 @@ impl Shop {
         .await
     }
 
-    async fn order_cmd(&self, order_id: &str, cmd: OrderCommand) -> Result<Order> {
+    pub(crate) async fn order_cmd(&self, order_id: &str, cmd: OrderCommand) -> Result<Order> {
         self.order(order_id, cmd)
             .await
             .map_err(|r| order_err(r, order_id))?
@@ -1026,6 +1051,7 @@ impl Shop {
             Ok(_) => Ok(IdemStart::Fresh),
             Err(Refusal::Domain(e)) => idem_err(e),
             Err(Refusal::Unavailable(why)) => Err(ShopError::Unavailable(why)),
+            Err(Refusal::Overloaded(what)) => Err(ShopError::Overloaded(what)),
         }
     }
 
@@ -1046,6 +1072,7 @@ impl Shop {
             .map_err(|r| match r {
                 Refusal::Domain(e) => ShopError::Internal(format!("{e:?}")),
                 Refusal::Unavailable(why) => ShopError::Unavailable(why),
+                Refusal::Overloaded(what) => ShopError::Overloaded(what),
             })
     }
 
@@ -1097,6 +1124,11 @@ impl Shop {
                     .map(|e| format!("idempotency expiry: {e:?}")),
                 None => None,
             },
+            Kind::Campaign => self
+                .campaign_timer(&key.id)
+                .await
+                .err()
+                .map(|e| format!("campaign timer: {e}")),
             Kind::Product | Kind::Cart | Kind::Payment => None,
         };
         if let Some(why) = failed {
@@ -1120,9 +1152,7 @@ impl Shop {
         }
         let after = self.order_cmd(order_id, OrderCommand::Tick).await?;
         if after.status == OrderStatus::Cancelled {
-            for line in &after.lines {
-                self.release(&line.sku_id, order_id).await;
-            }
+            self.release_order(&after).await;
         }
         Ok(())
     }
@@ -1189,6 +1219,7 @@ fn fold_entity(
         Kind::Order => fold::<OrderState>(snapshot, tail),
         Kind::Idempotency => fold::<IdemState>(snapshot, tail),
         Kind::Payment => fold::<PaymentState>(snapshot, tail),
+        Kind::Campaign => fold::<CampaignState>(snapshot, tail),
     }
 }
 
@@ -1211,11 +1242,11 @@ fn count_orders_by_status(wal: &Wal, metrics: &ActorMetrics) -> Result<()> {
     Ok(())
 }
 
-fn millis(d: Duration) -> Millis {
+pub(crate) fn millis(d: Duration) -> Millis {
     d.as_millis() as Millis
 }
 
-fn storage(e: shardmall_persistence::Error) -> ShopError {
+pub(crate) fn storage(e: shardmall_persistence::Error) -> ShopError {
     ShopError::Unavailable(format!("storage: {e}"))
 }
 

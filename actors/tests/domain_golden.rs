@@ -182,3 +182,76 @@ fn order_payment_flagged_layout() {
     };
     assert_golden(&ev, "0b057061792d31fbe80303434e59fd0068e5cf8b010000");
 }
+
+#[test]
+fn campaign_events_layout() {
+    use shardmall_actors::domain::campaign::{CampaignEvent, CampaignTerms};
+    let created = CampaignEvent::Created(CampaignTerms {
+        campaign_id: "c1".into(),
+        sku_id: "s1".into(),
+        product_id: "p1".into(),
+        sku_name: "Red".into(),
+        price: cny(100),
+        quantity: 1000,
+        starts_at: AT,
+        ends_at: AT + 3_600_000,
+        per_buyer_limit: 1,
+        payment_timeout_ms: 600_000,
+        created_at: AT,
+    });
+    assert_golden(&created, "0002633102733102703103526564c803434e59fbe803fd0068e5cf8b010000fd80561cd08b01000001fcc0270900fd0068e5cf8b010000");
+    let claimed = CampaignEvent::Claimed {
+        order_id: "o1".into(),
+        buyer: "b1".into(),
+        quantity: 1,
+        expires_at: AT + 900_000,
+        at: AT,
+    };
+    assert_golden(&claimed, "03026f3102623101fda023f3cf8b010000fd0068e5cf8b010000");
+    let rest = [
+        CampaignEvent::Opened { at: AT },
+        CampaignEvent::Discarded { at: AT },
+        CampaignEvent::Committed {
+            order_id: "o1".into(),
+            at: AT,
+        },
+        CampaignEvent::Released {
+            order_id: "o1".into(),
+            at: AT,
+        },
+        CampaignEvent::Expired {
+            order_id: "o1".into(),
+            at: AT,
+        },
+        CampaignEvent::Ended { at: AT },
+    ];
+    let goldens = ["01fd0068e5cf8b010000", "02fd0068e5cf8b010000", "04026f31fd0068e5cf8b010000", "05026f31fd0068e5cf8b010000", "06026f31fd0068e5cf8b010000", "07fd0068e5cf8b010000"];
+    for (ev, golden) in rest.iter().zip(goldens) {
+        assert_golden(ev, golden);
+    }
+}
+
+#[test]
+fn sku_campaign_events_layout() {
+    let carved = SkuEvent::CampaignCarved {
+        campaign_id: "c1".into(),
+        quantity: 1000,
+        at: AT,
+    };
+    assert_golden(&carved, "0a026331fbe803fd0068e5cf8b010000");
+    let synced = SkuEvent::CampaignSynced {
+        campaign_id: "c1".into(),
+        version: 7,
+        held: 990,
+        sold: 10,
+        at: AT,
+    };
+    assert_golden(&synced, "0b02633107fbde030afd0068e5cf8b010000");
+    let restocked = SkuEvent::CampaignRestocked {
+        campaign_id: "c1".into(),
+        order_id: "o1".into(),
+        quantity: 1,
+        at: AT,
+    };
+    assert_golden(&restocked, "0c026331026f3101fd0068e5cf8b010000");
+}

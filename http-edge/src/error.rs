@@ -81,6 +81,7 @@ impl From<ShopError> for ApiError {
             ShopError::NotFound(_) => StatusCode::NOT_FOUND,
             ShopError::AmountMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ShopError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ShopError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ShopError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::CONFLICT,
         };
@@ -92,6 +93,11 @@ impl From<ShopError> for ApiError {
             ShopError::Unavailable(detail) => {
                 tracing::warn!(error = %detail, "unavailable");
                 ApiError::unavailable("the service is temporarily unavailable; retry shortly")
+            }
+            ShopError::Overloaded(_) => {
+                let mut err = ApiError::new(status, e.code(), e.to_string());
+                err.retry_after = Some(1);
+                err
             }
             _ => ApiError::new(status, e.code(), e.to_string()),
         }

@@ -14,6 +14,11 @@ use crate::{CheckpointStats, Lsn, Result, Wal};
 /// Entities folded per atomic batch: bounds the memory and the size of one sled batch.
 const ENTITIES_PER_BATCH: usize = 512;
 
+/// A snapshot at least this large is rewritten only once its log tail has grown to half
+/// its size: a big state (a hot campaign's claims) is not re-encoded on every pass, and
+/// each logged byte is rewritten a bounded number of times.
+const LARGE_SNAPSHOT: usize = 64 * 1024;
+
 /// The log records of one entity collected for folding.
 struct Group {
     entity: Vec<u8>,
@@ -102,6 +107,12 @@ impl Wal {
                     for k in g.keys {
                         batch.remove(k);
                     }
+                    continue;
+                }
+                let old_len = old.as_ref().map_or(0, |s| s.len());
+                let tail_len: usize = g.tail[first_new..].iter().map(|(_, r)| r.len()).sum();
+                if old_len >= LARGE_SNAPSHOT && tail_len * 2 < old_len {
+                    stats.deferred += 1;
                     continue;
                 }
                 match fold(&g.entity, old.as_deref(), &g.tail[first_new..]) {

@@ -38,4 +38,6 @@ pub struct CheckpointStats {
     pub entities: usize,
     /// Log records removed.
     pub records: usize,
+    /// Entities with a large snapshot and a short tail, left for a later pass.
+    pub deferred: usize,
 }

@@ -250,3 +250,48 @@ fn open_outside_a_runtime_is_an_error() {
         Err(Error::NoRuntime)
     ));
 }
+
+#[tokio::test]
+async fn a_large_snapshot_waits_for_a_tail_half_its_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let append = |bytes: Vec<u8>| {
+        let wal = wal.clone();
+        async move {
+            wal.append(record(2, b"hot", &bytes))
+                .await
+                .unwrap()
+                .durable()
+                .await
+                .unwrap()
+        }
+    };
+    // The fold keeps the concatenation of everything logged.
+    let mut fold = |_: &[u8], old: Option<&[u8]>, tail: &[(u64, Vec<u8>)]| {
+        let mut s = old.map(<[u8]>::to_vec).unwrap_or_default();
+        for (_, r) in tail {
+            s.extend_from_slice(r);
+        }
+        Ok(Some(s))
+    };
+    append(vec![1; 100 * 1024]).await;
+    let stats = wal.checkpoint_partition(2, &mut fold).unwrap();
+    assert_eq!((stats.entities, stats.deferred), (1, 0));
+
+    // A short tail on a large snapshot stays in the log, and loads with it.
+    append(vec![2; 1024]).await;
+    let stats = wal.checkpoint_partition(2, &mut fold).unwrap();
+    assert_eq!((stats.entities, stats.deferred), (0, 1));
+    let log = wal.load_entity(2, b"hot").unwrap();
+    assert_eq!(log.snapshot.as_ref().map(Vec::len), Some(100 * 1024));
+    assert_eq!(log.tail.len(), 1);
+
+    // Once the tail reaches half the snapshot, it is folded.
+    append(vec![3; 50 * 1024]).await;
+    let stats = wal.checkpoint_partition(2, &mut fold).unwrap();
+    assert_eq!((stats.entities, stats.deferred, stats.records), (1, 0, 2));
+    let log = wal.load_entity(2, b"hot").unwrap();
+    assert_eq!(log.snapshot.as_ref().map(Vec::len), Some(151 * 1024));
+    assert!(log.tail.is_empty());
+    wal.shutdown().await.unwrap();
+}

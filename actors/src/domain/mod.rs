@@ -5,6 +5,7 @@
 //! state. Replaying the same events onto `Default::default()` MUST rebuild the same state,
 //! so `apply` never looks at a clock or at anything but its arguments.
 
+pub mod campaign;
 pub mod cart;
 pub mod common;
 pub mod idempotency;
@@ -28,6 +29,7 @@ pub enum Kind {
     Order = 4,
     Idempotency = 5,
     Payment = 6,
+    Campaign = 7,
 }
 
 /// One entity's state machine.

@@ -63,6 +63,20 @@ pub struct Sku {
     pub expiries: BTreeMap<Millis, u64>,
     /// When `settled` was last swept.
     pub swept_at: Millis,
+    /// Units carved out for flash-sale campaigns, by campaign id. Their held units count
+    /// in `reserved`, their sold units in `sold`.
+    pub campaigns: BTreeMap<String, CampaignHold>,
+}
+
+/// What one campaign holds of this SKU, as last reported by the campaign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignHold {
+    /// The campaign's version these figures come from; older reports are ignored.
+    pub version: u64,
+    pub held: u64,
+    pub sold: u64,
+    /// Sold units given back by refunds.
+    pub restocked: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +147,22 @@ pub enum SkuCommand {
     /// The timer: releases every reservation whose `expires_at <= now`.
     Expire,
     Get,
+    /// Carves `quantity` available units out for a campaign. Idempotent per campaign.
+    CarveCampaign { campaign_id: String, quantity: u64 },
+    /// The campaign's current figures: units it still holds and units it sold. Applied
+    /// only if `version` is newer than the last report, so it is safe to repeat.
+    SyncCampaign {
+        campaign_id: String,
+        version: u64,
+        held: u64,
+        sold: u64,
+    },
+    /// A refund gives a campaign order's sold units back to available, once per order.
+    RestockCampaign {
+        campaign_id: String,
+        order_id: String,
+        quantity: u64,
+    },
 }
 
 /// The facts of a SKU's life. Variants are only ever appended (bincode encodes the
@@ -178,6 +208,24 @@ pub enum SkuEvent {
         at: Millis,
     },
     Restocked {
+        order_id: String,
+        quantity: u64,
+        at: Millis,
+    },
+    CampaignCarved {
+        campaign_id: String,
+        quantity: u64,
+        at: Millis,
+    },
+    CampaignSynced {
+        campaign_id: String,
+        version: u64,
+        held: u64,
+        sold: u64,
+        at: Millis,
+    },
+    CampaignRestocked {
+        campaign_id: String,
         order_id: String,
         quantity: u64,
         at: Millis,
@@ -258,9 +306,10 @@ impl Sku {
 
     /// The structural invariants; cheap enough only for debug builds and tests.
     pub fn check(&self) -> Result<(), String> {
-        if self.reserved != self.reservations_total() {
+        let held: u64 = self.campaigns.values().map(|c| c.held).sum();
+        if self.reserved != self.reservations_total() + held {
             return Err(format!(
-                "reserved {} != sum of reservations {}",
+                "reserved {} != sum of reservations {} + campaign units {held}",
                 self.reserved,
                 self.reservations_total()
             ));
@@ -351,7 +400,10 @@ impl SkuEvent {
             | SkuEvent::Released { at, .. }
             | SkuEvent::Expired { at, .. }
             | SkuEvent::Committed { at, .. }
-            | SkuEvent::Restocked { at, .. } => *at,
+            | SkuEvent::Restocked { at, .. }
+            | SkuEvent::CampaignCarved { at, .. }
+            | SkuEvent::CampaignSynced { at, .. }
+            | SkuEvent::CampaignRestocked { at, .. } => *at,
         }
     }
 }
@@ -573,6 +625,79 @@ impl Entity for SkuState {
                     .collect())
             }
             SkuCommand::Get => Ok(vec![]),
+            SkuCommand::CarveCampaign {
+                campaign_id,
+                quantity,
+            } => {
+                let s = self.existing()?;
+                if s.campaigns.contains_key(campaign_id) {
+                    return Ok(vec![]);
+                }
+                if s.product_status != ProductStatus::OnShelf {
+                    return Err(invalid("the product is off shelf"));
+                }
+                if s.available < *quantity {
+                    return Err(SkuError::InsufficientStock {
+                        available: s.available,
+                    });
+                }
+                Ok(vec![SkuEvent::CampaignCarved {
+                    campaign_id: campaign_id.clone(),
+                    quantity: *quantity,
+                    at: now,
+                }])
+            }
+            SkuCommand::SyncCampaign {
+                campaign_id,
+                version,
+                held,
+                sold,
+            } => {
+                let s = self.existing()?;
+                let Some(hold) = s.campaigns.get(campaign_id) else {
+                    return Ok(vec![]);
+                };
+                if *version <= hold.version || (*held == hold.held && *sold == hold.sold) {
+                    return Ok(vec![]);
+                }
+                // Units only ever leave a campaign: held falls, sold grows.
+                if *held > hold.held || *sold < hold.sold || held + sold > hold.held + hold.sold {
+                    return Err(invalid(format!(
+                        "campaign {campaign_id} reports figures that do not follow its last ones"
+                    )));
+                }
+                Ok(vec![SkuEvent::CampaignSynced {
+                    campaign_id: campaign_id.clone(),
+                    version: *version,
+                    held: *held,
+                    sold: *sold,
+                    at: now,
+                }])
+            }
+            SkuCommand::RestockCampaign {
+                campaign_id,
+                order_id,
+                quantity,
+            } => {
+                let s = self.existing()?;
+                if s.settled.get(order_id).map(|x| x.outcome) == Some(Outcome::Restocked) {
+                    return Ok(vec![]);
+                }
+                let hold = s.campaigns.get(campaign_id).ok_or_else(|| {
+                    invalid(format!("campaign {campaign_id} holds nothing of this sku"))
+                })?;
+                if hold.sold < hold.restocked + quantity {
+                    return Err(invalid(format!(
+                        "campaign {campaign_id} has not reported {quantity} more sold units"
+                    )));
+                }
+                Ok(vec![SkuEvent::CampaignRestocked {
+                    campaign_id: campaign_id.clone(),
+                    order_id: order_id.clone(),
+                    quantity: *quantity,
+                    at: now,
+                }])
+            }
         }
     }
 
@@ -597,6 +722,7 @@ impl Entity for SkuState {
                 updated_at: c.at,
                 expiries: BTreeMap::new(),
                 swept_at: c.at,
+                campaigns: BTreeMap::new(),
             });
             return;
         }
@@ -663,6 +789,54 @@ impl Entity for SkuState {
                     s.sold = s.sold.saturating_sub(q);
                     s.available = s.available.saturating_add(q);
                     s.settle(order_id, Outcome::Restocked, q, *at);
+                }
+            }
+            SkuEvent::CampaignCarved {
+                campaign_id,
+                quantity,
+                ..
+            } => {
+                s.available = s.available.saturating_sub(*quantity);
+                s.reserved = s.reserved.saturating_add(*quantity);
+                s.campaigns.insert(
+                    campaign_id.clone(),
+                    CampaignHold {
+                        version: 0,
+                        held: *quantity,
+                        sold: 0,
+                        restocked: 0,
+                    },
+                );
+            }
+            SkuEvent::CampaignSynced {
+                campaign_id,
+                version,
+                held,
+                sold,
+                ..
+            } => {
+                if let Some(hold) = s.campaigns.get_mut(campaign_id) {
+                    let newly_sold = sold.saturating_sub(hold.sold);
+                    let left = hold.held.saturating_sub(*held);
+                    s.reserved = s.reserved.saturating_sub(left);
+                    s.sold = s.sold.saturating_add(newly_sold);
+                    s.available = s.available.saturating_add(left.saturating_sub(newly_sold));
+                    hold.version = *version;
+                    hold.held = *held;
+                    hold.sold = *sold;
+                }
+            }
+            SkuEvent::CampaignRestocked {
+                campaign_id,
+                order_id,
+                quantity,
+                at,
+            } => {
+                if let Some(hold) = s.campaigns.get_mut(campaign_id) {
+                    hold.restocked = hold.restocked.saturating_add(*quantity);
+                    s.sold = s.sold.saturating_sub(*quantity);
+                    s.available = s.available.saturating_add(*quantity);
+                    s.settle(order_id, Outcome::Restocked, *quantity, *at);
                 }
             }
         }
@@ -745,6 +919,52 @@ mod tests {
     fn figures(s: &SkuState) -> (u64, u64, u64) {
         let v = s.view().unwrap();
         (v.available, v.reserved, v.sold)
+    }
+
+    #[test]
+    fn campaign_units_are_carved_synced_and_restocked_without_losing_stock() {
+        let mut s = with_stock(100);
+        let carve = |q| SkuCommand::CarveCampaign {
+            campaign_id: "c1".into(),
+            quantity: q,
+        };
+        assert_eq!(
+            run(&mut s, carve(101), 2),
+            Err(SkuError::InsufficientStock { available: 100 })
+        );
+        run(&mut s, carve(40), 2).unwrap();
+        assert_eq!(figures(&s), (60, 40, 0));
+        // Carving again is a no-op.
+        assert!(run(&mut s, carve(40), 3).unwrap().is_empty());
+        let sync = |version, held, sold| SkuCommand::SyncCampaign {
+            campaign_id: "c1".into(),
+            version,
+            held,
+            sold,
+        };
+        // Sold 10 while live: held falls by the same amount.
+        run(&mut s, sync(5, 30, 10), 4).unwrap();
+        assert_eq!(figures(&s), (60, 30, 10));
+        // A stale or repeated report changes nothing.
+        assert!(run(&mut s, sync(4, 35, 5), 5).unwrap().is_empty());
+        assert!(run(&mut s, sync(5, 30, 10), 5).unwrap().is_empty());
+        // Ended with 2 awaiting payment: the other 28 return to available.
+        run(&mut s, sync(9, 2, 10), 6).unwrap();
+        assert_eq!(figures(&s), (88, 2, 10));
+        // Figures that do not follow the last ones are refused.
+        assert!(run(&mut s, sync(10, 3, 10), 7).is_err());
+        // A refund gives one order's unit back, once.
+        let restock = SkuCommand::RestockCampaign {
+            campaign_id: "c1".into(),
+            order_id: "o1".into(),
+            quantity: 1,
+        };
+        run(&mut s, restock.clone(), 8).unwrap();
+        assert!(run(&mut s, restock, 9).unwrap().is_empty());
+        assert_eq!(figures(&s), (89, 2, 9));
+        s.sku.as_ref().unwrap().check().unwrap();
+        // Units held by a campaign block a discard.
+        assert!(run(&mut s, SkuCommand::Discard, 10).is_err());
     }
 
     #[test]

@@ -1,0 +1,326 @@
+//! Flash-sale campaigns: the sagas around the campaign entity.
+//!
+//! - Creation: the campaign is created in `Draft`, the SKU carves its units out of
+//!   `available` (refused with `insufficient_stock`, which discards the draft), then the
+//!   campaign opens. A draft left behind by a crash ends at `ends_at` like any campaign,
+//!   and the SKU gets back whatever it carved.
+//! - A buy claims units on the campaign (one actor, arithmetic only; refusals write
+//!   nothing), then places the order in the buyer's partition. It is answered once both
+//!   are durable. If the order cannot be placed, the claim is released.
+//! - Payment commits the claim; cancel and expiry release it. The SKU is told the
+//!   campaign's absolute figures afterwards ([`CampaignView::sku_hold`]): versioned, so a
+//!   report that is late, lost or repeated is harmless, and the next one catches up.
+
+use std::time::Duration;
+
+use crate::domain::campaign::{
+    CampaignCommand, CampaignState, CampaignStatus, CampaignTerms, CampaignView,
+};
+use crate::domain::order::{CancelReason, Line, Order, OrderCommand};
+use crate::domain::sku::SkuCommand;
+use crate::domain::{Address, Kind, Millis, Money};
+use crate::error::{Result, ShopError};
+use crate::errors_map::{campaign_err, order_err, sku_err};
+use crate::host::{now_ms, Refusal};
+use crate::shop::{millis, Page, Shop};
+
+/// A campaign as the admin creates it.
+#[derive(Debug, Clone)]
+pub struct NewCampaign {
+    pub campaign_id: String,
+    pub sku_id: String,
+    pub price: Money,
+    pub quantity: u64,
+    pub starts_at: Option<Millis>,
+    pub ends_at: Millis,
+    pub per_buyer_limit: u64,
+    pub payment_timeout: Option<Duration>,
+}
+
+impl Shop {
+    async fn campaign(&self, id: &str, cmd: CampaignCommand) -> Result<CampaignView> {
+        let p = self.inner.partitioner.catalog(Kind::Campaign, id);
+        self.ask::<CampaignState>(p, id, cmd)
+            .await
+            .map_err(|r| campaign_err(r, id))?
+            .ok_or_else(|| ShopError::NotFound(format!("campaign {id}")))
+    }
+
+    pub async fn create_campaign(&self, input: NewCampaign) -> Result<CampaignView> {
+        let now = now_ms();
+        let sku = self
+            .sku(&input.sku_id, SkuCommand::Get)
+            .await
+            .map_err(|r| sku_err(r, &input.sku_id))?
+            .ok_or_else(|| ShopError::NotFound(format!("sku {}", input.sku_id)))?;
+        let payment_timeout = input
+            .payment_timeout
+            .unwrap_or(self.inner.cfg.payment_timeout);
+        let terms = CampaignTerms {
+            campaign_id: input.campaign_id.clone(),
+            sku_id: input.sku_id.clone(),
+            product_id: sku.product_id.clone(),
+            sku_name: sku.name.clone(),
+            price: input.price,
+            quantity: input.quantity,
+            starts_at: input.starts_at.unwrap_or(now),
+            ends_at: input.ends_at,
+            per_buyer_limit: input.per_buyer_limit,
+            payment_timeout_ms: millis(payment_timeout),
+            created_at: now,
+        };
+        let id = &input.campaign_id;
+        self.campaign(id, CampaignCommand::Create(terms)).await?;
+        let carve = SkuCommand::CarveCampaign {
+            campaign_id: id.clone(),
+            quantity: input.quantity,
+        };
+        if let Err(r) = self.sku(&input.sku_id, carve).await {
+            let err = sku_err(r, &input.sku_id);
+            if !matches!(err, ShopError::Unavailable(_)) {
+                // Nothing was carved: the draft goes, and its id may be used again.
+                if let Err(e) = self.campaign(id, CampaignCommand::Discard).await {
+                    tracing::warn!(campaign = %id, error = %e, "discarding a refused campaign failed; it ends at its end time");
+                }
+            }
+            return Err(err);
+        }
+        self.campaign(id, CampaignCommand::Open).await
+    }
+
+    pub async fn get_campaign(&self, id: &str) -> Result<CampaignView> {
+        self.campaign(id, CampaignCommand::Get).await
+    }
+
+    /// Campaigns in id order, optionally only those with `status` now.
+    pub async fn list_campaigns(
+        &self,
+        status: Option<CampaignStatus>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<CampaignView>> {
+        const CHUNK: usize = 100;
+        let mut items = Vec::new();
+        let mut cursor = cursor.map(str::to_owned);
+        loop {
+            let (ids, next) = self.scan_index(b"I/c/", cursor.as_deref(), false, CHUNK, |_| true)?;
+            let now = now_ms();
+            for id in &ids {
+                let view = match self.get_campaign(id).await {
+                    Ok(v) => v,
+                    // Discarded between the scan and the read.
+                    Err(ShopError::NotFound(_)) => continue,
+                    Err(e) => return Err(e),
+                };
+                if status.is_none_or(|s| view.status(now) == s) {
+                    items.push(view);
+                    if items.len() == limit {
+                        let more = next.is_some() || id != ids.last().unwrap_or(id);
+                        return Ok(Page {
+                            items,
+                            next_cursor: more.then(|| id.clone()),
+                        });
+                    }
+                }
+            }
+            match next {
+                Some(n) => cursor = Some(n),
+                None => {
+                    return Ok(Page {
+                        items,
+                        next_cursor: None,
+                    })
+                }
+            }
+        }
+    }
+
+    /// The kill switch: ends the campaign now; unsold units go back to the SKU.
+    pub async fn end_campaign(&self, id: &str) -> Result<CampaignView> {
+        let view = self.campaign(id, CampaignCommand::End).await?;
+        self.sync_sku(&view).await;
+        Ok(view)
+    }
+
+    /// A flash-sale buy: claim on the campaign, then place the order. Answered once both
+    /// are durable.
+    // PerformanceCriticalPath: the flash-sale hot path.
+    pub async fn buy(
+        &self,
+        campaign_id: &str,
+        buyer: &str,
+        quantity: u64,
+        shipping_address: Option<Address>,
+    ) -> Result<Order> {
+        if quantity == 0 {
+            return Err(ShopError::BadRequest("quantity must be at least 1".into()));
+        }
+        let now = now_ms();
+        let partition = self.inner.partitioner.buyer(buyer);
+        let order_id = self.inner.ids.next(now, partition).to_string();
+        let claim = CampaignCommand::Claim {
+            order_id: order_id.clone(),
+            buyer: buyer.to_owned(),
+            quantity,
+            grace_ms: millis(self.inner.cfg.reservation_grace),
+        };
+        let view = self.campaign(campaign_id, claim).await?;
+        // The claim expires at the campaign's clock plus timeout plus grace, which is never
+        // before this deadline plus grace.
+        let terms = &view.terms;
+        let place = OrderCommand::Place {
+            order_id: order_id.clone(),
+            buyer: buyer.to_owned(),
+            lines: vec![Line {
+                sku_id: terms.sku_id.clone(),
+                name: terms.sku_name.clone(),
+                unit_price: terms.price.clone(),
+                quantity,
+            }],
+            shipping_address,
+            payment_deadline: now + terms.payment_timeout_ms,
+            campaign_id: Some(campaign_id.to_owned()),
+        };
+        let failure = match self.order(&order_id, place).await {
+            Ok(Some(order)) => return Ok(order),
+            Ok(None) => ShopError::Internal("placed order has no state".into()),
+            Err(r) => {
+                let err = order_err(r, &order_id);
+                if matches!(err, ShopError::Unavailable(_)) {
+                    // The place may still land: cancel behind it (same mailbox).
+                    let cancel = OrderCommand::Cancel {
+                        reason: CancelReason::PaymentFailed,
+                    };
+                    if let Err(e) = self.order(&order_id, cancel).await {
+                        tracing::warn!(order = %order_id, error = ?e, "cancelling a buy that timed out failed; it expires at its deadline");
+                    }
+                }
+                err
+            }
+        };
+        self.release_claim(campaign_id, &order_id).await;
+        Err(failure)
+    }
+
+    /// Returns an order's units to its campaign (or, once it has ended, to the SKU).
+    pub(crate) async fn release_claim(&self, campaign_id: &str, order_id: &str) {
+        let release = CampaignCommand::Release {
+            order_id: order_id.to_owned(),
+        };
+        match self.campaign(campaign_id, release).await {
+            Ok(view) => {
+                if view.ended(now_ms()) {
+                    self.sync_sku(&view).await;
+                }
+            }
+            // The claim's own expiry returns the units later.
+            Err(e) => {
+                tracing::warn!(campaign = campaign_id, order = order_id, error = %e, "release failed; the claim will expire")
+            }
+        }
+    }
+
+    /// Commits a campaign order's claim, then marks the order paid.
+    pub(crate) async fn finish_campaign_payment(
+        &self,
+        order: Order,
+        campaign_id: &str,
+        payment_id: &str,
+    ) -> Result<Order> {
+        let order_id = order.order_id;
+        let commit = CampaignCommand::Commit {
+            order_id: order_id.clone(),
+        };
+        match self.campaign(campaign_id, commit).await {
+            Ok(view) => self.sync_sku(&view).await,
+            Err(err @ ShopError::Unavailable(_)) => return Err(err),
+            Err(err) => {
+                tracing::error!(order = %order_id, campaign = campaign_id, error = %err, "campaign claim could not be committed; aborting the payment");
+                let abort = OrderCommand::AbortPayment {
+                    payment_id: payment_id.to_owned(),
+                };
+                self.order(&order_id, abort)
+                    .await
+                    .map_err(|r| order_err(r, &order_id))?;
+                return Err(err);
+            }
+        }
+        let paid = OrderCommand::MarkPaid {
+            payment_id: payment_id.to_owned(),
+            auto_confirm_after: millis(self.inner.cfg.auto_confirm_after),
+        };
+        self.order(&order_id, paid)
+            .await
+            .map_err(|r| order_err(r, &order_id))?
+            .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))
+    }
+
+    /// A refund with restock of a campaign order: its units go back to the SKU's
+    /// `available` (the campaign's `sold` keeps counting the sale).
+    pub(crate) async fn restock_campaign_order(
+        &self,
+        order: &Order,
+        campaign_id: &str,
+    ) -> Result<()> {
+        // The SKU restocks only units the campaign has reported sold: report first.
+        let view = self.get_campaign(campaign_id).await?;
+        self.sync_sku(&view).await;
+        for line in &order.lines {
+            let cmd = SkuCommand::RestockCampaign {
+                campaign_id: campaign_id.to_owned(),
+                order_id: order.order_id.clone(),
+                quantity: line.quantity,
+            };
+            self.sku(&line.sku_id, cmd)
+                .await
+                .map_err(|r| sku_err(r, &line.sku_id))?;
+        }
+        Ok(())
+    }
+
+    /// Tells the SKU what the campaign holds and has sold. Best effort: a lost report is
+    /// caught up by the next one (the campaign's timer sends one at the end).
+    pub(crate) async fn sync_sku(&self, view: &CampaignView) {
+        let (version, held, sold) = view.sku_hold();
+        let sku_id = &view.terms.sku_id;
+        let cmd = SkuCommand::SyncCampaign {
+            campaign_id: view.terms.campaign_id.clone(),
+            version,
+            held,
+            sold,
+        };
+        match self.sku(sku_id, cmd).await {
+            Ok(_) => {}
+            Err(Refusal::Unavailable(why) | Refusal::Overloaded(why)) => {
+                tracing::warn!(sku = %sku_id, campaign = %view.terms.campaign_id, error = %why, "sku not told of campaign figures; the next report catches up");
+            }
+            Err(Refusal::Domain(e)) => {
+                tracing::error!(sku = %sku_id, campaign = %view.terms.campaign_id, error = %e, "sku refused campaign figures");
+            }
+        }
+    }
+
+    /// The campaign's timer: end it on time, expire unpaid claims, and report to the SKU.
+    pub(crate) async fn campaign_timer(&self, id: &str) -> Result<()> {
+        let view = match self.campaign(id, CampaignCommand::Tick).await {
+            Ok(v) => v,
+            // Discarded: nothing left to do.
+            Err(ShopError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if view.ended(now_ms()) {
+            let (version, held, sold) = view.sku_hold();
+            let cmd = SkuCommand::SyncCampaign {
+                campaign_id: id.to_owned(),
+                version,
+                held,
+                sold,
+            };
+            // Unlike other reports, the end's MUST land: on failure the timer retries.
+            self.sku(&view.terms.sku_id, cmd)
+                .await
+                .map_err(|r| sku_err(r, &view.terms.sku_id))?;
+        }
+        Ok(())
+    }
+}
