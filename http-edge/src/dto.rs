@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use shardmall_actors::domain::order::{Order, OrderStatus, RefundStatus};
+use shardmall_actors::domain::campaign::CampaignView;
 use shardmall_actors::domain::sku::SkuView;
 use shardmall_actors::domain::{self, Millis};
 use shardmall_actors::{CartLine, Page, ProductDetail};
@@ -521,4 +522,84 @@ pub fn parse_status(s: &str) -> Result<OrderStatus, ApiError> {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     pub status: &'static str,
+}
+
+// ---- campaigns ----------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewCampaign {
+    /// Generated when absent.
+    pub campaign_id: Option<String>,
+    pub sku_id: String,
+    pub price: Money,
+    pub quantity: i64,
+    /// RFC 3339; defaults to now.
+    pub starts_at: Option<String>,
+    /// RFC 3339.
+    pub ends_at: String,
+    /// Defaults to 1.
+    pub per_buyer_limit: Option<i64>,
+    /// Defaults to the node's payment timeout.
+    pub payment_timeout_secs: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CampaignBody {
+    pub campaign_id: String,
+    pub sku_id: String,
+    pub price: Money,
+    pub quantity: u64,
+    pub starts_at: String,
+    pub ends_at: String,
+    pub per_buyer_limit: u64,
+    pub payment_timeout_secs: u64,
+    /// Units paid.
+    pub sold: u64,
+    /// Units bought and awaiting payment.
+    pub reserved: u64,
+    /// Units still for sale (0 once ended).
+    pub remaining: u64,
+    /// `scheduled` | `live` | `sold_out` | `ended`
+    pub status: String,
+}
+
+impl CampaignBody {
+    pub fn new(v: &CampaignView, now: Millis) -> Self {
+        let t = &v.terms;
+        CampaignBody {
+            campaign_id: t.campaign_id.clone(),
+            sku_id: t.sku_id.clone(),
+            price: (&t.price).into(),
+            quantity: t.quantity,
+            starts_at: rfc3339(t.starts_at),
+            ends_at: rfc3339(t.ends_at),
+            per_buyer_limit: t.per_buyer_limit,
+            payment_timeout_secs: t.payment_timeout_ms / 1000,
+            sold: v.sold,
+            reserved: v.reserved,
+            remaining: v.remaining(now),
+            status: v.status(now).as_str().into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuyRequest {
+    pub quantity: i64,
+    pub shipping_address: Option<Address>,
+}
+
+/// Parses an RFC 3339 instant into milliseconds since the Unix epoch.
+pub fn parse_time(field: &str, s: &str) -> Result<Millis, ApiError> {
+    let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
+        ApiError::bad_request(format!(
+            "{field} must be an RFC 3339 time, e.g. 2026-11-23T10:00:00Z"
+        ))
+    })?;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| Millis::try_from(d.as_millis()).ok())
+        .ok_or_else(|| ApiError::bad_request(format!("{field} is before 1970")))
 }

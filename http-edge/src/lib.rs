@@ -57,7 +57,7 @@ pub struct AppState {
 #[openapi(
     info(
         title = "shardmall",
-        description = "Clustered in-memory commerce engine: catalog, cart, orders."
+        description = "Clustered in-memory commerce engine: catalog, cart, orders, flash-sale campaigns."
     ),
     paths(
         routes::catalog::create_product,
@@ -88,6 +88,11 @@ pub struct AppState {
         routes::ops::metrics,
         routes::ops::dashboard,
         routes::cluster::get_cluster,
+        routes::campaigns::create_campaign,
+        routes::campaigns::get_campaign,
+        routes::campaigns::list_campaigns,
+        routes::campaigns::end_campaign,
+        routes::campaigns::buy,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail))
 )]
@@ -97,7 +102,7 @@ static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole router with its limits and middleware.
 pub fn router(state: AppState) -> Router {
-    use routes::{cart, catalog, ops, orders};
+    use routes::{campaigns, cart, catalog, ops, orders};
     let api = Router::new()
         .route(
             "/v1/products",
@@ -141,6 +146,16 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/admin/orders", get(orders::admin_orders))
         .route("/v1/payments/callback", post(orders::payment_callback))
+        .route(
+            "/v1/campaigns",
+            get(campaigns::list_campaigns).post(campaigns::create_campaign),
+        )
+        .route("/v1/campaigns/{campaign_id}", get(campaigns::get_campaign))
+        .route(
+            "/v1/campaigns/{campaign_id}/end",
+            post(campaigns::end_campaign),
+        )
+        .route("/v1/campaigns/{campaign_id}/buy", post(campaigns::buy))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
@@ -297,6 +312,10 @@ mod tests {
             "/metrics",
             "/dashboard",
             "/v1/cluster",
+            "/v1/campaigns",
+            "/v1/campaigns/{campaign_id}",
+            "/v1/campaigns/{campaign_id}/end",
+            "/v1/campaigns/{campaign_id}/buy",
         ] {
             assert!(paths.contains(&p), "{p} missing from /openapi.json");
         }

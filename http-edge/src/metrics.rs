@@ -186,6 +186,12 @@ pub async fn render(state: &AppState) -> String {
         "counter",
         load(&m.timers_fired),
     );
+    scalar(
+        &mut out,
+        "shardmall_entity_overloaded_total",
+        "counter",
+        load(&m.overloaded),
+    );
     out.push_str("# TYPE shardmall_orders gauge\n");
     for (status, n) in m.orders_by_status() {
         let _ = writeln!(out, "shardmall_orders{{status=\"{status}\"}} {n}");

@@ -67,6 +67,10 @@ pub struct ServeArgs {
     /// [default: 4096].
     #[arg(long, env = "SHARDMALL_MAX_INFLIGHT")]
     pub max_inflight: Option<usize>,
+    /// Admission bound of one entity (a hot campaign or SKU): commands waiting in its
+    /// mailbox; past it, 429 overloaded [default: 1024].
+    #[arg(long, env = "SHARDMALL_ENTITY_QUEUE")]
+    pub entity_queue: Option<usize>,
     /// Storage cache, MiB [default: 64].
     #[arg(long, env = "SHARDMALL_CACHE_MB")]
     pub cache_mb: Option<u64>,

@@ -29,6 +29,7 @@ pub struct FileConfig {
     pub cache_mb: Option<u64>,
     pub max_active: Option<usize>,
     pub max_inflight: Option<usize>,
+    pub entity_queue: Option<usize>,
     pub log: Option<String>,
     pub jwt_secret: Option<String>,
     pub payment_secret: Option<String>,
@@ -52,6 +53,7 @@ pub struct Config {
     pub cache_mb: u64,
     pub max_active: usize,
     pub max_inflight: usize,
+    pub entity_queue: usize,
     pub log: String,
     pub jwt_secret: Option<String>,
     pub payment_secret: Option<String>,
@@ -103,6 +105,10 @@ impl Config {
         let max_active = args.max_active.or(file.max_active).unwrap_or(4096);
         if max_active == 0 {
             anyhow::bail!("max_active must be at least 1");
+        }
+        let entity_queue = args.entity_queue.or(file.entity_queue).unwrap_or(1024);
+        if entity_queue == 0 {
+            anyhow::bail!("entity_queue must be at least 1");
         }
         let max_inflight = args.max_inflight.or(file.max_inflight).unwrap_or(4096);
         if max_inflight == 0 {
@@ -164,6 +170,7 @@ impl Config {
             cache_mb,
             max_active,
             max_inflight,
+            entity_queue,
             log: env("SHARDMALL_LOG")
                 .or(file.log)
                 .unwrap_or_else(|| "info".into()),
@@ -230,6 +237,7 @@ mod tests {
         assert_eq!(c.durability, Durability::Sync);
         assert_eq!(c.max_active, 4096);
         assert_eq!(c.max_inflight, 4096);
+        assert_eq!(c.entity_queue, 1024);
     }
 
     #[test]

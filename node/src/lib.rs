@@ -95,6 +95,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         refund_window: config.refund_window,
         idle_timeout: config.idle_timeout,
         max_active: config.max_active,
+        max_entity_queue: config.entity_queue,
         ..ShopConfig::default()
     };
     let started = std::time::Instant::now();

@@ -1,3 +1,4 @@
+pub mod campaigns;
 pub mod cart;
 pub mod catalog;
 pub mod cluster;
