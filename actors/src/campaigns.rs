@@ -103,7 +103,8 @@ impl Shop {
         let mut items = Vec::new();
         let mut cursor = cursor.map(str::to_owned);
         loop {
-            let (ids, next) = self.scan_index(b"I/c/", cursor.as_deref(), false, CHUNK, |_| true)?;
+            let (ids, next) =
+                self.scan_index(b"I/c/", cursor.as_deref(), false, CHUNK, |_| true)?;
             let now = now_ms();
             for id in &ids {
                 let view = match self.get_campaign(id).await {

@@ -25,6 +25,6 @@ pub mod metrics;
 pub mod partition;
 pub mod shop;
 
-pub use error::{Result, ShopError};
 pub use campaigns::NewCampaign;
+pub use error::{Result, ShopError};
 pub use shop::{CartLine, IdemStart, NewProduct, NewSku, Page, ProductDetail, Shop, ShopConfig};

@@ -20,9 +20,8 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use tokio::sync::mpsc;
 
 use crate::domain::{
-    campaign::CampaignState,
-    cart::CartState, idempotency::IdemState, order::OrderState, payment::PaymentState,
-    product::ProductState, sku::SkuState, Entity, Kind, Millis,
+    campaign::CampaignState, cart::CartState, idempotency::IdemState, order::OrderState,
+    payment::PaymentState, product::ProductState, sku::SkuState, Entity, Kind, Millis,
 };
 use crate::host::{self, EntityActor, EntityArgs, EntityMsg, HostContext, Refusal, Request};
 use crate::keys::EntityKey;

@@ -207,7 +207,10 @@ fn campaign_events_layout() {
         expires_at: AT + 900_000,
         at: AT,
     };
-    assert_golden(&claimed, "03026f3102623101fda023f3cf8b010000fd0068e5cf8b010000");
+    assert_golden(
+        &claimed,
+        "03026f3102623101fda023f3cf8b010000fd0068e5cf8b010000",
+    );
     let rest = [
         CampaignEvent::Opened { at: AT },
         CampaignEvent::Discarded { at: AT },
@@ -225,7 +228,14 @@ fn campaign_events_layout() {
         },
         CampaignEvent::Ended { at: AT },
     ];
-    let goldens = ["01fd0068e5cf8b010000", "02fd0068e5cf8b010000", "04026f31fd0068e5cf8b010000", "05026f31fd0068e5cf8b010000", "06026f31fd0068e5cf8b010000", "07fd0068e5cf8b010000"];
+    let goldens = [
+        "01fd0068e5cf8b010000",
+        "02fd0068e5cf8b010000",
+        "04026f31fd0068e5cf8b010000",
+        "05026f31fd0068e5cf8b010000",
+        "06026f31fd0068e5cf8b010000",
+        "07fd0068e5cf8b010000",
+    ];
     for (ev, golden) in rest.iter().zip(goldens) {
         assert_golden(ev, golden);
     }

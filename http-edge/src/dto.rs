@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use shardmall_actors::domain::order::{Order, OrderStatus, RefundStatus};
 use shardmall_actors::domain::campaign::CampaignView;
+use shardmall_actors::domain::order::{Order, OrderStatus, RefundStatus};
 use shardmall_actors::domain::sku::SkuView;
 use shardmall_actors::domain::{self, Millis};
 use shardmall_actors::{CartLine, Page, ProductDetail};

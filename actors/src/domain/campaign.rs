@@ -133,9 +133,13 @@ pub enum CampaignCommand {
         grace_ms: Millis,
     },
     /// The order was paid: its held units become sold. Idempotent.
-    Commit { order_id: String },
+    Commit {
+        order_id: String,
+    },
     /// The order was cancelled or expired: its held units return. Idempotent.
-    Release { order_id: String },
+    Release {
+        order_id: String,
+    },
     /// The admin's kill switch. Idempotent.
     End,
     /// The timer: ends the campaign at `ends_at`, expires claims past their expiry.
@@ -397,7 +401,9 @@ impl Entity for CampaignState {
             }
             CampaignCommand::Discard => match &self.campaign {
                 None => Ok(vec![]),
-                Some(c) if c.phase == Phase::Draft => Ok(vec![CampaignEvent::Discarded { at: now }]),
+                Some(c) if c.phase == Phase::Draft => {
+                    Ok(vec![CampaignEvent::Discarded { at: now }])
+                }
                 Some(_) => Err(CampaignError::InvalidState(
                     "only a campaign being created can be discarded".into(),
                 )),
@@ -473,7 +479,10 @@ impl Entity for CampaignState {
                     return Ok(vec![]);
                 };
                 let mut events = Vec::new();
-                if c.expiries.first_key_value().is_some_and(|(at, _)| *at <= now) {
+                if c.expiries
+                    .first_key_value()
+                    .is_some_and(|(at, _)| *at <= now)
+                {
                     let mut due: Vec<&String> = c
                         .claims
                         .iter()
@@ -631,7 +640,12 @@ mod tests {
 
     fn open(quantity: u64, limit: u64) -> CampaignState {
         let mut s = CampaignState::default();
-        run(&mut s, CampaignCommand::Create(terms(quantity, limit)), T0 - 1000).unwrap();
+        run(
+            &mut s,
+            CampaignCommand::Create(terms(quantity, limit)),
+            T0 - 1000,
+        )
+        .unwrap();
         run(&mut s, CampaignCommand::Open, T0 - 900).unwrap();
         s
     }
@@ -756,7 +770,10 @@ mod tests {
         assert!(v2 > v1);
         assert_eq!(held, 0);
         // Ended is refused for buys but not for the payment of a held claim.
-        assert_eq!(s.decide(&claim("o3", "b3", 1), T0 + 7), Err(CampaignError::Ended));
+        assert_eq!(
+            s.decide(&claim("o3", "b3", 1), T0 + 7),
+            Err(CampaignError::Ended)
+        );
     }
 
     #[derive(Debug, Clone)]

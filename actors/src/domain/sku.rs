@@ -148,7 +148,10 @@ pub enum SkuCommand {
     Expire,
     Get,
     /// Carves `quantity` available units out for a campaign. Idempotent per campaign.
-    CarveCampaign { campaign_id: String, quantity: u64 },
+    CarveCampaign {
+        campaign_id: String,
+        quantity: u64,
+    },
     /// The campaign's current figures: units it still holds and units it sold. Applied
     /// only if `version` is newer than the last report, so it is safe to repeat.
     SyncCampaign {

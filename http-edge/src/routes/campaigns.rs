@@ -74,7 +74,10 @@ pub async fn create_campaign(
         payment_timeout,
     };
     let view = st.shop.create_campaign(input).await?;
-    Ok((StatusCode::CREATED, Json(CampaignBody::new(&view, now_ms()))))
+    Ok((
+        StatusCode::CREATED,
+        Json(CampaignBody::new(&view, now_ms())),
+    ))
 }
 
 /// `c` + the creation time in ms + a per-process sequence: unique on one node and
