@@ -1186,11 +1186,13 @@ impl Shop {
     }
 }
 
-/// Folds every partition's log into entity snapshots, which bounds the log.
+/// Folds every partition's log into entity snapshots, then releases the log segments
+/// nothing unfolded needs any more: that bounds the log.
 pub fn checkpoint_all(wal: &Wal) -> std::result::Result<(), shardmall_persistence::Error> {
     for partition in wal.partitions_with_log()? {
         wal.checkpoint_partition(partition, &mut fold_entity)?;
     }
+    wal.release_log()?;
     Ok(())
 }
 

@@ -56,6 +56,8 @@ pub struct WalConfig {
     pub relaxed_flush_interval: Duration,
     /// Capacity of the bounded append queue; appenders wait when it is full.
     pub queue_capacity: usize,
+    /// A log segment is closed and a new one started once it grows past this.
+    pub segment_bytes: u64,
 }
 
 impl WalConfig {
@@ -69,6 +71,7 @@ impl WalConfig {
             max_batch: 4096,
             relaxed_flush_interval: Duration::from_millis(5),
             queue_capacity: 65_536,
+            segment_bytes: 64 * 1024 * 1024,
         }
     }
 
@@ -79,6 +82,11 @@ impl WalConfig {
         if self.queue_capacity == 0 {
             return Err(Error::InvalidConfig(
                 "queue_capacity must be at least 1".into(),
+            ));
+        }
+        if self.segment_bytes == 0 {
+            return Err(Error::InvalidConfig(
+                "segment_bytes must be positive".into(),
             ));
         }
         if self.relaxed_flush_interval.is_zero() {

@@ -1,63 +1,91 @@
-//! Group commit: many appends, one batch, one flush.
+//! Group commit: many appends, one write, one `fdatasync`.
 //!
-//! Two stages run as a pipeline:
+//! Two stages run as a pipeline, each on an OS thread of its own:
 //!
-//! * The **writer** (a dedicated OS thread) takes the first queued message, then whatever
-//!   else is already queued up to `max_batch`, gives each record the next [`Lsn`] in queue
-//!   order, and applies all of them, their auxiliary changes and the lsn high-water mark as
-//!   one atomic `sled::Batch`. It then hands the batch's waiters to the flusher and goes
-//!   straight back to the queue.
-//! * The **flusher** (a tokio task) takes every hand-off received so far, flushes once
-//!   (`fsync`), publishes the durable lsn and resolves those waiters. While it flushes,
-//!   the writer applies the next batch: that overlap is what makes one flush cover many
-//!   records under load, without any timer adding latency when the load is light.
+//! * The **writer** takes the first queued message, then whatever else is already queued
+//!   up to `max_batch`, gives each record the next [`Lsn`] in queue order, encodes the
+//!   records as frames ([`crate::segment`]) and appends them to the current segment with
+//!   one `write`. It then hands the batch to the flusher and goes straight back to the
+//!   queue.
+//! * The **flusher** takes every hand-off received so far, makes the segment durable
+//!   with one `fdatasync`, applies the records' auxiliary changes to the store, adds the
+//!   records to the log tails ([`crate::tails`]), publishes the durable lsn and resolves
+//!   the waiters. While it syncs, the writer writes the next batch: that overlap is what
+//!   makes one sync cover many records under load, without a timer adding latency when
+//!   the load is light.
 //!
-//! In [`Durability::Relaxed`] the writer resolves acks right after the apply and the
-//! flusher flushes every `relaxed_flush_interval` instead.
+//! In [`Durability::Relaxed`] the writer applies and resolves acks right after its write
+//! and the flusher syncs every `relaxed_flush_interval` instead.
 //!
 //! Ordering rules:
-//! * In `Sync` mode an ack MUST NOT resolve before a flush that started after its batch
-//!   was applied has completed; only the flusher resolves acks, after publishing
+//! * In `Sync` mode an ack MUST NOT resolve before a sync that started after its frame was
+//!   written has completed; only the flusher resolves acks, after publishing
 //!   `durable_lsn`, and a `debug_assert!` checks the lsn against it.
-//! * `applied_lsn` MUST be published after `apply_batch` returns and before the batch's
-//!   acks are handed on, so that readers that bound their scans by it see every record up
-//!   to it ([`crate::Wal::load_entity`], checkpoints), and the flusher's flush covers it.
+//! * Auxiliary changes reach the store only once their record is durable (in `Sync`
+//!   mode), so the store never holds an index entry for a record a crash lost.
+//! * `applied_lsn` is published after a batch's tails and aux changes are in place and
+//!   before its acks resolve: whoever is told "durable" can read the record back.
 
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::keys::{self, HIGH_WATER};
+use crate::keys;
 use crate::metrics::Counters;
+use crate::segment;
+use crate::tails::Tails;
 use crate::{AuxOp, Durability, Error, Lsn, Record, Result};
 
-/// How many applied-but-not-yet-flushed batches the writer may run ahead of the flusher.
-/// The flusher merges everything queued here into one flush, so a few slots are enough;
+/// How many written-but-not-yet-synced batches the writer may run ahead of the flusher.
+/// The flusher merges everything queued here into one sync, so a few slots are enough;
 /// when they are full the writer waits, the append queue fills up and appenders wait:
 /// that is the backpressure from the disk to the callers.
 const HANDOFF_CAPACITY: usize = 64;
 
+/// One segment file of the log.
+pub(crate) struct SegmentInfo {
+    /// The last lsn written to it (the lsn before its first while empty).
+    pub last: Lsn,
+    pub path: PathBuf,
+    pub bytes: u64,
+}
+
+/// The segments, oldest first; the last one is the one being written.
+pub(crate) struct Segments {
+    pub list: Vec<SegmentInfo>,
+    pub current: Arc<File>,
+}
+
 /// State shared by the handles, the writer and the flusher.
 pub(crate) struct Shared {
     pub db: sled::Db,
-    /// The one tree holding log, snapshots, aux keys and the high-water mark, so that one
-    /// `apply_batch` is atomic across all of them.
+    /// Snapshots, aux keys and the lsn high-water mark.
     pub tree: sled::Tree,
     pub meta: sled::Tree,
     pub durability: Durability,
-    /// Every record with an lsn up to this one has been applied to `tree`.
+    /// Every record with an lsn up to this one is in the tails and its aux changes are
+    /// in the store.
     pub applied_lsn: AtomicU64,
     /// Every record with an lsn up to this one is durable.
     pub durable_lsn: AtomicU64,
-    /// Set once by the first failed apply or flush; the log then refuses work.
+    /// Set once by the first failed write, sync or apply; the log then refuses work.
     pub failure: OnceLock<String>,
     pub counters: Counters,
     /// Serializes checkpoints: each one reads the snapshot it replaces, so two running on
     /// the same entity could fold the same records twice or drop each other's. A std
     /// Mutex because checkpoints are synchronous and never held across an await.
     pub checkpoint_lock: Mutex<()>,
+    pub tails: Tails,
+    pub log_dir: PathBuf,
+    pub segments: Mutex<Segments>,
+    /// Size past which the writer starts a new segment.
+    pub segment_bytes: u64,
 }
 
 impl Shared {
@@ -68,17 +96,22 @@ impl Shared {
         }
     }
 
-    fn fail(&self, what: &str, e: &sled::Error) -> String {
+    pub(crate) fn fail(&self, what: &str, e: &dyn std::fmt::Display) -> String {
         let msg = format!("{what}: {e}");
         tracing::error!(error = %msg, "write-ahead log failed; refusing further appends");
         let _ = self.failure.set(msg.clone());
         msg
     }
+
+    pub(crate) fn segments(&self) -> std::sync::MutexGuard<'_, Segments> {
+        // Every update under this lock is a single field change: poisoning is harmless.
+        self.segments.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
-/// A record as queued: payload and aux changes already converted to sled's byte type by
-/// the appender, so that the allocations and copies happen on the callers' threads and
-/// the single writer thread, the pipeline's bottleneck, only builds keys and applies.
+/// A record as queued: payload and aux changes already converted to the store's byte
+/// type by the appender, so that the allocations and copies happen on the callers'
+/// threads and the single writer thread, the pipeline's bottleneck, only encodes frames.
 pub(crate) struct Prepared {
     partition: u16,
     entity: Vec<u8>,
@@ -124,8 +157,8 @@ pub struct Ack {
 }
 
 impl Ack {
-    /// Waits until the record is durable (in `Sync` mode: flushed; in `Relaxed` mode:
-    /// applied) and returns its lsn.
+    /// Waits until the record is durable (in `Sync` mode: synced; in `Relaxed` mode:
+    /// written) and returns its lsn.
     pub async fn durable(self) -> Result<Lsn> {
         // A dropped sender means the writer or flusher stopped without answering.
         self.rx.await.unwrap_or(Err(Error::Closed))
@@ -135,15 +168,23 @@ impl Ack {
 type AckTx = oneshot::Sender<Result<Lsn>>;
 type FlushTx = oneshot::Sender<Result<()>>;
 
-/// What the writer hands to the flusher after applying a batch.
+/// A written record on its way to the tails.
+pub(crate) struct Written {
+    lsn: Lsn,
+    rec: Prepared,
+}
+
+/// What the writer hands to the flusher after writing a batch.
+#[derive(Default)]
 pub(crate) struct Handoff {
-    /// In `Sync` mode, the acks of the batch; empty in `Relaxed` mode.
+    /// In `Sync` mode, the batch's records and acks; empty in `Relaxed` mode.
+    written: Vec<Written>,
     acks: Vec<(Lsn, AckTx)>,
     flushes: Vec<FlushTx>,
 }
 
-/// Starts the writer thread and the flusher task. The caller MUST be inside a tokio
-/// runtime. `stopped` turns true once both have finished, after a final flush.
+/// Starts the writer and flusher threads. `stopped` turns true once both have finished,
+/// after a final sync.
 pub(crate) fn start(
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Msg>,
@@ -152,23 +193,14 @@ pub(crate) fn start(
     relaxed_flush_interval: Duration,
     stopped: watch::Sender<bool>,
 ) -> Result<()> {
-    let runtime = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
-    let (handoff_tx, handoff_rx) = mpsc::channel(HANDOFF_CAPACITY);
-    // The writer is an OS thread, not a task: `apply_batch` is a blocking call, and on
-    // a thread of its own it never stalls the runtime's workers (or the only worker of a
-    // current-thread runtime) that run the appenders and the flusher.
+    let (handoff_tx, handoff_rx) = std_mpsc::sync_channel(HANDOFF_CAPACITY);
     let writer_shared = shared.clone();
     std::thread::Builder::new()
         .name("wal-writer".into())
         .spawn(move || run_writer(writer_shared, rx, handoff_tx, next_lsn, max_batch))?;
-    // The flusher is a task: it mostly awaits `flush_async`, which runs the fsync on
-    // sled's own thread pool, and in relaxed mode it needs a tokio timer.
-    runtime.spawn(run_flusher(
-        shared,
-        handoff_rx,
-        relaxed_flush_interval,
-        stopped,
-    ));
+    std::thread::Builder::new()
+        .name("wal-flusher".into())
+        .spawn(move || run_flusher(shared, handoff_rx, relaxed_flush_interval, stopped))?;
     Ok(())
 }
 
@@ -176,12 +208,13 @@ pub(crate) fn start(
 fn run_writer(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<Msg>,
-    handoff: mpsc::Sender<Handoff>,
+    handoff: std_mpsc::SyncSender<Handoff>,
     mut next_lsn: Lsn,
     max_batch: usize,
 ) {
     let mut msgs = Vec::with_capacity(max_batch);
-    let mut key = Vec::new();
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut file = shared.segments().current.clone();
     while let Some(first) = rx.blocking_recv() {
         msgs.push(first);
         while msgs.len() < max_batch {
@@ -190,7 +223,8 @@ fn run_writer(
                 Err(_) => break,
             }
         }
-        let mut batch = sled::Batch::default();
+        buf.clear();
+        let mut written = Vec::with_capacity(msgs.len());
         let mut acks = Vec::with_capacity(msgs.len());
         let mut flushes = Vec::new();
         for msg in msgs.drain(..) {
@@ -200,15 +234,15 @@ fn run_writer(
                     // after the other, get increasing lsns.
                     let lsn = next_lsn;
                     next_lsn += 1;
-                    keys::write_log_key(&mut key, rec.partition, &rec.entity, lsn);
-                    // Short keys are stored inline in the IVec: no allocation.
-                    batch.insert(&key[..], rec.payload);
-                    for (k, v) in rec.aux {
-                        match v {
-                            Some(v) => batch.insert(k, v),
-                            None => batch.remove(k),
-                        }
-                    }
+                    segment::encode_frame(
+                        &mut buf,
+                        lsn,
+                        rec.partition,
+                        &rec.entity,
+                        &rec.payload,
+                        &rec.aux,
+                    );
+                    written.push(Written { lsn, rec });
                     acks.push((lsn, ack));
                 }
                 Msg::Flush(tx) => flushes.push(tx),
@@ -219,131 +253,202 @@ fn run_writer(
         }
         if let Some((last, _)) = acks.last() {
             let last = *last;
-            let count = acks.len();
-            batch.insert(HIGH_WATER, &last.to_be_bytes()[..]);
-            let applied = match shared.check_failed() {
-                Ok(()) => shared
-                    .tree
-                    .apply_batch(batch)
-                    .map_err(|e| Error::Failed(shared.fail("applying a batch", &e))),
-                Err(e) => Err(e),
-            };
-            match applied {
-                Ok(()) => {
-                    // Release: a reader that sees `last` also sees the batch's writes.
-                    shared.applied_lsn.store(last, Ordering::Release);
-                    shared.counters.record_batch(count);
+            let result = shared.check_failed().and_then(|()| {
+                (&*file)
+                    .write_all(&buf)
+                    .map_err(|e| Error::Failed(shared.fail("writing the log", &e)))
+            });
+            if let Err(e) = result {
+                let msg = e.to_string();
+                for (_, ack) in acks.drain(..) {
+                    let _ = ack.send(Err(Error::Failed(msg.clone())));
                 }
-                Err(e) => {
-                    let msg = e.to_string();
-                    for (_, ack) in acks.drain(..) {
-                        let _ = ack.send(Err(Error::Failed(msg.clone())));
+                written.clear();
+            } else {
+                shared.counters.record_batch(acks.len());
+                let full = {
+                    let mut segs = shared.segments();
+                    if let Some(seg) = segs.list.last_mut() {
+                        seg.last = last;
+                        seg.bytes += buf.len() as u64;
+                        seg.bytes >= shared.segment_bytes
+                    } else {
+                        false
+                    }
+                };
+                if shared.durability == Durability::Relaxed {
+                    let result = apply(&shared, std::mem::take(&mut written));
+                    for (lsn, ack) in acks.drain(..) {
+                        let answer = match &result {
+                            Ok(()) => Ok(lsn),
+                            Err(e) => Err(Error::Failed(e.to_string())),
+                        };
+                        let _ = ack.send(answer);
                     }
                 }
-            }
-        }
-        if shared.durability == Durability::Relaxed {
-            for (lsn, ack) in acks.drain(..) {
-                let _ = ack.send(Ok(lsn));
+                if full {
+                    if let Some(f) = roll(&shared, &file, next_lsn) {
+                        file = f;
+                    }
+                }
             }
         }
         if !acks.is_empty() || !flushes.is_empty() {
             // Blocks while the flusher is HANDOFF_CAPACITY batches behind (backpressure).
-            if let Err(mpsc::error::SendError(h)) = handoff.blocking_send(Handoff { acks, flushes })
-            {
-                // The flusher is gone (its runtime shut down): nobody can make these
-                // durable, the dropped senders resolve the acks with `Closed`.
-                drop(h);
+            let h = Handoff {
+                written,
+                acks,
+                flushes,
+            };
+            if handoff.send(h).is_err() {
+                // The flusher is gone: nobody can make these durable, the dropped senders
+                // resolve the acks with `Closed`.
                 break;
             }
         }
     }
-    // Drop our share of the database before the hand-off channel: the flusher reports
-    // `stopped` only after the channel closes, and by then no thread of ours holds the
-    // database open, so it can be reopened at once.
-    drop(shared);
     drop(handoff);
 }
 
-async fn run_flusher(
+/// Closes the full segment (synced, so everything in it is durable before the flusher
+/// moves on to the next file) and starts the next one at `next_lsn`.
+fn roll(shared: &Shared, file: &File, next_lsn: Lsn) -> Option<Arc<File>> {
+    let result = file
+        .sync_data()
+        .map_err(Error::from)
+        .and_then(|()| segment::create_segment(&shared.log_dir, next_lsn));
+    match result {
+        Ok(f) => {
+            let f = Arc::new(f);
+            let mut segs = shared.segments();
+            segs.list.push(SegmentInfo {
+                last: next_lsn - 1,
+                path: segment::segment_path(&shared.log_dir, next_lsn),
+                bytes: 0,
+            });
+            segs.current = f.clone();
+            Some(f)
+        }
+        Err(e) => {
+            // Keep writing to the full segment; it only grows past its target size.
+            tracing::warn!(error = %e, "could not start a new log segment; continuing in the current one");
+            None
+        }
+    }
+}
+
+/// Applies written records: their aux changes to the store (one batch), then the tails,
+/// then publishes `applied_lsn`.
+fn apply(shared: &Shared, written: Vec<Written>) -> Result<()> {
+    let Some(last) = written.last().map(|w| w.lsn) else {
+        return Ok(());
+    };
+    let mut batch = sled::Batch::default();
+    let mut any = false;
+    for w in &written {
+        for (k, v) in &w.rec.aux {
+            any = true;
+            match v {
+                Some(v) => batch.insert(k.clone(), v.clone()),
+                None => batch.remove(k.clone()),
+            }
+        }
+    }
+    if any {
+        shared
+            .tree
+            .apply_batch(batch)
+            .map_err(|e| Error::Failed(shared.fail("applying index changes", &e)))?;
+    }
+    for w in written {
+        shared
+            .tails
+            .push(w.rec.partition, w.rec.entity, w.lsn, w.rec.payload);
+    }
+    // Release: a reader that sees `last` also sees the tails and aux changes.
+    shared.applied_lsn.store(last, Ordering::Release);
+    Ok(())
+}
+
+fn run_flusher(
     shared: Arc<Shared>,
-    mut rx: mpsc::Receiver<Handoff>,
+    rx: std_mpsc::Receiver<Handoff>,
     interval: Duration,
     stopped: watch::Sender<bool>,
 ) {
-    match shared.durability {
-        Durability::Sync => {
-            while let Some(first) = rx.recv().await {
-                let (acks, flushes) = take_ready(first, &mut rx);
-                flush_and_release(&shared, acks, flushes).await;
+    loop {
+        let first = match shared.durability {
+            Durability::Sync => match rx.recv() {
+                Ok(h) => Some(h),
+                Err(_) => break,
+            },
+            Durability::Relaxed => match rx.recv_timeout(interval) {
+                Ok(h) => Some(h),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+        };
+        match first {
+            Some(first) => {
+                let h = take_ready(first, &rx);
+                sync_and_release(&shared, h);
             }
-        }
-        Durability::Relaxed => {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    h = rx.recv() => match h {
-                        Some(first) => {
-                            let (acks, flushes) = take_ready(first, &mut rx);
-                            flush_and_release(&shared, acks, flushes).await;
-                        }
-                        None => break,
-                    },
-                    _ = tick.tick() => {
-                        if shared.applied_lsn.load(Ordering::Acquire) > shared.durable_lsn.load(Ordering::Acquire) {
-                            flush_and_release(&shared, Vec::new(), Vec::new()).await;
-                        }
-                    }
+            None => {
+                if shared.written_beyond_durable() {
+                    sync_and_release(&shared, Handoff::default());
                 }
             }
         }
     }
-    // The writer has stopped: make everything it applied durable before reporting.
-    if shared.failure.get().is_none()
-        && shared.applied_lsn.load(Ordering::Acquire) > shared.durable_lsn.load(Ordering::Acquire)
-    {
-        flush_and_release(&shared, Vec::new(), Vec::new()).await;
+    // The writer has stopped: make everything it wrote durable before reporting.
+    if shared.failure.get().is_none() && shared.written_beyond_durable() {
+        sync_and_release(&shared, Handoff::default());
     }
     drop(shared);
     stopped.send_replace(true);
 }
 
-/// Merges `first` with every hand-off already waiting, so one flush covers them all.
-fn take_ready(
-    first: Handoff,
-    rx: &mut mpsc::Receiver<Handoff>,
-) -> (Vec<(Lsn, AckTx)>, Vec<FlushTx>) {
-    let Handoff {
-        mut acks,
-        mut flushes,
-    } = first;
-    while let Ok(more) = rx.try_recv() {
-        acks.extend(more.acks);
-        flushes.extend(more.flushes);
+
+impl Shared {
+    /// Whether the current segment holds frames not yet synced.
+    fn written_beyond_durable(&self) -> bool {
+        let last = self.segments().list.last().map_or(0, |s| s.last);
+        last > self.durable_lsn.load(Ordering::Acquire)
     }
-    (acks, flushes)
 }
 
-async fn flush_and_release(shared: &Shared, acks: Vec<(Lsn, AckTx)>, flushes: Vec<FlushTx>) {
-    // Everything applied before the flush starts is covered by it. The acks handed over
-    // were applied before they were sent, so they are all <= upto.
-    let upto = shared.applied_lsn.load(Ordering::Acquire);
-    let started = Instant::now();
-    let result = match shared.check_failed() {
-        Ok(()) => shared
-            .db
-            .flush_async()
-            .await
-            .map_err(|e| Error::Failed(shared.fail("flushing", &e))),
-        Err(e) => Err(e),
+/// Merges `first` with every hand-off already waiting, so one sync covers them all.
+fn take_ready(first: Handoff, rx: &std_mpsc::Receiver<Handoff>) -> Handoff {
+    let mut h = first;
+    while let Ok(more) = rx.try_recv() {
+        h.written.extend(more.written);
+        h.acks.extend(more.acks);
+        h.flushes.extend(more.flushes);
+    }
+    h
+}
+
+fn sync_and_release(shared: &Shared, h: Handoff) {
+    // Everything written before the sync starts is covered by it; a full segment was
+    // synced by the writer before it moved on.
+    let (file, upto) = {
+        let segs = shared.segments();
+        (segs.current.clone(), segs.list.last().map_or(0, |s| s.last))
     };
+    let started = Instant::now();
+    let result = shared.check_failed().and_then(|()| {
+        file.sync_data()
+            .map_err(|e| Error::Failed(shared.fail("syncing the log", &e)))
+    });
+    let result = result.and_then(|()| {
+        shared.counters.record_flush(started.elapsed());
+        apply(shared, h.written)
+    });
     match result {
-        Ok(_) => {
-            shared.counters.record_flush(started.elapsed());
+        Ok(()) => {
             shared.durable_lsn.fetch_max(upto, Ordering::AcqRel);
             let durable = shared.durable_lsn.load(Ordering::Acquire);
-            for (lsn, ack) in acks {
+            for (lsn, ack) in h.acks {
                 // An ack MUST NOT resolve before its record is durable.
                 debug_assert!(
                     lsn <= durable,
@@ -351,16 +456,16 @@ async fn flush_and_release(shared: &Shared, acks: Vec<(Lsn, AckTx)>, flushes: Ve
                 );
                 let _ = ack.send(Ok(lsn));
             }
-            for f in flushes {
+            for f in h.flushes {
                 let _ = f.send(Ok(()));
             }
         }
         Err(e) => {
             let msg = e.to_string();
-            for (_, ack) in acks {
+            for (_, ack) in h.acks {
                 let _ = ack.send(Err(Error::Failed(msg.clone())));
             }
-            for f in flushes {
+            for f in h.flushes {
                 let _ = f.send(Err(Error::Failed(msg.clone())));
             }
         }

@@ -1,20 +1,19 @@
-//! Layout of the single sled tree. The first byte names the key space:
+//! Layout of the store's sled tree (the log itself lives in segment files, see
+//! [`crate::segment`]). The first byte names the key space:
 //!
-//! * `L` + partition (u16 BE) + entity length (u16 BE) + entity + lsn (u64 BE) -> payload.
-//!   One entity's log is the prefix scan of everything before the lsn, ordered by lsn;
-//!   one partition's log is the prefix `L` + partition. The length field makes entity
-//!   prefixes free of each other: entity `ab` never shares a prefix with entity `abc`.
-//! * `S` + partition + entity length + entity -> lsn (u64 BE) + tag + snapshot bytes. The
+//! * `S` + partition (u16 BE) + entity length (u16 BE) + entity -> lsn (u64 BE) + tag +
+//!   snapshot bytes. The length field makes entity keys free of each other: entity `ab`
+//!   never shares a prefix with entity `abc`. The
 //!   lsn is the last record folded in; tag 0 is a tombstone (the fold deleted the
 //!   snapshot), kept so that the lsn of an entity's snapshot only ever grows, which is what
 //!   [`crate::Wal::load_entity`] checks to detect a racing checkpoint.
 //! * `A` + user key -> auxiliary value.
-//! * `H` -> the highest lsn ever assigned (u64 BE), written in every append batch, so the
-//!   lsn counter survives restarts without scanning the log.
+//! * `H` -> an lsn at least as high as any in a released segment (u64 BE), written before
+//!   segments are deleted, so the lsn counter survives restarts even when every segment
+//!   holding the highest lsns is gone.
 
 use crate::{Error, Lsn, Result};
 
-pub(crate) const LOG: u8 = b'L';
 pub(crate) const SNAPSHOT: u8 = b'S';
 pub(crate) const AUX: u8 = b'A';
 pub(crate) const HIGH_WATER: &[u8] = b"H";
@@ -32,16 +31,7 @@ pub(crate) fn check_entity(entity: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// `space` + partition: every key of one partition in the log or snapshot space.
-pub(crate) fn partition_prefix(space: u8, partition: u16) -> Vec<u8> {
-    let mut k = Vec::with_capacity(3);
-    k.push(space);
-    k.extend_from_slice(&partition.to_be_bytes());
-    k
-}
-
-/// `space` + partition + entity length + entity. For `S` this is the snapshot key, for
-/// `L` the prefix of the entity's log.
+/// `space` + partition + entity length + entity.
 ///
 /// The caller MUST have checked the entity length with [`check_entity`].
 pub(crate) fn entity_prefix(space: u8, partition: u16, entity: &[u8]) -> Vec<u8> {
@@ -54,24 +44,6 @@ pub(crate) fn entity_prefix(space: u8, partition: u16, entity: &[u8]) -> Vec<u8>
     k
 }
 
-#[cfg(test)]
-pub(crate) fn log_key(partition: u16, entity: &[u8], lsn: Lsn) -> Vec<u8> {
-    let mut k = Vec::new();
-    write_log_key(&mut k, partition, entity, lsn);
-    k
-}
-
-/// [`log_key`] into a reused buffer (the writer's hot path).
-pub(crate) fn write_log_key(k: &mut Vec<u8>, partition: u16, entity: &[u8], lsn: Lsn) {
-    debug_assert!(entity.len() <= MAX_ENTITY_LEN);
-    k.clear();
-    k.push(LOG);
-    k.extend_from_slice(&partition.to_be_bytes());
-    k.extend_from_slice(&(entity.len() as u16).to_be_bytes());
-    k.extend_from_slice(entity);
-    k.extend_from_slice(&lsn.to_be_bytes());
-}
-
 pub(crate) fn snapshot_key(partition: u16, entity: &[u8]) -> Vec<u8> {
     entity_prefix(SNAPSHOT, partition, entity)
 }
@@ -81,33 +53,6 @@ pub(crate) fn aux_key(user: &[u8]) -> Vec<u8> {
     k.push(AUX);
     k.extend_from_slice(user);
     k
-}
-
-/// A decoded `L` key.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct LogKey<'a> {
-    pub partition: u16,
-    pub entity: &'a [u8],
-    pub lsn: Lsn,
-}
-
-pub(crate) fn decode_log_key(key: &[u8]) -> Result<LogKey<'_>> {
-    let corrupt = || Error::Corrupt(format!("malformed log key {key:02x?}"));
-    if key.len() < 1 + 2 + 2 + 8 || key[0] != LOG {
-        return Err(corrupt());
-    }
-    let partition = u16::from_be_bytes([key[1], key[2]]);
-    let len = u16::from_be_bytes([key[3], key[4]]) as usize;
-    if key.len() != 5 + len + 8 {
-        return Err(corrupt());
-    }
-    let entity = &key[5..5 + len];
-    let lsn = decode_lsn(&key[5 + len..]).ok_or_else(corrupt)?;
-    Ok(LogKey {
-        partition,
-        entity,
-        lsn,
-    })
 }
 
 fn decode_lsn(bytes: &[u8]) -> Option<Lsn> {
@@ -170,56 +115,22 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
 
     #[test]
-    fn log_keys_of_one_entity_sort_by_lsn() {
-        let mut keys: Vec<_> = [5u64, 1, 256, 70_000, u64::MAX, 2]
-            .iter()
-            .map(|&l| log_key(3, b"sku-1", l))
-            .collect();
-        keys.sort();
-        let lsns: Vec<_> = keys
-            .iter()
-            .map(|k| decode_log_key(k).unwrap().lsn)
-            .collect();
-        assert_eq!(lsns, vec![1, 2, 5, 256, 70_000, u64::MAX]);
-    }
-
-    #[test]
-    fn entity_prefixes_are_free_of_each_other() {
-        // "ab" is a byte prefix of "abc", but their log prefixes are not prefixes of each
-        // other, nor of any log key of the other entity.
-        let short = entity_prefix(LOG, 7, b"ab");
-        let long = entity_prefix(LOG, 7, b"abc");
+    fn entity_keys_are_free_of_each_other() {
+        // "ab" is a byte prefix of "abc", but their keys are not prefixes of each other.
+        let short = snapshot_key(7, b"ab");
+        let long = snapshot_key(7, b"abc");
         assert!(!long.starts_with(&short));
         assert!(!short.starts_with(&long));
-        for lsn in [0, 1, 0x6300_0000_0000_0000, u64::MAX] {
-            assert!(!log_key(7, b"abc", lsn).starts_with(&short));
-            assert!(!log_key(7, b"ab", lsn).starts_with(&long));
-        }
-        // An entity whose bytes look like a length + entity + lsn of another one.
-        let tricky = [0u8, 2, b'a', b'b'];
-        assert!(!log_key(7, &tricky, 1).starts_with(&short));
-    }
-
-    #[test]
-    fn partitions_sort_numerically_and_do_not_share_prefixes() {
-        let p1 = partition_prefix(LOG, 1);
-        let p256 = partition_prefix(LOG, 256);
-        assert!(p1 < p256);
-        assert!(log_key(1, &[0xff; 300], u64::MAX) < log_key(2, b"", 0));
-        assert!(!log_key(256, b"x", 1).starts_with(&p1));
-        assert!(log_key(256, b"x", 1).starts_with(&p256));
+        assert!(snapshot_key(1, &[0xff; 300]) < snapshot_key(2, b""));
     }
 
     #[test]
     fn key_spaces_do_not_overlap() {
-        let l = log_key(0, b"", 0);
         let s = snapshot_key(0, b"");
         let a = aux_key(b"");
-        assert!(a < HIGH_WATER.to_vec() && HIGH_WATER < &l[..] && l < s);
-        assert_eq!(prefix_end(&[LOG]).unwrap(), vec![LOG + 1]);
+        assert!(a < HIGH_WATER.to_vec() && HIGH_WATER < &s[..]);
     }
 
     #[test]
@@ -243,34 +154,5 @@ mod tests {
         assert_eq!(prefix_end(&[1, 0xff, 0xff]), Some(vec![2]));
         assert_eq!(prefix_end(&[0xff]), None);
         assert_eq!(prefix_end(&[]), None);
-    }
-
-    #[test]
-    fn malformed_log_keys_are_corrupt() {
-        assert!(decode_log_key(b"L").is_err());
-        let mut k = log_key(1, b"abc", 9);
-        k.push(0);
-        assert!(decode_log_key(&k).is_err());
-        assert!(decode_log_key(&snapshot_key(1, b"abcdefghijkl")).is_err());
-    }
-
-    proptest! {
-        /// Key order is (partition, entity length, entity, lsn), and decoding inverts encoding.
-        #[test]
-        fn log_key_order_matches_tuple_order(
-            a in (any::<u16>(), proptest::collection::vec(any::<u8>(), 0..6), any::<u64>()),
-            b in (any::<u16>(), proptest::collection::vec(any::<u8>(), 0..6), any::<u64>()),
-        ) {
-            let ka = log_key(a.0, &a.1, a.2);
-            let kb = log_key(b.0, &b.1, b.2);
-            let ta = (a.0, a.1.len(), &a.1, a.2);
-            let tb = (b.0, b.1.len(), &b.1, b.2);
-            prop_assert_eq!(ka.cmp(&kb), ta.cmp(&tb));
-            let d = decode_log_key(&ka).unwrap();
-            prop_assert_eq!(d, LogKey { partition: a.0, entity: &a.1, lsn: a.2 });
-            // The entity prefix matches exactly the keys of that entity.
-            let pa = entity_prefix(LOG, a.0, &a.1);
-            prop_assert_eq!(kb.starts_with(&pa), a.0 == b.0 && a.1 == b.1);
-        }
     }
 }

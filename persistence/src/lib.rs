@@ -1,4 +1,5 @@
-//! Write-ahead log, checkpoints and auxiliary keys for shardmall, on one sled database.
+//! Write-ahead log, checkpoints and auxiliary keys for shardmall: the log in append-only
+//! segment files, snapshots and auxiliary keys in one sled database.
 //!
 //! Persistence knows nothing of the domain: a [`Record`] is opaque payload bytes under an
 //! entity key, plus auxiliary key changes ([`AuxOp`]) that must land atomically with it.
@@ -8,16 +9,18 @@
 //! * [`Wal::append`] puts it on a bounded queue and returns an [`Ack`] at once
 //!   ([`wal`]).
 //! * The writer thread drains the queue in groups, gives each record its [`Lsn`], and
-//!   applies the whole group as one atomic sled batch ([`group_commit`]), using the key
-//!   layout of [`keys`].
-//! * The flusher task makes applied groups durable with one `fsync` for many records,
-//!   publishes the durable position and resolves the waiting [`Ack`]s. In
-//!   [`Durability::Sync`] an ack resolves only after its flush; in
-//!   [`Durability::Relaxed`] right after the apply, with a flush every few milliseconds
-//!   ([`config`]).
+//!   appends the whole group to the current log segment with one write ([`group_commit`],
+//!   frames as in [`segment`]).
+//! * The flusher thread makes written groups durable with one `fdatasync` for many
+//!   records, applies their auxiliary changes to the store ([`keys`] layout), adds them
+//!   to the in-memory log tails ([`tails`]), publishes the durable position and resolves
+//!   the waiting [`Ack`]s. In [`Durability::Sync`] an ack resolves only after its sync;
+//!   in [`Durability::Relaxed`] right after the write, with a sync every few
+//!   milliseconds ([`config`]).
 //! * An entity actor is rebuilt from its snapshot plus its log tail
-//!   ([`Wal::load_entity`]); a background checkpointer folds each partition's log into
-//!   snapshots and drops the folded records in one batch ([`checkpoint`]).
+//!   ([`Wal::load_entity`]); a background checkpointer folds the tails into snapshots,
+//!   and [`Wal::release_log`] deletes the segments nothing unfolded needs ([`checkpoint`]).
+//!   Opening the log replays the segments left ([`Wal::open`]).
 //! * Counters and histograms for `/metrics` come from [`Wal::metrics`] ([`metrics`]).
 
 mod checkpoint;
@@ -26,6 +29,8 @@ mod group_commit;
 mod keys;
 mod metrics;
 mod record;
+mod segment;
+mod tails;
 mod wal;
 
 pub use config::{Durability, WalConfig};

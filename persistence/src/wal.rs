@@ -1,15 +1,19 @@
 //! The [`Wal`] handle: opening, appending, reading entities, auxiliary keys and metadata.
 
+use std::collections::HashMap;
 use std::ops::Bound;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::group_commit::{self, Ack, Msg, Prepared, Shared};
-use crate::keys::{self, LOG};
+use crate::group_commit::{self, Ack, Msg, Prepared, SegmentInfo, Segments, Shared};
+use crate::keys;
 use crate::metrics::{Counters, WalMetrics};
-use crate::{Durability, EntityLog, Error, Record, Result, WalConfig};
+use crate::segment;
+use crate::tails::Tails;
+use crate::{Durability, EntityLog, Error, Lsn, Record, Result, WalConfig};
 
 /// How often [`Wal::load_entity`] retries when checkpoints of the same entity keep landing
 /// between its reads. Checkpoints of one entity are serialized and far apart, so hitting
@@ -33,8 +37,9 @@ struct Inner {
 }
 
 impl Wal {
-    /// Opens (creating) the sled database at `cfg.path` and starts the writer thread and
-    /// the flusher task. MUST be called inside a tokio runtime.
+    /// Opens (creating) the store at `cfg.path`, recovers the log (its segments live in
+    /// `cfg.path/log`) and starts the writer and flusher threads. MUST be called inside a
+    /// tokio runtime.
     pub fn open(cfg: WalConfig) -> Result<Wal> {
         cfg.validate()?;
         if tokio::runtime::Handle::try_current().is_err() {
@@ -43,39 +48,55 @@ impl Wal {
         let db = sled::Config::new()
             .path(&cfg.path)
             .cache_capacity(cfg.cache_bytes)
-            // The flusher decides when to flush; sled's own periodic flush would only add
-            // fsyncs competing with it.
+            // The store is flushed by checkpoints, before they release log segments; the
+            // log's own syncs make each record durable.
             .flush_every_ms(None)
             .open()?;
         let tree = db.open_tree("wal")?;
         let meta = db.open_tree("meta")?;
+        let log_dir = cfg.path.join("log");
+        std::fs::create_dir_all(&log_dir)?;
         let high = match tree.get(keys::HIGH_WATER)? {
             Some(v) => keys::decode_high_water(&v)?,
             None => 0,
         };
+        let tails = Tails::default();
+        let (segments, last) = recover(&tree, &tails, &log_dir)?;
+        let next = high.max(last) + 1;
+        let current = Arc::new(segment::create_segment(&log_dir, next)?);
+        let mut list = segments;
+        list.push(SegmentInfo {
+            last: next - 1,
+            path: segment::segment_path(&log_dir, next),
+            bytes: 0,
+        });
         // After recovery everything on disk is durable.
         let shared = Arc::new(Shared {
             db,
             tree,
             meta,
             durability: cfg.durability,
-            applied_lsn: high.into(),
-            durable_lsn: high.into(),
+            applied_lsn: (next - 1).into(),
+            durable_lsn: (next - 1).into(),
             failure: OnceLock::new(),
             counters: Counters::default(),
             checkpoint_lock: Mutex::new(()),
+            tails,
+            log_dir,
+            segments: Mutex::new(Segments { list, current }),
+            segment_bytes: cfg.segment_bytes,
         });
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         let (stopped_tx, stopped_rx) = watch::channel(false);
         group_commit::start(
             shared.clone(),
             rx,
-            high + 1,
+            next,
             cfg.max_batch,
             cfg.relaxed_flush_interval,
             stopped_tx,
         )?;
-        tracing::info!(path = %cfg.path.display(), durability = %cfg.durability, next_lsn = high + 1, "write-ahead log open");
+        tracing::info!(path = %cfg.path.display(), durability = %cfg.durability, next_lsn = next, "write-ahead log open");
         Ok(Wal {
             inner: Arc::new(Inner {
                 tx,
@@ -145,28 +166,17 @@ impl Wal {
     /// Snapshot and log tail (records after the snapshot, in lsn order) of one entity.
     ///
     /// Consistent even while [`Wal::checkpoint_partition`] runs: the snapshot is read, the
-    /// tail scanned, the snapshot read again, and the whole retried if a checkpoint of this
-    /// entity landed in between (snapshot lsns only grow, tombstones included, so an
-    /// unchanged lsn means no checkpoint touched the entity). The tail is bounded by the
-    /// applied lsn read first: a sled scan is not a point-in-time view, and without the
-    /// bound it could see a record of a batch applied during the scan while missing an
-    /// earlier one whose key it had already passed.
+    /// tail copied, the snapshot read again, and the whole retried if a checkpoint of this
+    /// entity landed in between (a checkpoint stores the snapshot before it drops the
+    /// folded records, and snapshot lsns only grow, tombstones included, so an unchanged
+    /// lsn means no checkpoint touched the entity).
     pub fn load_entity(&self, partition: u16, entity: &[u8]) -> Result<EntityLog> {
         keys::check_entity(entity)?;
         let shared = self.shared();
         let skey = keys::snapshot_key(partition, entity);
-        let prefix = keys::entity_prefix(LOG, partition, entity);
         for _ in 0..LOAD_ATTEMPTS {
-            let bound = shared.applied_lsn.load(Ordering::Acquire);
             let (snap_lsn, snapshot) = keys::decode_snapshot(shared.tree.get(&skey)?.as_deref())?;
-            let mut tail = Vec::new();
-            for kv in shared.tree.scan_prefix(&prefix) {
-                let (k, v) = kv?;
-                let lsn = keys::decode_log_key(&k)?.lsn;
-                if lsn > snap_lsn && lsn <= bound {
-                    tail.push((lsn, v.to_vec()));
-                }
-            }
+            let tail = shared.tails.get(partition, entity, snap_lsn);
             let (again, _) = keys::decode_snapshot(shared.tree.get(&skey)?.as_deref())?;
             if again == snap_lsn {
                 return Ok(EntityLog { snapshot, tail });
@@ -271,4 +281,81 @@ impl std::fmt::Debug for Wal {
             .field("durability", &self.durability())
             .finish_non_exhaustive()
     }
+}
+
+/// Replays the log's segments: re-applies their aux changes to the store (in lsn order,
+/// so the store ends as it was when the last durable record was written) and rebuilds
+/// the tails of records not yet folded into a snapshot. Empty segments are removed.
+/// Returns the segments kept and the last lsn found.
+fn recover(tree: &sled::Tree, tails: &Tails, dir: &Path) -> Result<(Vec<SegmentInfo>, Lsn)> {
+    const AUX_PER_BATCH: usize = 10_000;
+    let found = segment::list_segments(dir)?;
+    let mut kept = Vec::new();
+    let mut last_lsn: Lsn = 0;
+    let mut snapshot_lsns: HashMap<(u16, Vec<u8>), Lsn> = HashMap::new();
+    let mut batch = sled::Batch::default();
+    let mut pending = 0usize;
+    let (mut records, mut tail_records) = (0u64, 0u64);
+    let count = found.len();
+    for (i, (first, path)) in found.into_iter().enumerate() {
+        let mut seg_last = first.saturating_sub(1);
+        segment::read_segment(&path, i + 1 == count, |frame| {
+            if frame.lsn <= last_lsn {
+                return Err(Error::Corrupt(format!(
+                    "{} holds lsn {} after lsn {last_lsn}",
+                    path.display(),
+                    frame.lsn
+                )));
+            }
+            last_lsn = frame.lsn;
+            seg_last = frame.lsn;
+            records += 1;
+            for (k, v) in frame.aux {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+                pending += 1;
+            }
+            if pending >= AUX_PER_BATCH {
+                tree.apply_batch(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+            let key = (frame.partition, frame.entity);
+            let snap = match snapshot_lsns.get(&key) {
+                Some(l) => *l,
+                None => {
+                    let skey = keys::snapshot_key(key.0, &key.1);
+                    let (l, _) = keys::decode_snapshot(tree.get(&skey)?.as_deref())?;
+                    snapshot_lsns.insert(key.clone(), l);
+                    l
+                }
+            };
+            if frame.lsn > snap {
+                tail_records += 1;
+                tails.push(key.0, key.1, frame.lsn, frame.payload.into());
+            }
+            Ok(())
+        })?;
+        let bytes = std::fs::metadata(&path)?.len();
+        if bytes == 0 {
+            std::fs::remove_file(&path)?;
+            continue;
+        }
+        kept.push(SegmentInfo {
+            last: seg_last,
+            path,
+            bytes,
+        });
+    }
+    tree.apply_batch(batch)?;
+    if records > 0 {
+        tracing::info!(
+            segments = kept.len(),
+            records,
+            unfolded = tail_records,
+            "log replayed"
+        );
+    }
+    Ok((kept, last_lsn))
 }

@@ -83,6 +83,7 @@ fn crash_child() {
                     .checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail)))
                     .unwrap();
             }
+            checkpointer.release_log().unwrap();
             std::thread::sleep(Duration::from_millis(3));
         });
         for task in 0..TASKS {

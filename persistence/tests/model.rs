@@ -161,6 +161,7 @@ fn run(durability: Durability, ops: Vec<Op>) {
             Op::Checkpoint(p) => {
                 wal.checkpoint_partition(p, &mut |_, old, tail| Ok(fold_list(old, tail)))
                     .unwrap();
+                wal.release_log().unwrap();
                 model.unfolded.remove(&p);
             }
             Op::Load(p, e) => {

@@ -13,6 +13,8 @@ pub fn open(dir: &Path, durability: Durability) -> Wal {
     let mut cfg = WalConfig::new(dir);
     cfg.durability = durability;
     cfg.cache_bytes = 8 << 20;
+    // Small segments: the tests roll, replay and release many of them.
+    cfg.segment_bytes = 4096;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match Wal::open(cfg.clone()) {
