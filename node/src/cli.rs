@@ -68,7 +68,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SHARDMALL_MAX_INFLIGHT")]
     pub max_inflight: Option<usize>,
     /// Admission bound of one entity (a hot campaign or SKU): commands waiting in its
-    /// mailbox; past it, 429 overloaded [default: 1024].
+    /// mailbox; past it, 429 overloaded [default: 512].
     #[arg(long, env = "SHARDMALL_ENTITY_QUEUE")]
     pub entity_queue: Option<usize>,
     /// Storage cache, MiB [default: 64].

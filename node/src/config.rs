@@ -106,7 +106,7 @@ impl Config {
         if max_active == 0 {
             anyhow::bail!("max_active must be at least 1");
         }
-        let entity_queue = args.entity_queue.or(file.entity_queue).unwrap_or(1024);
+        let entity_queue = args.entity_queue.or(file.entity_queue).unwrap_or(512);
         if entity_queue == 0 {
             anyhow::bail!("entity_queue must be at least 1");
         }
@@ -237,7 +237,7 @@ mod tests {
         assert_eq!(c.durability, Durability::Sync);
         assert_eq!(c.max_active, 4096);
         assert_eq!(c.max_inflight, 4096);
-        assert_eq!(c.entity_queue, 1024);
+        assert_eq!(c.entity_queue, 512);
     }
 
     #[test]
