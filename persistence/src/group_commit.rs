@@ -404,10 +404,16 @@ fn run_flusher(
     if shared.failure.get().is_none() && shared.written_beyond_durable() {
         sync_and_release(&shared, Handoff::default());
     }
+    // And the store: snapshots and index changes since the last checkpoint's flush. The
+    // log would replay them anyway, but a store left dirty is flushed by sled when its
+    // last handle drops, wherever that happens; doing it here keeps that out of the
+    // runtime's workers at shutdown.
+    if let Err(e) = shared.db.flush() {
+        tracing::warn!(error = %e, "flushing the store at shutdown failed; the log replays it");
+    }
     drop(shared);
     stopped.send_replace(true);
 }
-
 
 impl Shared {
     /// Whether the current segment holds frames not yet synced.
