@@ -490,3 +490,48 @@ async fn kill9_in_the_middle_of_a_flash_sale_loses_no_acknowledged_buy() {
     let s = node.stock("kp-s").await;
     assert_eq!(s.total(), 500, "{s:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refunded_campaign_order_returns_its_unit_to_the_sku_once() {
+    let node = Node::start().await;
+    node.create_product(&admin(), "rp", &[("rp-s", 1000, 10)])
+        .await;
+    create_campaign(&node, &campaign_body("ref", "rp-s", 4, 2)).await;
+    let (st, order) = buy(&node, "ref", "ivy", 2).await;
+    assert_eq!(st, 201, "{order}");
+    let (st, v) = node.pay(&customer("ivy"), &order, &key()).await;
+    assert_eq!(st, 200, "{v}");
+    // The campaign holds 2 unsold units, the order's 2 are sold.
+    assert_eq!(node.stock("rp-s").await, Stock::new(6, 2, 2));
+    let id = order["order_id"].as_str().unwrap();
+    let (st, v) = node
+        .post(
+            &format!("/v1/orders/{id}/refund"),
+            &customer("ivy"),
+            &json!({"reason": "too late"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let approve = |restock: bool| {
+        let node = node.api();
+        let id = id.to_owned();
+        async move {
+            node.post(
+                &format!("/v1/orders/{id}/refund/approve"),
+                &admin(),
+                &json!({"restock": restock}),
+            )
+            .await
+        }
+    };
+    let (st, v) = approve(true).await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("refunded")), "{v}");
+    assert_eq!(node.stock("rp-s").await, Stock::new(8, 2, 0));
+    // Approving again (a retry) does not restock twice.
+    let (st, v) = approve(true).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(node.stock("rp-s").await, Stock::new(8, 2, 0));
+    // The campaign still counts the sale.
+    let c = campaign(&node, "ref").await;
+    assert_eq!((n(&c, "sold"), n(&c, "remaining")), (2, 2));
+}
