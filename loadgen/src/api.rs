@@ -2,11 +2,20 @@
 //! `ok` for the expected success, the API's error code otherwise (`sold_out`,
 //! `overloaded`, ...), `http_<status>` for an answer without one, and `timeout` or
 //! `transport_error` when no answer came.
+//!
+//! Hot path: one shared keep-alive client; bodies are kept as raw bytes and parsed only
+//! by the callers that need a field, and outcome names are static strings for every code
+//! the API documents, so a request allocates little beyond what reqwest does.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use reqwest::Method;
+use bytes::Bytes;
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
+use reqwest::{IntoUrl, Method, Url};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 
 #[derive(Clone)]
@@ -15,17 +24,95 @@ pub struct Api {
     base: String,
 }
 
-/// One answer: the outcome name and the JSON body (`Null` when there was none).
+/// One answer.
 pub struct Answer {
+    /// 0 when no answer came.
     pub status: u16,
-    pub outcome: String,
-    pub body: Value,
+    pub outcome: Cow<'static, str>,
+    pub body: Bytes,
+    /// Why no answer came, for setup errors.
+    pub error: Option<String>,
 }
 
 impl Answer {
     pub fn ok(&self) -> bool {
         self.outcome == "ok"
     }
+
+    /// The request may have taken effect without the run knowing: no answer, or a 5xx.
+    pub fn uncertain(&self) -> bool {
+        self.status == 0 || self.status >= 500
+    }
+
+    /// The body as `T`, if it is one.
+    pub fn json<T: DeserializeOwned>(&self) -> Option<T> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    fn value(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// The error codes the API documents, so counting them allocates nothing.
+const CODES: &[&str] = &[
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "invalid_state",
+    "version_conflict",
+    "out_of_stock",
+    "insufficient_stock",
+    "idempotency_conflict",
+    "already_exists",
+    "payload_too_large",
+    "amount_mismatch",
+    "overloaded",
+    "unavailable",
+    "internal",
+    "sold_out",
+    "campaign_not_started",
+    "campaign_ended",
+    "limit_exceeded",
+];
+
+#[derive(Deserialize)]
+struct ErrorBody<'a> {
+    #[serde(borrow)]
+    error: ErrorCode<'a>,
+}
+
+#[derive(Deserialize)]
+struct ErrorCode<'a> {
+    #[serde(borrow)]
+    code: Cow<'a, str>,
+}
+
+/// The outcome name of a non-success answer.
+pub fn outcome_of(status: u16, body: &[u8]) -> Cow<'static, str> {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => match CODES.iter().find(|c| **c == e.error.code) {
+            Some(c) => Cow::Borrowed(c),
+            None => Cow::Owned(e.error.code.into_owned()),
+        },
+        Err(_) => Cow::Owned(format!("http_{status}")),
+    }
+}
+
+/// The innermost cause of an error ("Connection refused (os error 111)"), which is what
+/// an operator needs; reqwest's outer layers only say "error sending request".
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+pub fn json_bytes(v: &Value) -> Bytes {
+    // Serializing a `Value` cannot fail: its map keys are strings.
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
 impl Api {
@@ -34,9 +121,10 @@ impl Api {
             .no_proxy()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(pool)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)
             .build()
-            .context("building the HTTP client")?;
+            .map_err(|e| anyhow::anyhow!("building the HTTP client: {}", root_cause(&e)))?;
         Ok(Api {
             client,
             base: base.trim_end_matches('/').to_owned(),
@@ -47,73 +135,74 @@ impl Api {
         &self.base
     }
 
-    /// Sends one request; `expect` is the status that counts as `ok`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A URL parsed once, for the hot paths (reqwest parses a string on every request).
+    pub fn parsed(&self, path: &str) -> anyhow::Result<Url> {
+        Url::parse(&self.url(path)).with_context(|| format!("{} is not a URL", self.url(path)))
+    }
+
+    /// Sends one request to `url` (see [`Api::url`] and [`Api::parsed`]); `expect` is the
+    /// status that counts as `ok`.
     pub async fn call(
         &self,
         method: Method,
-        path: &str,
+        url: impl IntoUrl,
         token: Option<&str>,
-        idem: Option<&str>,
-        body: Option<&Value>,
+        idempotency_key: Option<&str>,
+        body: Option<Bytes>,
         expect: u16,
     ) -> Answer {
-        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        let mut req = self.client.request(method, url);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
-        if let Some(k) = idem {
+        if let Some(k) = idempotency_key {
             req = req.header("idempotency-key", k);
         }
         if let Some(b) = body {
-            req = req.json(b);
+            req = req
+                .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+                .body(b);
         }
+        let no_answer = |e: reqwest::Error, status: u16| Answer {
+            status,
+            outcome: Cow::Borrowed(if e.is_timeout() {
+                "timeout"
+            } else {
+                "transport_error"
+            }),
+            body: Bytes::new(),
+            error: Some(root_cause(&e)),
+        };
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => {
-                let outcome = if e.is_timeout() {
-                    "timeout"
-                } else {
-                    "transport_error"
-                };
-                return Answer {
-                    status: 0,
-                    outcome: outcome.into(),
-                    body: Value::Null,
-                };
-            }
+            Err(e) => return no_answer(e, 0),
         };
         let status = resp.status().as_u16();
         let body = match resp.bytes().await {
-            Ok(b) => serde_json::from_slice(&b).unwrap_or(Value::Null),
-            Err(e) => {
-                let outcome = if e.is_timeout() {
-                    "timeout"
-                } else {
-                    "transport_error"
-                };
-                return Answer {
-                    status,
-                    outcome: outcome.into(),
-                    body: Value::Null,
-                };
-            }
+            Ok(b) => b,
+            // The status came but the body did not: count it as no answer.
+            Err(e) => return no_answer(e, 0),
         };
         let outcome = if status == expect {
-            "ok".to_owned()
+            Cow::Borrowed("ok")
         } else {
-            body["error"]["code"]
-                .as_str()
-                .map_or_else(|| format!("http_{status}"), str::to_owned)
+            outcome_of(status, &body)
         };
         Answer {
             status,
             outcome,
             body,
+            error: None,
         }
     }
 
-    /// A setup or check call that must succeed: anything else stops the run with the
-    /// node's own message.
+    /// A setup or check call that must succeed. `429 overloaded` and `503 unavailable`
+    /// are retried after their `Retry-After` (a few times); anything else stops the run
+    /// with the node's own message.
     pub async fn must(
         &self,
         method: Method,
@@ -122,18 +211,69 @@ impl Api {
         body: Option<&Value>,
         expect: u16,
     ) -> anyhow::Result<Value> {
-        let a = self
-            .call(method.clone(), path, token, None, body, expect)
-            .await;
-        match a.outcome.as_str() {
-            "ok" => Ok(a.body),
-            "transport_error" | "timeout" => bail!(
-                "cannot reach {}{path} ({}): is the node running at {}?",
-                self.base,
-                a.outcome,
-                self.base
-            ),
-            _ => bail!("{method} {path} answered {}: {}", a.status, a.body),
+        let url = self.url(path);
+        let body = body.map(json_bytes);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let a = self
+                .call(method.clone(), &url, token, None, body.clone(), expect)
+                .await;
+            if a.ok() {
+                return Ok(a.value());
+            }
+            if (a.status == 429 || a.status == 503) && attempt < 10 {
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                continue;
+            }
+            if let Some(e) = &a.error {
+                bail!("cannot reach {url}: {e}");
+            }
+            let text = String::from_utf8_lossy(&a.body);
+            let hint = if a.status == 401 {
+                " (is the JWT secret the node's DATA_DIR/jwt.secret?)"
+            } else {
+                ""
+            };
+            bail!(
+                "{method} {url} answered {} (expected {expect}): {}{hint}",
+                a.status,
+                text.trim()
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_the_api_error_codes() {
+        let body = br#"{"error":{"code":"limit_exceeded","message":"the per-buyer limit is 1"}}"#;
+        assert!(matches!(
+            outcome_of(409, body),
+            Cow::Borrowed("limit_exceeded")
+        ));
+        let body = br#"{"error":{"code":"brand_new","message":"m"}}"#;
+        assert_eq!(outcome_of(409, body), "brand_new");
+        assert_eq!(outcome_of(502, b"<html>bad gateway</html>"), "http_502");
+        assert_eq!(outcome_of(500, b""), "http_500");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_node_is_named_with_the_cause() {
+        // Port 1 on loopback: nothing listens there.
+        let api = Api::new("http://127.0.0.1:1/", 1, Duration::from_secs(2)).unwrap();
+        let err = api
+            .must(Method::GET, "/readyz", None, None, 200)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cannot reach http://127.0.0.1:1/readyz: "),
+            "{err}"
+        );
+        assert!(err.to_lowercase().contains("refused"), "{err}");
     }
 }

@@ -1,13 +1,19 @@
-//! A self-contained latency plot: the latency by percentile (a "nines" axis: 90, 99,
-//! 99.9, ...) and throughput and p99 second by second. SVG, or SVG inside an HTML page.
+//! A self-contained latency plot (no script, no external resource): latency by
+//! percentile on a "nines" axis (90, 99, 99.9, ...), overall and per operation, then
+//! requests and p99 second by second. SVG, or the SVG inside an HTML page.
 
 use std::fmt::Write;
 
+use hdrhistogram::Histogram;
+
 use crate::stats::Stats;
 
-const W: f64 = 760.0;
-const H: f64 = 300.0;
-const PAD: f64 = 60.0;
+const W: f64 = 800.0;
+const H: f64 = 320.0;
+const PAD: f64 = 64.0;
+const COLORS: &[&str] = &[
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+];
 
 pub fn render(stats: &Stats, title: &str, html: bool) -> String {
     let svg = format!(
@@ -31,6 +37,7 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn frame(out: &mut String, top: f64, x_label: &str, y_label: &str) {
@@ -59,62 +66,75 @@ fn frame(out: &mut String, top: f64, x_label: &str, y_label: &str) {
 fn percentile_panel(stats: &Stats, top: f64) -> String {
     let mut out = String::new();
     frame(&mut out, top, "percentile", "latency (ms)");
-    let h = &stats.overall;
-    if h.is_empty() {
+    if stats.overall.is_empty() {
         return out;
     }
-    let max_nines = 5.0;
-    let y_max = (h.max() as f64 / 1000.0).max(0.001) * 1.05;
+    let mut series: Vec<(&str, &Histogram<u64>)> = vec![("all", &stats.overall)];
+    if stats.by_op.len() > 1 {
+        series.extend(stats.by_op.iter().map(|(op, o)| (*op, &o.latency)));
+    }
+    // Up to the nines the data supports (p99.999 needs 100,000 samples), at least 3.
+    let max_nines = (stats.overall.len() as f64).log10().floor().clamp(3.0, 6.0);
+    let y_max = (stats.overall.max() as f64 / 1000.0).max(0.001) * 1.05;
     let (x0, x1) = (PAD, W - PAD);
     let (y0, y1) = (top + H - 60.0, top + 20.0);
-    let mut points = String::new();
-    for i in 0..=200 {
-        let nines = max_nines * f64::from(i) / 200.0;
-        let q = 1.0 - 10f64.powf(-nines);
-        let ms = h.value_at_quantile(q) as f64 / 1000.0;
-        let x = x0 + (x1 - x0) * nines / max_nines;
-        let y = y0 - (y0 - y1) * ms / y_max;
-        let _ = write!(points, "{x:.1},{y:.1} ");
+    for (k, (name, h)) in series.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let mut points = String::new();
+        for i in 0..=240 {
+            let nines = max_nines * f64::from(i) / 240.0;
+            let q = 1.0 - 10f64.powf(-nines);
+            let ms = h.value_at_quantile(q) as f64 / 1000.0;
+            let x = x0 + (x1 - x0) * nines / max_nines;
+            let y = y0 - (y0 - y1) * ms / y_max;
+            let _ = write!(points, "{x:.1},{y:.1} ");
+        }
+        let width = if k == 0 { 2.5 } else { 1.5 };
+        let _ = writeln!(
+            out,
+            "<polyline points=\"{points}\" fill=\"none\" stroke=\"{color}\" stroke-width=\"{width}\"/>"
+        );
+        let ly = y1 + 14.0 + 15.0 * k as f64;
+        let _ = writeln!(
+            out,
+            "<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"3\" fill=\"{color}\"/><text x=\"{}\" y=\"{ly:.1}\">{} ({} requests)</text>",
+            x0 + 10.0,
+            ly - 4.0,
+            x0 + 26.0,
+            escape(name),
+            h.len()
+        );
     }
-    let _ = writeln!(
-        out,
-        "<polyline points=\"{points}\" fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\"/>"
-    );
-    for (nines, label) in [
-        (0.0, "0"),
-        (1.0, "90"),
-        (2.0, "99"),
-        (3.0, "99.9"),
-        (4.0, "99.99"),
-        (5.0, "99.999"),
-    ] {
-        let x = x0 + (x1 - x0) * nines / max_nines;
+    let labels = ["0", "90", "99", "99.9", "99.99", "99.999", "99.9999"];
+    for (n, label) in labels.iter().enumerate().take(max_nines as usize + 1) {
+        let x = x0 + (x1 - x0) * n as f64 / max_nines;
         let _ = writeln!(
             out,
             "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>",
             y0 + 16.0
         );
     }
-    for f in [0.0, 0.5, 1.0] {
+    for f in [0.0, 0.25, 0.5, 0.75, 1.0] {
         let y = y0 - (y0 - y1) * f;
         let _ = writeln!(
             out,
-            "<text x=\"{}\" y=\"{y:.1}\" text-anchor=\"end\">{:.2}</text>",
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.2}</text>",
             x0 - 4.0,
+            y + 4.0,
             y_max * f
         );
     }
     out
 }
 
-/// Requests per second (bars) and p99 per second (line, right scale).
+/// Requests per second (bars, left scale) and p99 per second (line, right scale).
 fn timeline_panel(stats: &Stats, top: f64) -> String {
     let mut out = String::new();
     frame(
         &mut out,
         top,
         "second of the run",
-        "requests/s (bars), p99 ms (line)",
+        "requests/s (bars), p99 ms (red line)",
     );
     let n = stats.timeline.len();
     if n == 0 {
@@ -132,7 +152,7 @@ fn timeline_panel(stats: &Stats, top: f64) -> String {
         .iter()
         .map(|s| s.latency.value_at_quantile(0.99) as f64 / 1000.0)
         .collect();
-    let max_p99 = p99s.iter().cloned().fold(0.001, f64::max);
+    let max_p99 = p99s.iter().copied().fold(0.001, f64::max) * 1.05;
     let (x0, x1) = (PAD, W - PAD);
     let (y0, y1) = (top + H - 60.0, top + 20.0);
     let bw = (x1 - x0) / n as f64;
@@ -142,9 +162,12 @@ fn timeline_panel(stats: &Stats, top: f64) -> String {
         let bh = (y0 - y1) * s.requests as f64 / max_rps;
         let _ = writeln!(
             out,
-            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#aec7e8\"/>",
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#aec7e8\"><title>second {i}: {} requests, {} ok, p99 {:.3} ms</title></rect>",
             y0 - bh,
-            (bw - 1.0).max(0.5)
+            (bw - 1.0).max(0.5),
+            s.requests,
+            s.ok,
+            p99s[i]
         );
         let y = y0 - (y0 - y1) * p99s[i] / max_p99;
         let _ = write!(line, "{:.1},{y:.1} ", x + bw / 2.0);
@@ -155,20 +178,19 @@ fn timeline_panel(stats: &Stats, top: f64) -> String {
     );
     let _ = writeln!(
         out,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max_rps:.0} req/s</text>",
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{max_rps:.0}/s</text>",
         x0 - 4.0,
         y1 + 10.0
     );
     let _ = writeln!(
         out,
-        "<text x=\"{}\" y=\"{}\">{max_p99:.2} ms</text>",
+        "<text x=\"{}\" y=\"{}\" fill=\"#d62728\">{max_p99:.2} ms</text>",
         x1 + 4.0,
         y1 + 10.0
     );
     let _ = writeln!(
         out,
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{n} s</text>",
-        x1,
+        "<text x=\"{x1}\" y=\"{}\" text-anchor=\"end\">{n} s</text>",
         y0 + 16.0
     );
     out
@@ -180,17 +202,23 @@ mod tests {
     use std::time::{Duration, Instant};
 
     #[test]
-    fn renders_svg_and_html() {
+    fn renders_self_contained_svg_and_html() {
         let t0 = Instant::now();
         let mut s = Stats::new(t0);
         for i in 0..1000u64 {
-            s.record("buy", t0, t0 + Duration::from_micros(500 + i), "ok");
+            let op = if i % 2 == 0 { "browse" } else { "pay" };
+            s.record(op, t0, t0 + Duration::from_micros(500 + i), "ok");
         }
-        let svg = render(&s, "flash-sale <test>", false);
-        assert!(
-            svg.starts_with("<svg") && svg.contains("polyline") && svg.contains("&lt;test&gt;")
-        );
+        let svg = render(&s, "mixed <test>", false);
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        // One curve overall and one per operation, plus the p99 line.
+        assert_eq!(svg.matches("<polyline").count(), 4);
+        assert!(svg.contains("&lt;test&gt;") && svg.contains("browse (500 requests)"));
+        assert!(!svg.contains("<script"));
         let html = render(&s, "t", true);
         assert!(html.starts_with("<!doctype html>") && html.contains("<svg"));
+        assert!(!html.contains("<script"));
+        // An empty run still renders.
+        assert!(render(&Stats::new(t0), "empty", false).starts_with("<svg"));
     }
 }
