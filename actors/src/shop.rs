@@ -226,6 +226,18 @@ impl Shop {
                 .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(5)))
                 .await;
         }
+        // Fold what the log still holds, so the next start has nothing to replay. Best
+        // effort: whatever is not folded is replayed from the log instead.
+        let wal = self.inner.wal.clone();
+        let folded = async move {
+            wal.flush().await?;
+            tokio::task::spawn_blocking(move || checkpoint_all(&wal))
+                .await
+                .map_err(|e| shardmall_persistence::Error::Failed(e.to_string()))?
+        };
+        if let Err(e) = folded.await {
+            tracing::warn!(error = %e, "final checkpoint failed; the log is replayed at the next start");
+        }
         if let Err(e) = self.inner.wal.shutdown().await {
             tracing::error!(error = %e, "flushing the log at shutdown failed");
         }

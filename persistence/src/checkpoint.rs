@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::keys::{self, HIGH_WATER};
+use crate::keys::{self, FOLDED, HIGH_WATER};
 use crate::{CheckpointStats, Lsn, Result, Wal};
 
 /// Entities folded per store batch: bounds the memory and the size of one batch.
@@ -127,12 +127,16 @@ impl Wal {
                 .map(|s| s.path.clone())
                 .collect()
         };
-        if done.is_empty() {
+        if done.is_empty() && shared.stable_lsn.load(Ordering::Acquire) == applied {
             return Ok(0);
         }
-        // The next lsn after a restart must stay above every lsn ever used.
+        // After this flush every record up to `applied` has its index changes on disk
+        // (they are applied before `applied_lsn` moves), so a restart replays only the
+        // records above it; and the next lsn stays above every lsn ever used.
         shared.tree.insert(HIGH_WATER, &applied.to_be_bytes()[..])?;
+        shared.tree.insert(FOLDED, &keep_from.to_be_bytes()[..])?;
         shared.db.flush()?;
+        shared.stable_lsn.store(applied, Ordering::Release);
         for path in &done {
             std::fs::remove_file(path)?;
         }

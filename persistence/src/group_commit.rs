@@ -74,6 +74,9 @@ pub(crate) struct Shared {
     pub applied_lsn: AtomicU64,
     /// Every record with an lsn up to this one is durable.
     pub durable_lsn: AtomicU64,
+    /// Every record up to this lsn has its index changes flushed in the store (the
+    /// stored high-water mark).
+    pub stable_lsn: AtomicU64,
     /// Set once by the first failed write, sync or apply; the log then refuses work.
     pub failure: OnceLock<String>,
     pub counters: Counters,

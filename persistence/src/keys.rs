@@ -10,13 +10,16 @@
 //! * `A` + user key -> auxiliary value.
 //! * `H` -> an lsn at least as high as any in a released segment (u64 BE), written before
 //!   segments are deleted, so the lsn counter survives restarts even when every segment
-//!   holding the highest lsns is gone.
+//!   holding the highest lsns is gone. Every record up to it has its aux changes on disk.
+//! * `F` -> the lowest lsn not yet folded into a snapshot when the store was last flushed
+//!   (u64 BE): replay skips the records below it without looking up their snapshots.
 
 use crate::{Error, Lsn, Result};
 
 pub(crate) const SNAPSHOT: u8 = b'S';
 pub(crate) const AUX: u8 = b'A';
 pub(crate) const HIGH_WATER: &[u8] = b"H";
+pub(crate) const FOLDED: &[u8] = b"F";
 
 /// Longest entity key the length field can carry.
 pub(crate) const MAX_ENTITY_LEN: usize = u16::MAX as usize;

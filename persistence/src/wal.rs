@@ -61,7 +61,11 @@ impl Wal {
             None => 0,
         };
         let tails = Tails::default();
-        let (segments, last) = recover(&tree, &tails, &log_dir)?;
+        let folded = match tree.get(keys::FOLDED)? {
+            Some(v) => keys::decode_high_water(&v)?,
+            None => 0,
+        };
+        let (segments, last) = recover(&tree, &tails, &log_dir, high, folded)?;
         let next = high.max(last) + 1;
         let current = Arc::new(segment::create_segment(&log_dir, next)?);
         let mut list = segments;
@@ -78,6 +82,7 @@ impl Wal {
             durability: cfg.durability,
             applied_lsn: (next - 1).into(),
             durable_lsn: (next - 1).into(),
+            stable_lsn: high.into(),
             failure: OnceLock::new(),
             counters: Counters::default(),
             checkpoint_lock: Mutex::new(()),
@@ -283,11 +288,18 @@ impl std::fmt::Debug for Wal {
     }
 }
 
-/// Replays the log's segments: re-applies their aux changes to the store (in lsn order,
-/// so the store ends as it was when the last durable record was written) and rebuilds
-/// the tails of records not yet folded into a snapshot. Empty segments are removed.
+/// Replays the log's segments: re-applies the aux changes of records above `stable` (the
+/// store holds those up to it) in lsn order, so the store ends as it was when the last
+/// durable record was written, and rebuilds the tails of records not yet folded into a
+/// snapshot (those below `folded` are, without looking). Empty segments are removed.
 /// Returns the segments kept and the last lsn found.
-fn recover(tree: &sled::Tree, tails: &Tails, dir: &Path) -> Result<(Vec<SegmentInfo>, Lsn)> {
+fn recover(
+    tree: &sled::Tree,
+    tails: &Tails,
+    dir: &Path,
+    stable: Lsn,
+    folded: Lsn,
+) -> Result<(Vec<SegmentInfo>, Lsn)> {
     const AUX_PER_BATCH: usize = 10_000;
     let found = segment::list_segments(dir)?;
     let mut kept = Vec::new();
@@ -310,7 +322,12 @@ fn recover(tree: &sled::Tree, tails: &Tails, dir: &Path) -> Result<(Vec<SegmentI
             last_lsn = frame.lsn;
             seg_last = frame.lsn;
             records += 1;
-            for (k, v) in frame.aux {
+            let aux = if frame.lsn > stable {
+                frame.aux
+            } else {
+                Vec::new()
+            };
+            for (k, v) in aux {
                 match v {
                     Some(v) => batch.insert(k, v),
                     None => batch.remove(k),
@@ -320,6 +337,9 @@ fn recover(tree: &sled::Tree, tails: &Tails, dir: &Path) -> Result<(Vec<SegmentI
             if pending >= AUX_PER_BATCH {
                 tree.apply_batch(std::mem::take(&mut batch))?;
                 pending = 0;
+            }
+            if frame.lsn < folded {
+                return Ok(());
             }
             let key = (frame.partition, frame.entity);
             let snap = match snapshot_lsns.get(&key) {
