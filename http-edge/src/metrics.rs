@@ -108,6 +108,11 @@ pub async fn render(state: &AppState) -> String {
     let mut out = String::with_capacity(8192);
     state.http_metrics.render(&mut out);
     let wal = state.shop.wal().metrics();
+    let _ = writeln!(
+        out,
+        "# TYPE shardmall_wal_info gauge\nshardmall_wal_info{{durability=\"{}\"}} 1",
+        state.shop.wal().durability()
+    );
     scalar(
         &mut out,
         "shardmall_wal_appended_total",
