@@ -16,7 +16,7 @@ use std::time::Duration;
 use crate::domain::campaign::{
     CampaignCommand, CampaignState, CampaignStatus, CampaignTerms, CampaignView,
 };
-use crate::domain::order::{CancelReason, Line, Order, OrderCommand};
+use crate::domain::order::{Line, Order, OrderCommand};
 use crate::domain::sku::SkuCommand;
 use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
@@ -185,19 +185,7 @@ impl Shop {
         let failure = match self.order(&order_id, place).await {
             Ok(Some(order)) => return Ok(order),
             Ok(None) => ShopError::Internal("placed order has no state".into()),
-            Err(r) => {
-                let err = order_err(r, &order_id);
-                if matches!(err, ShopError::Unavailable(_)) {
-                    // The place may still land: cancel behind it (same mailbox).
-                    let cancel = OrderCommand::Cancel {
-                        reason: CancelReason::PaymentFailed,
-                    };
-                    if let Err(e) = self.order(&order_id, cancel).await {
-                        tracing::warn!(order = %order_id, error = ?e, "cancelling a buy that timed out failed; it expires at its deadline");
-                    }
-                }
-                err
-            }
+            Err(r) => self.place_failed(r, &order_id).await,
         };
         self.release_claim(campaign_id, &order_id).await;
         Err(failure)

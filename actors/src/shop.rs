@@ -636,27 +636,34 @@ impl Shop {
                     return Ok(order);
                 }
                 Ok(None) => failure = Some(ShopError::Internal("placed order has no state".into())),
-                Err(r) => {
-                    let err = order_err(r, &order_id);
-                    if matches!(err, ShopError::Unavailable(_)) {
-                        // The place may still land after the timeout: cancel it behind it
-                        // (same mailbox, so in order), so no order survives without its
-                        // reservations. An order that never landed answers NotFound.
-                        let cancel = OrderCommand::Cancel {
-                            reason: CancelReason::PaymentFailed,
-                        };
-                        if let Err(e) = self.order(&order_id, cancel).await {
-                            tracing::warn!(order = %order_id, error = ?e, "cancelling a checkout that timed out failed; it expires at its deadline");
-                        }
-                    }
-                    failure = Some(err);
-                }
+                Err(r) => failure = Some(self.place_failed(r, &order_id).await),
             }
         }
         for sku_id in &reserved {
             self.release(sku_id, &order_id).await;
         }
         Err(failure.unwrap_or_else(|| ShopError::Internal("checkout failed".into())))
+    }
+
+    /// The error of a `Place` that failed. One that timed out may still land after the
+    /// timeout: it is cancelled behind it (same mailbox, so in order), so no order
+    /// survives without its reservations or claim. An order that never landed answers
+    /// NotFound to the cancel.
+    pub(crate) async fn place_failed(
+        &self,
+        r: Refusal<<OrderState as Entity>::Error>,
+        order_id: &str,
+    ) -> ShopError {
+        let err = order_err(r, order_id);
+        if matches!(err, ShopError::Unavailable(_)) {
+            let cancel = OrderCommand::Cancel {
+                reason: CancelReason::PaymentFailed,
+            };
+            if let Err(e) = self.order(order_id, cancel).await {
+                tracing::warn!(order = %order_id, error = ?e, "cancelling an order whose placing timed out failed; it expires at its deadline");
+            }
+        }
+        err
     }
 
     /// Gives a cancelled order's units back: to its campaign, or to each SKU.
