@@ -231,30 +231,34 @@ impl<E: Entity> Hosted<E> {
         }
         let aux = self.derived_changes();
         let view = self.state.view();
-        // If the append fails the in-memory state is ahead of the log: failing the actor
-        // discards it, and the next activation reloads what is durable.
-        let ack = self
-            .ctx
-            .wal
-            .append(Record {
-                partition: self.partition,
-                entity: self.key_bytes.clone(),
-                payload,
-                aux,
-            })
-            .await?;
+        // The answer leaves from the log's own thread the moment the record is durable:
+        // no task waits for it. If the append fails the in-memory state is ahead of the
+        // log: failing the actor discards it, and the next activation reloads what is
+        // durable (the callback has answered the caller with the error).
         let (durable_tx, durable_rx) = watch::channel(false);
         self.last_write = Some(durable_rx);
-        tokio::spawn(async move {
-            let answer = match ack.durable().await {
-                Ok(_) => {
-                    let _ = durable_tx.send(true);
-                    Ok(view)
-                }
-                Err(e) => Err(Refusal::Unavailable(format!("log: {e}"))),
-            };
-            let _ = req.reply.send(answer);
-        });
+        let reply = req.reply;
+        self.ctx
+            .wal
+            .append_then(
+                Record {
+                    partition: self.partition,
+                    entity: self.key_bytes.clone(),
+                    payload,
+                    aux,
+                },
+                move |outcome| {
+                    let answer = match outcome {
+                        Ok(_) => {
+                            let _ = durable_tx.send(true);
+                            Ok(view)
+                        }
+                        Err(e) => Err(Refusal::Unavailable(format!("log: {e}"))),
+                    };
+                    let _ = reply.send(answer);
+                },
+            )
+            .await?;
         Ok(())
     }
 

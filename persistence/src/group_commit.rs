@@ -145,7 +145,7 @@ impl Prepared {
 pub(crate) enum Msg {
     Append {
         rec: Prepared,
-        ack: oneshot::Sender<Result<Lsn>>,
+        ack: AckTx,
     },
     /// Resolve once everything queued before it is durable.
     Flush(oneshot::Sender<Result<()>>),
@@ -168,7 +168,25 @@ impl Ack {
     }
 }
 
-type AckTx = oneshot::Sender<Result<Lsn>>;
+/// Who learns that a record is durable (or that it failed).
+pub(crate) enum AckTx {
+    /// An [`Ack`] awaiting it.
+    Channel(oneshot::Sender<Result<Lsn>>),
+    /// A callback, run on the log's own thread as soon as the outcome is known: it MUST
+    /// be quick and never block (send on a channel, wake a task).
+    Callback(Box<dyn FnOnce(Result<Lsn>) + Send>),
+}
+
+impl AckTx {
+    fn send(self, outcome: Result<Lsn>) {
+        match self {
+            AckTx::Channel(tx) => {
+                let _ = tx.send(outcome);
+            }
+            AckTx::Callback(f) => f(outcome),
+        }
+    }
+}
 type FlushTx = oneshot::Sender<Result<()>>;
 
 /// A written record on its way to the tails.
@@ -264,7 +282,7 @@ fn run_writer(
             if let Err(e) = result {
                 let msg = e.to_string();
                 for (_, ack) in acks.drain(..) {
-                    let _ = ack.send(Err(Error::Failed(msg.clone())));
+                    ack.send(Err(Error::Failed(msg.clone())));
                 }
                 written.clear();
             } else {
@@ -286,7 +304,7 @@ fn run_writer(
                             Ok(()) => Ok(lsn),
                             Err(e) => Err(Error::Failed(e.to_string())),
                         };
-                        let _ = ack.send(answer);
+                        ack.send(answer);
                     }
                 }
                 if full {
@@ -463,7 +481,7 @@ fn sync_and_release(shared: &Shared, h: Handoff) {
                     lsn <= durable,
                     "ack for lsn {lsn} released with durable lsn {durable}"
                 );
-                let _ = ack.send(Ok(lsn));
+                ack.send(Ok(lsn));
             }
             for f in h.flushes {
                 let _ = f.send(Ok(()));
@@ -472,7 +490,7 @@ fn sync_and_release(shared: &Shared, h: Handoff) {
         Err(e) => {
             let msg = e.to_string();
             for (_, ack) in h.acks {
-                let _ = ack.send(Err(Error::Failed(msg.clone())));
+                ack.send(Err(Error::Failed(msg.clone())));
             }
             for f in h.flushes {
                 let _ = f.send(Err(Error::Failed(msg.clone())));

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::group_commit::{self, Ack, Msg, Prepared, SegmentInfo, Segments, Shared};
+use crate::group_commit::{self, Ack, AckTx, Msg, Prepared, SegmentInfo, Segments, Shared};
 use crate::keys;
 use crate::metrics::{Counters, WalMetrics};
 use crate::segment;
@@ -121,12 +121,35 @@ impl Wal {
     ///
     /// PERFORMANCE CRITICAL PATH.
     pub async fn append(&self, rec: Record) -> Result<Ack> {
+        let (ack, rx) = oneshot::channel();
+        self.enqueue(rec, AckTx::Channel(ack)).await?;
+        Ok(Ack { rx })
+    }
+
+    /// Like [`Wal::append`], but instead of an [`Ack`] to await, `on_durable` is called
+    /// with the outcome as soon as it is known, on the log's own thread: no task has to
+    /// wait for it. The callback MUST be quick and never block (answer a reply port,
+    /// send on a channel). It is called exactly once in every case: with
+    /// [`Error::Closed`] when the log stops first or cannot take the record (the error is
+    /// then also returned here).
+    ///
+    /// PERFORMANCE CRITICAL PATH.
+    pub async fn append_then(
+        &self,
+        rec: Record,
+        on_durable: impl FnOnce(Result<Lsn>) + Send + 'static,
+    ) -> Result<()> {
+        let guard = CalledOnce(Some(Box::new(on_durable)));
+        self.enqueue(rec, AckTx::Callback(Box::new(guard.into_fn())))
+            .await
+    }
+
+    async fn enqueue(&self, rec: Record, ack: AckTx) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
         self.shared().check_failed()?;
         keys::check_entity(&rec.entity)?;
-        let (ack, rx) = oneshot::channel();
         self.inner
             .tx
             .send(Msg::Append {
@@ -134,8 +157,7 @@ impl Wal {
                 ack,
             })
             .await
-            .map_err(|_| Error::Closed)?;
-        Ok(Ack { rx })
+            .map_err(|_| Error::Closed)
     }
 
     /// Makes everything appended so far durable. After [`Wal::shutdown`] it waits for the
@@ -378,4 +400,28 @@ fn recover(
         );
     }
     Ok((kept, last_lsn))
+}
+
+type Callback = Box<dyn FnOnce(Result<Lsn>) + Send>;
+
+/// A durability callback that is called exactly once: by the log with the outcome, or,
+/// if the log drops it unanswered (it stopped), with [`Error::Closed`].
+struct CalledOnce(Option<Callback>);
+
+impl CalledOnce {
+    fn into_fn(mut self) -> impl FnOnce(Result<Lsn>) + Send {
+        move |outcome| {
+            if let Some(f) = self.0.take() {
+                f(outcome);
+            }
+        }
+    }
+}
+
+impl Drop for CalledOnce {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(Err(Error::Closed));
+        }
+    }
 }

@@ -349,3 +349,31 @@ async fn released_segments_are_gone_and_the_data_survives_reopen() {
     assert!(next > last, "lsns keep growing after segments are released");
     wal.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn append_then_calls_back_once_durable_and_once_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    wal.append_then(record(1, b"e", b"x"), move |outcome| {
+        let _ = tx.send(outcome.map_err(|e| e.to_string()));
+    })
+    .await
+    .unwrap();
+    let lsn = rx.await.unwrap().unwrap();
+    assert!(wal.metrics().durable_lsn >= lsn);
+    assert_eq!(
+        wal.load_entity(1, b"e").unwrap().tail,
+        vec![(lsn, b"x".to_vec())]
+    );
+
+    wal.shutdown().await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let queued = wal
+        .append_then(record(1, b"e", b"y"), move |outcome| {
+            let _ = tx.send(outcome.is_err());
+        })
+        .await;
+    assert!(matches!(queued, Err(Error::Closed)));
+    assert!(rx.await.unwrap(), "the callback hears the refusal too");
+}
