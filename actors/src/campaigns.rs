@@ -20,7 +20,7 @@ use crate::domain::order::{Line, Order, OrderCommand};
 use crate::domain::sku::SkuCommand;
 use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
-use crate::errors_map::{campaign_err, order_err, sku_err};
+use crate::errors_map::{campaign_err, sku_err};
 use crate::host::{now_ms, Refusal};
 use crate::shop::{millis, Page, Shop};
 
@@ -225,23 +225,11 @@ impl Shop {
             Err(err @ ShopError::Unavailable(_)) => return Err(err),
             Err(err) => {
                 tracing::error!(order = %order_id, campaign = campaign_id, error = %err, "campaign claim could not be committed; aborting the payment");
-                let abort = OrderCommand::AbortPayment {
-                    payment_id: payment_id.to_owned(),
-                };
-                self.order(&order_id, abort)
-                    .await
-                    .map_err(|r| order_err(r, &order_id))?;
+                self.abort_payment(&order_id, payment_id).await?;
                 return Err(err);
             }
         }
-        let paid = OrderCommand::MarkPaid {
-            payment_id: payment_id.to_owned(),
-            auto_confirm_after: millis(self.inner.cfg.auto_confirm_after),
-        };
-        self.order(&order_id, paid)
-            .await
-            .map_err(|r| order_err(r, &order_id))?
-            .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))
+        self.mark_paid(&order_id, payment_id).await
     }
 
     /// A refund with restock of a campaign order: its units go back to the SKU's

@@ -922,24 +922,36 @@ impl Shop {
                 };
                 self.sku(sku, cmd).await.map_err(|r| sku_err(r, sku))?;
             }
-            let abort = OrderCommand::AbortPayment {
-                payment_id: payment_id.to_owned(),
-            };
-            self.order(&order_id, abort)
-                .await
-                .map_err(|r| order_err(r, &order_id))?;
+            self.abort_payment(&order_id, payment_id).await?;
             return Err(ShopError::InvalidStateMsg(format!(
                 "the reservation of {sku_id} is gone; the order cannot be paid"
             )));
         }
+        self.mark_paid(&order_id, payment_id).await
+    }
+
+    /// The last step of a payment whose stock is committed: the order becomes `paid`.
+    pub(crate) async fn mark_paid(&self, order_id: &str, payment_id: &str) -> Result<Order> {
         let paid = OrderCommand::MarkPaid {
             payment_id: payment_id.to_owned(),
             auto_confirm_after: millis(self.inner.cfg.auto_confirm_after),
         };
-        self.order(&order_id, paid)
+        self.order(order_id, paid)
             .await
-            .map_err(|r| order_err(r, &order_id))?
+            .map_err(|r| order_err(r, order_id))?
             .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))
+    }
+
+    /// A payment whose stock could not be committed: the order leaves "payment in
+    /// progress" and can be cancelled or expire again.
+    pub(crate) async fn abort_payment(&self, order_id: &str, payment_id: &str) -> Result<()> {
+        let abort = OrderCommand::AbortPayment {
+            payment_id: payment_id.to_owned(),
+        };
+        self.order(order_id, abort)
+            .await
+            .map_err(|r| order_err(r, order_id))?;
+        Ok(())
     }
 
     pub async fn cancel(&self, order_id: &str, by_admin: bool) -> Result<Order> {
