@@ -23,6 +23,7 @@ pub mod ids;
 pub mod keys;
 pub mod metrics;
 pub mod partition;
+pub mod route;
 pub mod shop;
 
 pub use campaigns::NewCampaign;

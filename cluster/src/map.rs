@@ -1,0 +1,479 @@
+//! The cluster map: members, the owner of every partition, and the epoch that numbers
+//! its versions. It changes only through [`MapCommand`]s applied in the order consensus
+//! agreed, so every node that applied the same commands holds the same map.
+//!
+//! Pure: no I/O. The control plane persists and replicates the commands; this module
+//! decides what they do and plans partition moves.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's id: unique in its cluster, stable across restarts (kept in its data dir).
+pub type NodeId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberStatus {
+    /// Serves and may receive partitions.
+    Active,
+    /// Giving its partitions away; receives none.
+    Leaving,
+}
+
+impl MemberStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberStatus::Active => "active",
+            MemberStatus::Leaving => "leaving",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub node_id: NodeId,
+    /// Where its HTTP edge listens (for operators and clients).
+    pub http_addr: String,
+    /// Where its cluster transport listens (for other nodes).
+    pub cluster_addr: String,
+    pub status: MemberStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClusterMap {
+    pub cluster_id: String,
+    /// Bumped by every command that changes the map.
+    pub epoch: u64,
+    /// Fixed when the cluster is created.
+    pub partitions: u16,
+    pub members: BTreeMap<NodeId, Member>,
+    /// `owners[p]` owns partition `p`. Empty until the cluster is initialised.
+    pub owners: Vec<NodeId>,
+}
+
+/// A change to the map. Variants are only ever appended (they are replicated and
+/// persisted in the consensus log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapCommand {
+    /// Creates the cluster: `first` owns every partition.
+    Init {
+        cluster_id: String,
+        partitions: u16,
+        first: Member,
+    },
+    /// A node joins (or a known node comes back with new addresses).
+    AddMember(Member),
+    SetStatus {
+        node: NodeId,
+        status: MemberStatus,
+    },
+    /// Partition `partition` moves from `from` to `to`. Refused unless `from` owns it
+    /// now, so a move planned on a stale map cannot take effect twice.
+    Move {
+        partition: u16,
+        from: NodeId,
+        to: NodeId,
+    },
+    /// A node leaves the map. Refused while it owns partitions.
+    RemoveMember {
+        node: NodeId,
+    },
+    /// Forced removal of a lost node: its partitions go, empty, to `to` in turn. The
+    /// data they held on the lost node is given up.
+    ForgetMember {
+        node: NodeId,
+        to: Vec<NodeId>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MapError {
+    #[error("the cluster is already initialised")]
+    AlreadyInitialised,
+    #[error("the cluster is not initialised")]
+    NotInitialised,
+    #[error("a cluster has at least one partition")]
+    NoPartitions,
+    #[error("node {0} is not a member")]
+    UnknownNode(NodeId),
+    #[error("partition {0} does not exist")]
+    UnknownPartition(u16),
+    #[error("partition {partition} is owned by node {owner}, not {claimed}")]
+    NotOwner {
+        partition: u16,
+        owner: NodeId,
+        claimed: NodeId,
+    },
+    #[error("node {node} still owns {owned} partitions")]
+    StillOwns { node: NodeId, owned: usize },
+    #[error("node {0} is leaving and takes no partitions")]
+    NotActive(NodeId),
+    #[error("no other active node can take the partitions")]
+    NoTarget,
+}
+
+/// One planned partition move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    pub partition: u16,
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
+impl ClusterMap {
+    pub fn is_initialised(&self) -> bool {
+        !self.owners.is_empty()
+    }
+
+    pub fn owner(&self, partition: u16) -> Option<NodeId> {
+        self.owners.get(usize::from(partition)).copied()
+    }
+
+    pub fn owner_member(&self, partition: u16) -> Option<&Member> {
+        self.members.get(&self.owner(partition)?)
+    }
+
+    /// The partitions `node` owns, in order.
+    pub fn owned_by(&self, node: NodeId) -> Vec<u16> {
+        (0..self.partitions)
+            .filter(|p| self.owner(*p) == Some(node))
+            .collect()
+    }
+
+    pub fn active_members(&self) -> impl Iterator<Item = &Member> {
+        self.members
+            .values()
+            .filter(|m| m.status == MemberStatus::Active)
+    }
+
+    /// Applies one command. A refused command leaves the map as it was.
+    pub fn apply(&mut self, cmd: &MapCommand) -> Result<(), MapError> {
+        match cmd {
+            MapCommand::Init {
+                cluster_id,
+                partitions,
+                first,
+            } => {
+                if self.is_initialised() {
+                    return Err(MapError::AlreadyInitialised);
+                }
+                if *partitions == 0 {
+                    return Err(MapError::NoPartitions);
+                }
+                self.cluster_id = cluster_id.clone();
+                self.partitions = *partitions;
+                self.members.insert(first.node_id, first.clone());
+                self.owners = vec![first.node_id; usize::from(*partitions)];
+            }
+            MapCommand::AddMember(m) => {
+                self.initialised()?;
+                self.members.insert(m.node_id, m.clone());
+            }
+            MapCommand::SetStatus { node, status } => {
+                self.initialised()?;
+                let m = self
+                    .members
+                    .get_mut(node)
+                    .ok_or(MapError::UnknownNode(*node))?;
+                m.status = *status;
+            }
+            MapCommand::Move {
+                partition,
+                from,
+                to,
+            } => {
+                self.initialised()?;
+                let owner = self
+                    .owner(*partition)
+                    .ok_or(MapError::UnknownPartition(*partition))?;
+                if owner != *from {
+                    return Err(MapError::NotOwner {
+                        partition: *partition,
+                        owner,
+                        claimed: *from,
+                    });
+                }
+                match self.members.get(to) {
+                    None => return Err(MapError::UnknownNode(*to)),
+                    Some(m) if m.status != MemberStatus::Active => {
+                        return Err(MapError::NotActive(*to))
+                    }
+                    Some(_) => {}
+                }
+                self.owners[usize::from(*partition)] = *to;
+            }
+            MapCommand::RemoveMember { node } => {
+                self.initialised()?;
+                if !self.members.contains_key(node) {
+                    return Err(MapError::UnknownNode(*node));
+                }
+                let owned = self.owned_by(*node).len();
+                if owned > 0 {
+                    return Err(MapError::StillOwns { node: *node, owned });
+                }
+                self.members.remove(node);
+            }
+            MapCommand::ForgetMember { node, to } => {
+                self.initialised()?;
+                if !self.members.contains_key(node) {
+                    return Err(MapError::UnknownNode(*node));
+                }
+                let targets: Vec<NodeId> = to
+                    .iter()
+                    .copied()
+                    .filter(|t| {
+                        t != node
+                            && self
+                                .members
+                                .get(t)
+                                .is_some_and(|m| m.status == MemberStatus::Active)
+                    })
+                    .collect();
+                let owned = self.owned_by(*node);
+                if !owned.is_empty() && targets.is_empty() {
+                    return Err(MapError::NoTarget);
+                }
+                for (i, p) in owned.into_iter().enumerate() {
+                    self.owners[usize::from(p)] = targets[i % targets.len()];
+                }
+                self.members.remove(node);
+            }
+        }
+        self.epoch += 1;
+        Ok(())
+    }
+
+    fn initialised(&self) -> Result<(), MapError> {
+        if self.is_initialised() {
+            Ok(())
+        } else {
+            Err(MapError::NotInitialised)
+        }
+    }
+
+    /// The moves that spread the partitions evenly over the active members (each ends
+    /// with `floor(P/n)` or `ceil(P/n)`) and empty every leaving member, moving as few
+    /// partitions as possible. Deterministic: every node plans the same moves from the
+    /// same map.
+    pub fn plan_rebalance(&self) -> Vec<Move> {
+        let active: Vec<NodeId> = self.active_members().map(|m| m.node_id).collect();
+        if active.is_empty() || !self.is_initialised() {
+            return Vec::new();
+        }
+        let n = active.len();
+        let total = usize::from(self.partitions);
+        let base = total / n;
+        let extra = total % n;
+        let mut owned: BTreeMap<NodeId, Vec<u16>> =
+            active.iter().map(|a| (*a, Vec::new())).collect();
+        let mut loose: Vec<(u16, NodeId)> = Vec::new();
+        for p in 0..self.partitions {
+            let o = self.owners[usize::from(p)];
+            match owned.get_mut(&o) {
+                Some(v) => v.push(p),
+                None => loose.push((p, o)),
+            }
+        }
+        // Who keeps `base + 1`: the members that hold the most now (ties by id), so
+        // fewer partitions move.
+        let mut by_load: Vec<NodeId> = active.clone();
+        by_load.sort_by_key(|id| (std::cmp::Reverse(owned[id].len()), *id));
+        let quota: BTreeMap<NodeId, usize> = by_load
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, base + usize::from(i < extra)))
+            .collect();
+        for (id, parts) in owned.iter_mut() {
+            while parts.len() > quota[id] {
+                let p = parts.pop().expect("longer than its quota");
+                loose.push((p, *id));
+            }
+        }
+        loose.sort();
+        let mut moves = Vec::new();
+        let mut loose = loose.into_iter();
+        for id in &active {
+            let have = owned[id].len();
+            for _ in have..quota[id] {
+                let Some((p, from)) = loose.next() else { break };
+                moves.push(Move {
+                    partition: p,
+                    from,
+                    to: *id,
+                });
+            }
+        }
+        moves.sort_by_key(|m| m.partition);
+        moves
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn member(id: NodeId) -> Member {
+        Member {
+            node_id: id,
+            http_addr: format!("127.0.0.1:{}", 8000 + id),
+            cluster_addr: format!("127.0.0.1:{}", 7000 + id),
+            status: MemberStatus::Active,
+        }
+    }
+
+    fn cluster(partitions: u16, nodes: u64) -> ClusterMap {
+        let mut m = ClusterMap::default();
+        m.apply(&MapCommand::Init {
+            cluster_id: "c".into(),
+            partitions,
+            first: member(1),
+        })
+        .unwrap();
+        for id in 2..=nodes {
+            m.apply(&MapCommand::AddMember(member(id))).unwrap();
+        }
+        m
+    }
+
+    fn apply_all(m: &mut ClusterMap, moves: &[Move]) {
+        for mv in moves {
+            m.apply(&MapCommand::Move {
+                partition: mv.partition,
+                from: mv.from,
+                to: mv.to,
+            })
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn init_gives_every_partition_to_the_first_node_and_counts_epochs() {
+        let m = cluster(8, 1);
+        assert_eq!(m.owned_by(1), (0..8).collect::<Vec<_>>());
+        assert_eq!(m.epoch, 1);
+        let mut again = m.clone();
+        assert_eq!(
+            again.apply(&MapCommand::Init {
+                cluster_id: "x".into(),
+                partitions: 4,
+                first: member(9)
+            }),
+            Err(MapError::AlreadyInitialised)
+        );
+        assert_eq!(
+            again, m,
+            "a refused command changes nothing, not even the epoch"
+        );
+    }
+
+    #[test]
+    fn a_move_planned_on_a_stale_map_is_refused() {
+        let mut m = cluster(4, 2);
+        let mv = MapCommand::Move {
+            partition: 0,
+            from: 1,
+            to: 2,
+        };
+        m.apply(&mv).unwrap();
+        assert!(matches!(
+            m.apply(&mv),
+            Err(MapError::NotOwner { owner: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_member_that_owns_partitions_cannot_be_removed_but_can_be_forgotten() {
+        let mut m = cluster(4, 3);
+        let plan = m.plan_rebalance();
+        apply_all(&mut m, &plan);
+        assert!(matches!(
+            m.apply(&MapCommand::RemoveMember { node: 2 }),
+            Err(MapError::StillOwns { node: 2, .. })
+        ));
+        m.apply(&MapCommand::ForgetMember {
+            node: 2,
+            to: vec![1, 3],
+        })
+        .unwrap();
+        assert!(!m.members.contains_key(&2));
+        assert!(m.owners.iter().all(|o| *o == 1 || *o == 3));
+    }
+
+    #[test]
+    fn leaving_members_are_emptied_and_receive_nothing() {
+        let mut m = cluster(16, 3);
+        let plan = m.plan_rebalance();
+        apply_all(&mut m, &plan);
+        m.apply(&MapCommand::SetStatus {
+            node: 3,
+            status: MemberStatus::Leaving,
+        })
+        .unwrap();
+        let plan = m.plan_rebalance();
+        assert!(plan.iter().all(|mv| mv.from == 3 && mv.to != 3));
+        apply_all(&mut m, &plan);
+        assert!(m.owned_by(3).is_empty());
+        assert_eq!(m.owned_by(1).len() + m.owned_by(2).len(), 16);
+        assert!(m
+            .apply(&MapCommand::Move {
+                partition: 0,
+                from: m.owners[0],
+                to: 3
+            })
+            .is_err());
+    }
+
+    proptest! {
+        /// Whatever the starting owners, one plan balances the active members to within
+        /// one partition, empties the leaving ones, moves only what must move, and a
+        /// second plan is empty.
+        #[test]
+        fn rebalancing_is_even_minimal_and_stable(
+            partitions in 1u16..300,
+            nodes in 1u64..7,
+            owners in proptest::collection::vec(1u64..7, 300),
+            leaving in proptest::collection::vec(any::<bool>(), 7),
+        ) {
+            let mut m = cluster(partitions, nodes);
+            for p in 0..partitions {
+                let o = owners[usize::from(p)];
+                if o <= nodes {
+                    m.owners[usize::from(p)] = o;
+                }
+            }
+            for id in 2..=nodes {
+                if leaving[id as usize] {
+                    m.apply(&MapCommand::SetStatus { node: id, status: MemberStatus::Leaving }).unwrap();
+                }
+            }
+            let active: Vec<NodeId> = m.active_members().map(|a| a.node_id).collect();
+            let n = active.len();
+            let base = usize::from(partitions) / n;
+            // The least any plan can move: everything on leaving nodes, plus what each
+            // active node holds above its quota when the `P % n` larger quotas go to the
+            // largest holders.
+            let mut loads: Vec<usize> = active.iter().map(|id| m.owned_by(*id).len()).collect();
+            loads.sort_unstable_by(|a, b| b.cmp(a));
+            let extra = usize::from(partitions) % n;
+            let least: usize = loads.iter().enumerate()
+                .map(|(i, have)| have.saturating_sub(base + usize::from(i < extra)))
+                .sum::<usize>()
+                + m.members.keys().filter(|id| !active.contains(id)).map(|id| m.owned_by(*id).len()).sum::<usize>();
+            let plan = m.plan_rebalance();
+            prop_assert_eq!(plan.len(), least);
+            let mut seen = std::collections::HashSet::new();
+            prop_assert!(plan.iter().all(|mv| seen.insert(mv.partition)));
+            apply_all(&mut m, &plan);
+            for id in m.members.keys() {
+                let have = m.owned_by(*id).len();
+                if active.contains(id) {
+                    prop_assert!(have == base || have == base + 1, "node {} has {}", id, have);
+                } else {
+                    prop_assert_eq!(have, 0);
+                }
+            }
+            prop_assert!(m.plan_rebalance().is_empty());
+        }
+    }
+}
