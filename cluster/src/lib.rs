@@ -9,6 +9,8 @@
 pub mod map;
 pub mod memory;
 pub mod proto;
+pub mod quic;
+pub mod raft;
 pub mod transport;
 
 pub use map::{ClusterMap, MapCommand, Member, MemberStatus, NodeId};
