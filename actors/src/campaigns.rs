@@ -22,6 +22,7 @@ use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{campaign_err, sku_err};
 use crate::host::{now_ms, Refusal};
+use crate::route::{IndexFilter, ScanRequest};
 use crate::shop::{millis, Page, Shop};
 
 /// A campaign as the admin creates it.
@@ -103,8 +104,17 @@ impl Shop {
         let mut items = Vec::new();
         let mut cursor = cursor.map(str::to_owned);
         loop {
-            let (ids, next) =
-                self.scan_index(b"I/c/", cursor.as_deref(), false, CHUNK, |_| true)?;
+            let (ids, next) = self
+                .scan_index(ScanRequest {
+                    prefix: b"I/c/".to_vec(),
+                    kind: Kind::Campaign,
+                    cursor: cursor.clone(),
+                    reverse: false,
+                    limit: CHUNK,
+                    filter: IndexFilter::All,
+                    partition: None,
+                })
+                .await?;
             let now = now_ms();
             for id in &ids {
                 let view = match self.get_campaign(id).await {
@@ -268,6 +278,9 @@ impl Shop {
         };
         match self.sku(sku_id, cmd).await {
             Ok(_) => {}
+            Err(Refusal::Moved) => {
+                tracing::warn!(sku = %sku_id, campaign = %view.terms.campaign_id, "sku not told of campaign figures (its partition is moving); the next report catches up");
+            }
             Err(Refusal::Unavailable(why) | Refusal::Overloaded(why)) => {
                 tracing::warn!(sku = %sku_id, campaign = %view.terms.campaign_id, error = %why, "sku not told of campaign figures; the next report catches up");
             }

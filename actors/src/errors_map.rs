@@ -15,8 +15,12 @@ fn unavailable<E>(r: Refusal<E>, map: impl FnOnce(E) -> ShopError) -> ShopError 
         Refusal::Domain(e) => map(e),
         Refusal::Unavailable(why) => ShopError::Unavailable(why),
         Refusal::Overloaded(what) => ShopError::Overloaded(what),
+        Refusal::Moved => ShopError::Unavailable(MOVING.into()),
     }
 }
+
+/// What a caller hears when a partition stayed in handoff for all its retries.
+pub const MOVING: &str = "the entity's partition is moving between nodes; retry shortly";
 
 pub fn campaign_err(r: Refusal<CampaignError>, id: &str) -> ShopError {
     unavailable(r, |e| match e {

@@ -32,6 +32,9 @@ pub enum Refusal<Err> {
     Unavailable(String),
     /// The entity's admission queue is full (names the entity): retry shortly.
     Overloaded(String),
+    /// The entity's partition is not served here now (it is fenced for a handoff, or was
+    /// handed over): route the command again.
+    Moved,
 }
 
 /// One command on its way to an entity.

@@ -63,11 +63,17 @@ impl Envelope {
         self.answer(|| Refusal::Overloaded(what));
     }
 
+    /// Answers the request with `Moved` (the partition is fenced).
+    fn moved(self) {
+        self.answer(|| Refusal::Moved);
+    }
+
     fn answer(self, refusal: impl FnOnce() -> Refusal<()>) {
         fn no<E: Entity>(req: Request<E>, why: Refusal<()>) {
             let why = match why {
                 Refusal::Overloaded(w) => Refusal::Overloaded(w),
                 Refusal::Unavailable(w) => Refusal::Unavailable(w),
+                Refusal::Moved => Refusal::Moved,
                 Refusal::Domain(()) => Refusal::Unavailable("refused".into()),
             };
             let _ = req.reply.send(Err(why));
@@ -116,6 +122,11 @@ pub enum PartitionMsg {
     /// Passivate entities idle for longer than the configured period.
     Sweep,
     ActiveCount(ractor::RpcReplyPort<usize>),
+    /// Stop serving: refuse new commands with `Moved`, drop the timers, passivate every
+    /// entity, and answer once the last one has stopped (its writes durable).
+    Fence(ractor::RpcReplyPort<()>),
+    /// Serve again: re-arm the timers from the persisted deadline index.
+    Unfence(ractor::RpcReplyPort<()>),
 }
 
 #[derive(Clone)]
@@ -218,6 +229,8 @@ pub struct PartitionArgs {
     /// Due timers are handed to the node's timer dispatcher (which may need several
     /// entities, e.g. an expired order releasing stock on its SKUs).
     pub timers: mpsc::Sender<EntityKey>,
+    /// Start fenced (another node may own the partition): see [`PartitionMsg::Fence`].
+    pub fenced: bool,
 }
 
 pub struct PartitionActor;
@@ -234,6 +247,10 @@ pub struct PartitionState {
     wheel: BTreeSet<(Millis, EntityKey)>,
     /// Slots that are `Active`.
     active: usize,
+    /// Not serving: every command is answered `Moved`.
+    fenced: bool,
+    /// Callers of `Fence` waiting for the last entity to stop.
+    draining: Vec<ractor::RpcReplyPort<()>>,
 }
 
 impl Actor for PartitionActor {
@@ -246,22 +263,11 @@ impl Actor for PartitionActor {
         myself: ActorRef<Self::Msg>,
         args: PartitionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let mut wheel = BTreeSet::new();
-        let prefix = host::deadline_prefix(args.index);
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let page = args
-                .ctx
-                .wal
-                .aux_scan(&prefix, after.as_deref(), false, 4096)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            for (k, _) in &page {
-                if let Some(entry) = host::parse_deadline_key(k) {
-                    wheel.insert(entry);
-                }
-            }
-        }
+        let wheel = if args.fenced {
+            BTreeSet::new()
+        } else {
+            load_wheel(&args.ctx, args.index)?
+        };
         myself.send_interval(args.config.tick, || PartitionMsg::Tick);
         let sweep = (args.config.idle_timeout / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(10));
@@ -276,6 +282,8 @@ impl Actor for PartitionActor {
             failed: HashSet::new(),
             wheel,
             active: 0,
+            fenced: args.fenced,
+            draining: Vec::new(),
         })
     }
 
@@ -288,7 +296,27 @@ impl Actor for PartitionActor {
         match message {
             PartitionMsg::Deliver(env) => state.deliver(&myself, env).await,
             PartitionMsg::Arm(key, at) => {
-                state.wheel.insert((at, key));
+                if !state.fenced {
+                    state.wheel.insert((at, key));
+                }
+            }
+            PartitionMsg::Fence(reply) => state.fence(reply),
+            PartitionMsg::Unfence(reply) => {
+                if state.fenced {
+                    match load_wheel(&state.ctx, state.index) {
+                        Ok(wheel) => {
+                            state.wheel = wheel;
+                            state.fenced = false;
+                        }
+                        Err(e) => {
+                            // Stay fenced: serving without the timers would leave
+                            // deadlines unmet. The caller sees the dropped reply.
+                            tracing::error!(partition = state.index, error = %e, "cannot load the partition's timers; it stays fenced");
+                            return Ok(());
+                        }
+                    }
+                }
+                let _ = reply.send(());
             }
             PartitionMsg::Tick => state.fire_due(),
             PartitionMsg::Sweep => state.sweep(),
@@ -325,8 +353,59 @@ impl Actor for PartitionActor {
     }
 }
 
+/// The partition's pending timers, from the persisted deadline index.
+fn load_wheel(
+    ctx: &HostContext,
+    partition: u16,
+) -> Result<BTreeSet<(Millis, EntityKey)>, shardmall_persistence::Error> {
+    let mut wheel = BTreeSet::new();
+    let prefix = host::deadline_prefix(partition);
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = ctx.wal.aux_scan(&prefix, after.as_deref(), false, 4096)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (k, _) in &page {
+            if let Some(entry) = host::parse_deadline_key(k) {
+                wheel.insert(entry);
+            }
+        }
+    }
+    Ok(wheel)
+}
+
 impl PartitionState {
+    fn fence(&mut self, reply: ractor::RpcReplyPort<()>) {
+        self.fenced = true;
+        self.wheel.clear();
+        for slot in self.slots.values_mut() {
+            if let Slot::Active { actor, .. } = slot {
+                actor.passivate();
+                *slot = Slot::Stopping {
+                    actor_id: actor.id(),
+                    held: Vec::new(),
+                };
+                self.active -= 1;
+            }
+        }
+        self.draining.push(reply);
+        self.drained();
+    }
+
+    /// Answers the `Fence` callers once no entity is left.
+    fn drained(&mut self) {
+        if self.fenced && self.slots.is_empty() {
+            for reply in self.draining.drain(..) {
+                let _ = reply.send(());
+            }
+        }
+    }
+
     async fn deliver(&mut self, myself: &ActorRef<PartitionMsg>, env: Box<Envelope>) {
+        if self.fenced {
+            env.moved();
+            return;
+        }
         let key = env.key();
         let env = match self.slots.get_mut(&key) {
             Some(Slot::Stopping { held, .. }) => {
@@ -466,6 +545,7 @@ impl PartitionState {
         for env in held {
             self.deliver(myself, env).await;
         }
+        self.drained();
     }
 
     fn sweep(&mut self) {

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
@@ -32,15 +32,25 @@ use crate::domain::product::{Product, ProductCommand, ProductState};
 use crate::domain::sku::{SkuCommand, SkuState, SkuView};
 use crate::domain::{Address, Entity, Kind, Millis, Money, ProductStatus};
 use crate::error::{Result, ShopError};
-use crate::errors_map::{cart_err, idem_err, order_err, product_err, sku_err};
+use crate::errors_map::{cart_err, idem_err, order_err, product_err, sku_err, MOVING};
 use crate::host::{now_ms, HostContext, Refusal, Request};
 use crate::ids::OrderIdGen;
 use crate::keys::{EntityKey, Partitioner};
 use crate::metrics::ActorMetrics;
 use crate::partition::{PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg, Routed};
+use crate::route::{
+    ForwardError, IndexFilter, RemoteAnswer, RemoteCall, Route, Router, ScanPage, ScanRequest,
+};
 
 /// How long before a timer action that could not finish is tried again.
 const RETRY_TIMER_AFTER: Duration = Duration::from_secs(5);
+
+/// How many times a command whose partition moved is routed again, and the first pause
+/// between tries (doubling, capped at [`MAX_ROUTE_PAUSE`]): about 3 s in all, longer than
+/// a partition handoff takes.
+const ROUTE_ATTEMPTS: u32 = 10;
+const FIRST_ROUTE_PAUSE: Duration = Duration::from_millis(5);
+const MAX_ROUTE_PAUSE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct ShopConfig {
@@ -59,6 +69,8 @@ pub struct ShopConfig {
     pub timer_tick: Duration,
     pub checkpoint_interval: Duration,
     pub call_timeout: Duration,
+    /// Start every partition fenced: the cluster unfences those this node owns.
+    pub start_fenced: bool,
 }
 
 impl Default for ShopConfig {
@@ -76,6 +88,7 @@ impl Default for ShopConfig {
             timer_tick: Duration::from_millis(250),
             checkpoint_interval: Duration::from_secs(2),
             call_timeout: Duration::from_secs(10),
+            start_fenced: false,
         }
     }
 }
@@ -143,6 +156,8 @@ pub(crate) struct Inner {
     pub(crate) ids: OrderIdGen,
     pub(crate) metrics: Arc<ActorMetrics>,
     ready: AtomicBool,
+    /// Where partitions are served; unset on a node that serves every partition itself.
+    router: OnceLock<Arc<dyn Router>>,
     /// Stops the background loops (timer dispatcher, checkpointer) at shutdown.
     stop: CancellationToken,
 }
@@ -170,6 +185,7 @@ impl Shop {
                 },
                 ctx: ctx.clone(),
                 timers: timer_tx.clone(),
+                fenced: cfg.start_fenced,
             };
             let (actor, _) = Actor::spawn(None, PartitionActor, args)
                 .await
@@ -187,6 +203,7 @@ impl Shop {
                 cfg,
                 metrics,
                 ready: AtomicBool::new(false),
+                router: OnceLock::new(),
                 stop: CancellationToken::new(),
             }),
         };
@@ -250,8 +267,87 @@ impl Shop {
 
     // ---- plumbing ---------------------------------------------------------------------
 
-    /// Sends one command to one entity and waits for its answer.
+    /// Hands routing to the cluster: from now on a partition this node does not own is
+    /// served by its owner. Set once, before serving.
+    pub fn set_router(&self, router: Arc<dyn Router>) {
+        if self.inner.router.set(router).is_err() {
+            tracing::warn!("the shop's router was already set; keeping the first");
+        }
+    }
+
+    fn route(&self, partition: u16) -> Route {
+        match self.inner.router.get() {
+            Some(r) => r.route(partition),
+            None => Route::Local,
+        }
+    }
+
+    /// Stops serving `partition` here: new commands are answered `Moved`, timers are
+    /// dropped, and this returns once every active entity has stopped with its writes
+    /// durable.
+    pub async fn fence_partition(&self, partition: u16) -> Result<()> {
+        self.partition_call(partition, PartitionMsg::Fence).await
+    }
+
+    /// Serves `partition` here again, timers re-armed from the store.
+    pub async fn unfence_partition(&self, partition: u16) -> Result<()> {
+        self.partition_call(partition, PartitionMsg::Unfence).await
+    }
+
+    async fn partition_call(
+        &self,
+        partition: u16,
+        msg: fn(ractor::RpcReplyPort<()>) -> PartitionMsg,
+    ) -> Result<()> {
+        let actor = self
+            .inner
+            .partitions
+            .get(usize::from(partition))
+            .ok_or_else(|| {
+                ShopError::BadRequest(format!("partition {partition} does not exist"))
+            })?;
+        match actor.call(msg, Some(Duration::from_secs(30))).await {
+            Ok(ractor::rpc::CallResult::Success(())) => Ok(()),
+            Ok(_) => Err(ShopError::Unavailable(format!(
+                "partition {partition} did not finish in time"
+            ))),
+            Err(e) => Err(ShopError::Internal(format!("partition {partition}: {e}"))),
+        }
+    }
+
+    /// Sends one command to one entity, wherever its partition is served, and waits for
+    /// its answer. A partition that moved (or is moving) is routed again, a bounded
+    /// number of times.
+    // PerformanceCriticalPath: every entity command passes here.
     pub(crate) async fn ask<E: Routed>(
+        &self,
+        partition: u16,
+        id: &str,
+        cmd: E::Command,
+    ) -> std::result::Result<E::View, Refusal<E::Error>> {
+        if self.inner.router.get().is_none() {
+            return self.ask_local::<E>(partition, id, cmd).await;
+        }
+        let mut pause = FIRST_ROUTE_PAUSE;
+        for _ in 0..ROUTE_ATTEMPTS {
+            let answer = match self.route(partition) {
+                Route::Local => self.ask_local::<E>(partition, id, cmd.clone()).await,
+                Route::Remote => self.ask_remote::<E>(partition, id, &cmd).await,
+                Route::Unavailable(why) => return Err(Refusal::Unavailable(why)),
+            };
+            match answer {
+                Err(Refusal::Moved) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_ROUTE_PAUSE);
+                }
+                other => return other,
+            }
+        }
+        Err(Refusal::Unavailable(MOVING.into()))
+    }
+
+    /// Sends one command to this node's partition actor.
+    async fn ask_local<E: Routed>(
         &self,
         partition: u16,
         id: &str,
@@ -259,7 +355,7 @@ impl Shop {
     ) -> std::result::Result<E::View, Refusal<E::Error>> {
         let Some(actor) = self.inner.partitions.get(usize::from(partition)) else {
             return Err(Refusal::Unavailable(format!(
-                "partition {partition} is not on this node"
+                "partition {partition} does not exist"
             )));
         };
         let id = id.to_owned();
@@ -278,6 +374,82 @@ impl Shop {
                 "entity stopped before answering".into(),
             )),
             Err(e) => Err(Refusal::Unavailable(format!("partition unreachable: {e}"))),
+        }
+    }
+
+    /// Sends one command to the node that owns its partition.
+    async fn ask_remote<E: Routed>(
+        &self,
+        partition: u16,
+        id: &str,
+        cmd: &E::Command,
+    ) -> std::result::Result<E::View, Refusal<E::Error>> {
+        let Some(router) = self.inner.router.get() else {
+            return Err(Refusal::Unavailable("no router".into()));
+        };
+        let cmd = crate::codec::encode(cmd)
+            .map_err(|e| Refusal::Unavailable(format!("command failed to encode: {e}")))?;
+        let call = RemoteCall {
+            partition,
+            kind: E::KIND,
+            id: id.to_owned(),
+            cmd,
+        };
+        match router.forward(call).await {
+            Ok(bytes) => {
+                match crate::codec::decode::<std::result::Result<E::View, E::Error>>(&bytes) {
+                    Ok(Ok(view)) => Ok(view),
+                    Ok(Err(e)) => Err(Refusal::Domain(e)),
+                    Err(e) => Err(Refusal::Unavailable(format!(
+                        "malformed answer from the owner: {e}"
+                    ))),
+                }
+            }
+            Err(ForwardError::Moved) => Err(Refusal::Moved),
+            Err(ForwardError::Unavailable(why)) => Err(Refusal::Unavailable(why)),
+            Err(ForwardError::Overloaded(what)) => Err(Refusal::Overloaded(what)),
+        }
+    }
+
+    /// Serves a command another node forwarded here. The caller (the cluster) has checked
+    /// that this node owns the partition at its current epoch.
+    pub async fn serve_remote(&self, call: RemoteCall) -> RemoteAnswer {
+        match call.kind {
+            Kind::Product => self.serve_typed::<ProductState>(call).await,
+            Kind::Sku => self.serve_typed::<SkuState>(call).await,
+            Kind::Cart => self.serve_typed::<CartState>(call).await,
+            Kind::Order => self.serve_typed::<OrderState>(call).await,
+            Kind::Idempotency => self.serve_typed::<IdemState>(call).await,
+            Kind::Payment => self.serve_typed::<PaymentState>(call).await,
+            Kind::Campaign => self.serve_typed::<CampaignState>(call).await,
+        }
+    }
+
+    async fn serve_typed<E: Routed>(&self, call: RemoteCall) -> RemoteAnswer {
+        let expected = EntityKey::new(E::KIND, call.id.clone());
+        if self.inner.partitioner.of(&expected) != Some(call.partition) {
+            return RemoteAnswer::Malformed(format!(
+                "{:?} {} is not in partition {}",
+                E::KIND,
+                call.id,
+                call.partition
+            ));
+        }
+        let cmd = match crate::codec::decode::<E::Command>(&call.cmd) {
+            Ok(cmd) => cmd,
+            Err(e) => return RemoteAnswer::Malformed(format!("command: {e}")),
+        };
+        let answer: std::result::Result<E::View, E::Error> =
+            match self.ask_local::<E>(call.partition, &call.id, cmd).await {
+                Ok(view) => Ok(view),
+                Err(Refusal::Domain(e)) => Err(e),
+                Err(Refusal::Moved) => return RemoteAnswer::Moving,
+                Err(Refusal::Unavailable(why)) => return RemoteAnswer::Unavailable(why),
+                Err(Refusal::Overloaded(what)) => return RemoteAnswer::Overloaded(what),
+            };
+        match crate::codec::encode(&answer) {
+            Ok(bytes) => RemoteAnswer::Reply(bytes),
+            Err(e) => RemoteAnswer::Unavailable(format!("answer failed to encode: {e}")),
         }
     }
 
@@ -411,9 +583,21 @@ impl Shop {
         limit: usize,
         cursor: Option<&str>,
     ) -> Result<Page<ProductDetail>> {
-        let (ids, next_cursor) = self.scan_index(b"I/p/", cursor, false, limit, |v| {
-            category.is_none_or(|c| c.as_bytes() == v)
-        })?;
+        let filter = match category {
+            Some(c) => IndexFilter::ValueIs(c.as_bytes().to_vec()),
+            None => IndexFilter::All,
+        };
+        let (ids, next_cursor) = self
+            .scan_index(ScanRequest {
+                prefix: b"I/p/".to_vec(),
+                kind: Kind::Product,
+                cursor: cursor.map(str::to_owned),
+                reverse: false,
+                limit,
+                filter,
+                partition: None,
+            })
+            .await?;
         let mut items = Vec::with_capacity(ids.len());
         for id in &ids {
             match self.get_product(id).await {
@@ -707,16 +891,26 @@ impl Shop {
             Some(b) => format!("I/ob/{b}/").into_bytes(),
             None => b"I/o/".to_vec(),
         };
-        let want = status.map(|s| s.as_str().as_bytes());
-        let (ids, next_cursor) = self.scan_index(&prefix, cursor, true, limit, |v| {
-            // By buyer the value is the status; by id it is `buyer \0 status`.
-            let st = if buyer.is_some() {
-                v
-            } else {
-                v.split(|b| *b == 0).nth(1).unwrap_or_default()
-            };
-            want.is_none_or(|w| w == st)
-        })?;
+        // By buyer the index value is the status; by id it is `buyer \0 status`.
+        let filter = match (status, buyer) {
+            (None, _) => IndexFilter::All,
+            (Some(s), Some(_)) => IndexFilter::ValueIs(s.as_str().as_bytes().to_vec()),
+            (Some(s), None) => IndexFilter::FieldIs {
+                field: 1,
+                value: s.as_str().as_bytes().to_vec(),
+            },
+        };
+        let (ids, next_cursor) = self
+            .scan_index(ScanRequest {
+                prefix,
+                kind: Kind::Order,
+                cursor: cursor.map(str::to_owned),
+                reverse: true,
+                limit,
+                filter,
+                partition: buyer.map(|b| self.inner.partitioner.buyer(b)),
+            })
+            .await?;
         let mut items = Vec::with_capacity(ids.len());
         for id in &ids {
             match self.get_order(id).await {
@@ -730,42 +924,73 @@ impl Shop {
         Ok(Page { items, next_cursor })
     }
 
-    /// Ids under an index prefix, after (or, `reverse`, before) the cursor, whose index
-    /// value passes `keep`: at most `limit`, and the cursor of the next page when there
-    /// may be more.
-    pub(crate) fn scan_index(
+    /// Ids under an index, across the cluster: this node's page and those of the other
+    /// nodes that must answer, merged in index order; at most `limit`, and the cursor of
+    /// the next page when there may be more.
+    pub(crate) async fn scan_index(
         &self,
-        prefix: &[u8],
-        cursor: Option<&str>,
-        reverse: bool,
-        limit: usize,
-        keep: impl Fn(&[u8]) -> bool,
+        req: ScanRequest,
     ) -> Result<(Vec<String>, Option<String>)> {
+        let limit = req.limit;
+        let reverse = req.reverse;
+        let local = match req.partition {
+            Some(p) if self.route(p) != Route::Local => ScanPage::default(),
+            _ => self.scan_local(&req)?,
+        };
+        let mut pages = vec![local];
+        if let Some(router) = self.inner.router.get() {
+            let others = router.scan_others(req).await.map_err(|e| match e {
+                ForwardError::Moved => ShopError::Unavailable(MOVING.into()),
+                ForwardError::Unavailable(why) => ShopError::Unavailable(why),
+                ForwardError::Overloaded(what) => ShopError::Overloaded(what),
+            })?;
+            pages.extend(others);
+        }
+        Ok(merge_pages(pages, limit, reverse))
+    }
+
+    /// Ids under an index in the partitions this node serves (see [`ScanRequest`]).
+    pub fn scan_local(&self, req: &ScanRequest) -> Result<ScanPage> {
         const PAGE: usize = 512;
-        let mut from = cursor.map(|c| [prefix, c.as_bytes()].concat());
+        let prefix = req.prefix.as_slice();
+        let mut from = req.cursor.as_ref().map(|c| [prefix, c.as_bytes()].concat());
         let mut ids = Vec::new();
+        let clustered = self.inner.router.get().is_some();
         loop {
             let page = self
                 .inner
                 .wal
-                .aux_scan(prefix, from.as_deref(), reverse, PAGE)
+                .aux_scan(prefix, from.as_deref(), req.reverse, PAGE)
                 .map_err(storage)?;
             let last_page = page.len() < PAGE;
             for (i, (k, v)) in page.iter().enumerate() {
-                if keep(v) {
-                    ids.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
-                    if ids.len() == limit {
-                        let more = !last_page || i + 1 < page.len();
-                        let next = if more { ids.last().cloned() } else { None };
-                        return Ok((ids, next));
-                    }
+                if !req.filter.keeps(v) {
+                    continue;
+                }
+                let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                // A copy left behind by a partition this node handed over is not listed.
+                if clustered && !self.serves(req.kind, &id) {
+                    continue;
+                }
+                ids.push(id);
+                if ids.len() == req.limit {
+                    let more = !last_page || i + 1 < page.len();
+                    return Ok(ScanPage { ids, more });
                 }
             }
             match page.last() {
                 Some((k, _)) if !last_page => from = Some(k.clone()),
-                _ => return Ok((ids, None)),
+                _ => return Ok(ScanPage { ids, more: false }),
             }
         }
+    }
+
+    /// True when this node serves the entity's partition now.
+    fn serves(&self, kind: Kind, id: &str) -> bool {
+        self.inner
+            .partitioner
+            .of(&EntityKey::new(kind, id))
+            .is_some_and(|p| self.route(p) == Route::Local)
     }
 
     /// Pays an order through the API (`method: fake`): one payment id per order, so a
@@ -809,6 +1034,7 @@ impl Shop {
                 }
                 Err(Refusal::Unavailable(why)) => return Err(ShopError::Unavailable(why)),
                 Err(Refusal::Overloaded(what)) => return Err(ShopError::Overloaded(what)),
+                Err(Refusal::Moved) => return Err(ShopError::Unavailable(MOVING.into())),
             }
         }
         let order = self.get_order(order_id).await?;
@@ -1089,6 +1315,7 @@ impl Shop {
             Err(Refusal::Domain(e)) => idem_err(e),
             Err(Refusal::Unavailable(why)) => Err(ShopError::Unavailable(why)),
             Err(Refusal::Overloaded(what)) => Err(ShopError::Overloaded(what)),
+            Err(Refusal::Moved) => Err(ShopError::Unavailable(MOVING.into())),
         }
     }
 
@@ -1110,6 +1337,7 @@ impl Shop {
                 Refusal::Domain(e) => ShopError::Internal(format!("{e:?}")),
                 Refusal::Unavailable(why) => ShopError::Unavailable(why),
                 Refusal::Overloaded(what) => ShopError::Overloaded(what),
+                Refusal::Moved => ShopError::Unavailable(MOVING.into()),
             })
     }
 
@@ -1221,6 +1449,27 @@ impl Shop {
             }
         }
     }
+}
+
+/// The first `limit` ids of several nodes' pages in index order (each page holds a
+/// node's first ids after the same cursor, so the merge is exact), and the cursor of the
+/// next page when any node has more.
+fn merge_pages(pages: Vec<ScanPage>, limit: usize, reverse: bool) -> (Vec<String>, Option<String>) {
+    let more = pages.iter().any(|p| p.more);
+    let mut ids: Vec<String> = pages.into_iter().flat_map(|p| p.ids).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    if reverse {
+        ids.reverse();
+    }
+    let cut = ids.len() > limit;
+    ids.truncate(limit);
+    let next = if cut || more {
+        ids.last().cloned()
+    } else {
+        None
+    };
+    (ids, next)
 }
 
 /// Folds every partition's log into entity snapshots, then releases the log segments

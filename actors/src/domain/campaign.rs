@@ -117,7 +117,7 @@ impl CampaignStatus {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CampaignCommand {
     Create(CampaignTerms),
     /// The SKU carved the units: start selling. Idempotent.
@@ -182,7 +182,7 @@ pub enum CampaignEvent {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum CampaignError {
     #[error("campaign not found")]
     NotFound,
@@ -206,7 +206,7 @@ pub enum CampaignError {
 }
 
 /// What callers get back: the terms and the live figures, without the bookkeeping.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CampaignView {
     pub terms: CampaignTerms,
     pub phase: Phase,

@@ -19,7 +19,7 @@ pub struct CartState {
     pub items: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CartCommand {
     /// Sets the quantity of one SKU; 0 removes it.
     SetItem {
@@ -44,7 +44,7 @@ pub enum CartEvent {
     ItemsRemoved { sku_ids: Vec<String> },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum CartError {
     #[error("a cart holds at most {max} different items")]
     TooManyItems { max: usize },

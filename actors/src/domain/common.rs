@@ -22,7 +22,7 @@ pub struct Money {
 }
 
 /// Why an arithmetic operation on [`Money`] was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum MoneyError {
     #[error("cannot combine amounts in {left} and {right}")]
     CurrencyMismatch { left: String, right: String },

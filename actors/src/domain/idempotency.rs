@@ -48,7 +48,7 @@ pub struct StoredResponse {
     pub body: Vec<u8>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IdemCommand {
     Begin {
         scope: String,
@@ -104,7 +104,7 @@ impl IdemEvent {
 
 /// The refusals of `Begin`. `Replay` is not a failure for the client: it carries the
 /// answer to send again.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum IdemError {
     #[error("this Idempotency-Key was used with another request body")]
     Conflict,

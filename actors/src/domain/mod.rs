@@ -34,11 +34,13 @@ pub enum Kind {
 
 /// One entity's state machine.
 pub trait Entity: Default + Clone + Send + Sync + Serialize + DeserializeOwned + 'static {
-    type Command: Send + std::fmt::Debug + 'static;
+    /// Commands, answers and errors are serializable: a command may be served by the
+    /// node that owns the entity's partition, not the one that received the request.
+    type Command: Send + Sync + Clone + Serialize + DeserializeOwned + std::fmt::Debug + 'static;
     type Event: Serialize + DeserializeOwned + Send + Sync + Clone + std::fmt::Debug + 'static;
-    type Error: Send + Clone + std::fmt::Debug + 'static;
+    type Error: Send + Clone + Serialize + DeserializeOwned + std::fmt::Debug + 'static;
     /// What a caller gets back after a command: a compact copy of the state.
-    type View: Send + Clone + std::fmt::Debug + 'static;
+    type View: Send + Clone + Serialize + DeserializeOwned + std::fmt::Debug + 'static;
 
     const KIND: Kind;
 

@@ -197,7 +197,7 @@ pub struct Order {
     pub version: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OrderCommand {
     Place {
         order_id: String,
@@ -328,7 +328,7 @@ pub struct OrderPlaced {
     pub at: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum OrderError {
     #[error("order not found")]
     NotFound,

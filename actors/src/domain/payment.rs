@@ -18,7 +18,7 @@ pub struct PaymentState {
     pub claimed_at: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentCommand {
     Claim { order_id: String },
     Get,
@@ -30,7 +30,7 @@ pub enum PaymentEvent {
     Claimed { order_id: String, at: Millis },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum PaymentError {
     #[error("this payment id belongs to order {order_id}")]
     ClaimedByAnother { order_id: String },

@@ -31,7 +31,7 @@ pub struct Product {
     pub version: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProductCommand {
     /// Creates the product. Its timestamps are set to the command's `now` and its version
     /// to 1, whatever the caller put there.
@@ -77,7 +77,7 @@ pub struct ProductCreated {
     pub at: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum ProductError {
     #[error("product not found")]
     NotFound,

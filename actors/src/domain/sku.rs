@@ -103,7 +103,7 @@ pub enum Outcome {
     Restocked,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SkuCommand {
     Create {
         sku_id: String,
@@ -251,7 +251,7 @@ pub struct SkuCreated {
     pub at: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum SkuError {
     #[error("sku not found")]
     NotFound,
