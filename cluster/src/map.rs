@@ -9,8 +9,23 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// A node's id: unique in its cluster, stable across restarts (kept in its data dir).
+/// A node's id in consensus: the hash of its name (`--node-id`), so the name is all an
+/// operator ever types.
 pub type NodeId = u64;
+
+/// The consensus id of the node called `name`.
+pub fn node_id_of(name: &str) -> NodeId {
+    xxhash_rust::xxh3::xxh3_64(name.as_bytes())
+}
+
+/// The 16-bit tag a node puts in every order id it mints. No two members share one (a
+/// join that would is refused), so order ids stay unique across the cluster.
+pub fn node_tag(name: &str) -> u16 {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (h & 0xffff) as u16
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberStatus {
@@ -31,7 +46,10 @@ impl MemberStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
+    /// `node_id_of(name)`.
     pub node_id: NodeId,
+    /// The node's name (`--node-id`), as operators and the HTTP API know it.
+    pub name: String,
     /// Where its HTTP edge listens (for operators and clients).
     pub http_addr: String,
     /// Where its cluster transport listens (for other nodes).
@@ -110,6 +128,8 @@ pub enum MapError {
     NotActive(NodeId),
     #[error("no other active node can take the partitions")]
     NoTarget,
+    #[error("node name {name} clashes with member {member} (same name or order-id tag): pick another --node-id")]
+    NameClash { name: String, member: String },
 }
 
 /// One planned partition move.
@@ -140,6 +160,12 @@ impl ClusterMap {
             .collect()
     }
 
+    pub fn member_named(&self, name: &str) -> Option<&Member> {
+        self.members
+            .get(&node_id_of(name))
+            .filter(|m| m.name == name)
+    }
+
     pub fn active_members(&self) -> impl Iterator<Item = &Member> {
         self.members
             .values()
@@ -167,6 +193,15 @@ impl ClusterMap {
             }
             MapCommand::AddMember(m) => {
                 self.initialised()?;
+                if let Some(other) = self.members.values().find(|o| {
+                    o.node_id != m.node_id
+                        && (o.name == m.name || node_tag(&o.name) == node_tag(&m.name))
+                }) {
+                    return Err(MapError::NameClash {
+                        name: m.name.clone(),
+                        member: other.name.clone(),
+                    });
+                }
                 self.members.insert(m.node_id, m.clone());
             }
             MapCommand::SetStatus { node, status } => {
@@ -316,6 +351,7 @@ mod tests {
     fn member(id: NodeId) -> Member {
         Member {
             node_id: id,
+            name: format!("node-{id}"),
             http_addr: format!("127.0.0.1:{}", 8000 + id),
             cluster_addr: format!("127.0.0.1:{}", 7000 + id),
             status: MemberStatus::Active,
@@ -475,5 +511,35 @@ mod tests {
             }
             prop_assert!(m.plan_rebalance().is_empty());
         }
+    }
+
+    #[test]
+    fn a_member_whose_order_id_tag_clashes_is_refused() {
+        let mut m = cluster(4, 1);
+        let mut same = member(5);
+        same.name = "node-1".into();
+        assert!(matches!(
+            m.apply(&MapCommand::AddMember(same)),
+            Err(MapError::NameClash { .. })
+        ));
+        // Names are hashed to 16 bits: find two that collide.
+        let mut seen = std::collections::HashMap::new();
+        let (a, b) = (0..100_000u32)
+            .map(|i| format!("n{i}"))
+            .find_map(|n| seen.insert(node_tag(&n), n.clone()).map(|prev| (prev, n)))
+            .expect("16-bit tags collide within 100k names");
+        let mut ma = member(6);
+        ma.name = a;
+        m.apply(&MapCommand::AddMember(ma)).unwrap();
+        let mut mb = member(7);
+        mb.name = b;
+        assert!(m.apply(&MapCommand::AddMember(mb)).is_err());
+    }
+
+    #[test]
+    fn pinned_node_ids_and_tags() {
+        // Persisted in maps and order ids: these MUST never change.
+        assert_eq!((node_tag("node-1"), node_tag("node-2")), (0x79c3, 0x7b76));
+        assert_eq!(node_id_of("node-1"), 986_463_002_654_245_765);
     }
 }
