@@ -18,6 +18,7 @@ pub mod codec;
 pub mod domain;
 pub mod error;
 mod errors_map;
+pub mod handoff;
 pub mod host;
 pub mod ids;
 pub mod keys;

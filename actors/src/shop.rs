@@ -1482,7 +1482,7 @@ pub fn checkpoint_all(wal: &Wal) -> std::result::Result<(), shardmall_persistenc
     Ok(())
 }
 
-fn fold_entity(
+pub(crate) fn fold_entity(
     entity: &[u8],
     snapshot: Option<&[u8]>,
     tail: &[(u64, Vec<u8>)],

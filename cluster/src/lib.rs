@@ -8,6 +8,7 @@
 
 pub mod map;
 pub mod memory;
+pub mod node;
 pub mod proto;
 pub mod quic;
 pub mod raft;

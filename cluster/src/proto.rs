@@ -14,8 +14,9 @@ pub const WIRE_V1: u8 = 1;
 pub enum Request {
     /// Consensus traffic; the control plane encodes and decodes its body.
     Raft(Vec<u8>),
-    /// One command for one entity, sent to the node that owns its partition.
-    Entity(RemoteCall),
+    /// One command for one entity, sent to the node that owns its partition by the
+    /// sender's map at `epoch`.
+    Entity { epoch: u64, call: RemoteCall },
     /// Ids under an index in the partitions the receiver owns.
     Scan(ScanRequest),
     /// A new node asks to become a member (sent to any member; forwarded to the leader).

@@ -48,7 +48,8 @@ pub struct AppState {
     pub http_metrics: Arc<metrics::HttpMetrics>,
     /// Cancelled when the node begins to shut down: readiness turns 503 at once.
     pub shutting_down: CancellationToken,
-    pub identity: Arc<routes::cluster::NodeIdentity>,
+    /// This node's membership: routing, the map, membership commands.
+    pub cluster: shardmall_cluster::node::ClusterNode,
     /// Admission control: one permit per request in flight (see [`admit`]).
     pub admission: Arc<tokio::sync::Semaphore>,
 }
@@ -88,6 +89,9 @@ pub struct AppState {
         routes::ops::metrics,
         routes::ops::dashboard,
         routes::cluster::get_cluster,
+        routes::cluster::rebalance,
+        routes::cluster::leave,
+        routes::cluster::remove,
         routes::campaigns::create_campaign,
         routes::campaigns::get_campaign,
         routes::campaigns::list_campaigns,
@@ -162,6 +166,15 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(ops::openapi))
         .route("/dashboard", get(ops::dashboard))
         .route("/v1/cluster", get(routes::cluster::get_cluster))
+        .route("/v1/cluster/rebalance", post(routes::cluster::rebalance))
+        .route(
+            "/v1/cluster/nodes/{node_id}/leave",
+            post(routes::cluster::leave),
+        )
+        .route(
+            "/v1/cluster/nodes/{node_id}",
+            axum::routing::delete(routes::cluster::remove),
+        )
         .fallback(ops::not_found)
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -312,6 +325,9 @@ mod tests {
             "/metrics",
             "/dashboard",
             "/v1/cluster",
+            "/v1/cluster/rebalance",
+            "/v1/cluster/nodes/{node_id}/leave",
+            "/v1/cluster/nodes/{node_id}",
             "/v1/campaigns",
             "/v1/campaigns/{campaign_id}",
             "/v1/campaigns/{campaign_id}/end",

@@ -197,6 +197,75 @@ pub async fn render(state: &AppState) -> String {
         "counter",
         load(&m.overloaded),
     );
+    let c = state.cluster.metrics();
+    let map = state.cluster.map();
+    scalar(&mut out, "shardmall_cluster_epoch", "gauge", map.epoch);
+    scalar(
+        &mut out,
+        "shardmall_cluster_members",
+        "gauge",
+        map.members.len(),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_partitions_owned",
+        "gauge",
+        map.owned_by(state.cluster.me().node_id).len(),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_partitions_serving",
+        "gauge",
+        state.cluster.serving_count(),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_is_leader",
+        "gauge",
+        u8::from(state.cluster.control().leader() == Some(state.cluster.me().node_id)),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_forwarded_total",
+        "counter",
+        load(&c.forwarded),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_forward_failures_total",
+        "counter",
+        load(&c.forward_failures),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_wrong_owner_total",
+        "counter",
+        load(&c.wrong_owner),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_rerouted_total",
+        "counter",
+        load(&c.rerouted),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_handoffs_total",
+        "counter",
+        load(&c.handoffs),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_handoff_failures_total",
+        "counter",
+        load(&c.handoff_failures),
+    );
+    scalar(
+        &mut out,
+        "shardmall_cluster_handoff_seconds_sum",
+        "counter",
+        load(&c.handoff_micros) as f64 / 1e6,
+    );
     out.push_str("# TYPE shardmall_orders gauge\n");
     for (status, n) in m.orders_by_status() {
         let _ = writeln!(out, "shardmall_orders{{status=\"{status}\"}} {n}");

@@ -22,6 +22,38 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print a token signed with the configured secret (or that of the data dir).
     Token(TokenArgs),
+    /// Inspect and change the cluster through any node's HTTP edge (operator token in
+    /// SHARDMALL_TOKEN).
+    Cluster(ClusterArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    pub command: ClusterCommand,
+    /// Any node's HTTP address.
+    #[arg(long, env = "SHARDMALL_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// Print the JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// The map: members, their state and partitions, the epoch and the leader.
+    Status,
+    /// Hand every partition of NODE to the others, then remove it from the cluster.
+    Leave { node: String },
+    /// Remove NODE from the cluster. A node that owns partitions must leave instead;
+    /// one that is down is removed only with --force, which gives up its partitions' data.
+    Remove {
+        node: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Spread the partitions evenly over the members.
+    Rebalance,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -41,7 +73,8 @@ pub struct ServeArgs {
     /// This node's id [default: node-1].
     #[arg(long, env = "SHARDMALL_NODE_ID")]
     pub node_id: Option<String>,
-    /// A member's --cluster-addr to join (clusters arrive in a later release).
+    /// A member's --cluster-addr to join at first start (needs the cluster's
+    /// SHARDMALL_CLUSTER_SECRET).
     #[arg(long, env = "SHARDMALL_JOIN")]
     pub join: Option<String>,
     /// `sync` (answer after the flush) or `relaxed` (flush every few ms) [default: sync].

@@ -34,6 +34,7 @@ pub struct FileConfig {
     pub jwt_secret: Option<String>,
     pub payment_secret: Option<String>,
     pub cluster_secret: Option<String>,
+    pub join: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +58,9 @@ pub struct Config {
     pub log: String,
     pub jwt_secret: Option<String>,
     pub payment_secret: Option<String>,
+    pub cluster_secret: Option<String>,
+    /// A member's cluster address to join at first start.
+    pub join: Option<String>,
 }
 
 const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
@@ -176,15 +180,14 @@ impl Config {
                 .unwrap_or_else(|| "info".into()),
             jwt_secret: env("SHARDMALL_JWT_SECRET").or(file.jwt_secret),
             payment_secret: env("SHARDMALL_PAYMENT_SECRET").or(file.payment_secret),
+            cluster_secret: env("SHARDMALL_CLUSTER_SECRET").or(file.cluster_secret),
+            join: args.join.clone().or(file.join),
         })
     }
 
     /// A 16-bit tag of the node id, part of every order id it mints.
     pub fn node_tag(&self) -> u16 {
-        let h = self.node_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-        (h & 0xffff) as u16
+        shardmall_cluster::map::node_tag(&self.node_id)
     }
 }
 

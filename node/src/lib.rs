@@ -6,6 +6,7 @@
 //! -> flush the log.
 
 pub mod cli;
+pub mod cluster_cmd;
 pub mod config;
 pub mod secrets;
 
@@ -13,7 +14,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use shardmall_actors::{Shop, ShopConfig};
-use shardmall_http_edge::routes::cluster::NodeIdentity;
+use shardmall_cluster::map::{node_id_of, Member, MemberStatus};
+use shardmall_cluster::node::{ClusterError, ClusterNode, Dispatcher, SharedSecrets};
+use shardmall_cluster::proto::Joined;
+use shardmall_cluster::quic::{QuicConfig, QuicTransport, TlsIdentity};
+use shardmall_cluster::raft::{ControlConfig, ControlPlane};
 use shardmall_http_edge::{AppState, Claims, JwtKeys, Role};
 use shardmall_persistence::{Wal, WalConfig};
 use tokio_util::sync::CancellationToken;
@@ -24,9 +29,6 @@ use config::Config;
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
-            if let Some(addr) = &args.join {
-                anyhow::bail!("--join {addr}: this release runs a single node; joining a cluster is not supported yet");
-            }
             let config = Config::load(&args)?;
             init_tracing(&config.log);
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -34,6 +36,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(serve(config))
         }
+        Command::Cluster(args) => std::process::exit(cluster_cmd::run(args)),
         Command::Token(args) => {
             let config = Config::load(&cli::ServeArgs {
                 config: args.serve.config.clone(),
@@ -76,15 +79,107 @@ fn init_tracing(default: &str) {
 async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let jwt = secrets::jwt_secret(&config, true)?;
-    let payment = secrets::payment_secret(&config)?;
+    if !shardmall_http_edge::validate::is_id(&config.node_id) {
+        anyhow::bail!("--node-id must match [A-Za-z0-9._-]{{1,64}}");
+    }
+    let started = std::time::Instant::now();
+
+    // Addresses first: a port 0 becomes the real port others are told.
+    let listener = tokio::net::TcpListener::bind(&config.http)
+        .await
+        .with_context(|| format!("binding {}", config.http))?;
+    let local = listener.local_addr()?;
+    let cluster_addr: std::net::SocketAddr = tokio::net::lookup_host(&config.cluster_addr)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .with_context(|| format!("--cluster-addr {:?} is not an address", config.cluster_addr))?;
+    let dispatcher = Dispatcher::new();
+    let quic = QuicTransport::bind(
+        cluster_addr,
+        TlsIdentity::load_or_create(&config.data_dir).context("loading the cluster certificate")?,
+        secrets::cluster_secret(&config)?,
+        dispatcher.clone(),
+        QuicConfig::default(),
+    )
+    .await
+    .with_context(|| format!("binding the cluster address {cluster_addr}"))?;
+    let me = Member {
+        node_id: node_id_of(&config.node_id),
+        name: config.node_id.clone(),
+        http_addr: local.to_string(),
+        cluster_addr: quic.local_addr().to_string(),
+        status: MemberStatus::Active,
+    };
+    let control = ControlPlane::open(
+        ControlConfig::new(me.clone(), config.data_dir.join("cluster")),
+        quic.clone(),
+    )
+    .await
+    .context("opening the cluster state")?;
+    dispatcher.set_control(control.clone());
+
+    // The cluster decides the partition count and the shared secrets.
+    let (jwt, payment, partitions) = if control.is_initialised() {
+        let map = control.map();
+        if config.join.is_some() {
+            tracing::info!("already a member; --join is ignored");
+        }
+        (
+            secrets::jwt_secret(&config, true)?,
+            secrets::payment_secret(&config)?,
+            map.partitions,
+        )
+    } else if let Some(seed) = &config.join {
+        let joined = join(&*quic, seed, &me).await?;
+        (
+            secrets::adopt(&config, "jwt.secret", config.jwt_secret.as_deref(), &joined.jwt_secret)?,
+            secrets::adopt(
+                &config,
+                "payment.secret",
+                config.payment_secret.as_deref(),
+                &joined.payment_secret,
+            )?,
+            joined.map.partitions,
+        )
+    } else {
+        (
+            secrets::jwt_secret(&config, true)?,
+            secrets::payment_secret(&config)?,
+            config.partitions,
+        )
+    };
 
     let mut wal_cfg = WalConfig::new(config.data_dir.join("db"));
     wal_cfg.durability = config.durability;
     wal_cfg.cache_bytes = config.cache_mb * 1024 * 1024;
     let wal = Wal::open(wal_cfg).context("opening the log")?;
-    let partitions = secrets::partition_count(&wal, config.partitions)?;
-    let cluster_id = secrets::cluster_id(&wal)?;
+    let partitions = secrets::partition_count(&wal, partitions)?;
+    if !control.is_initialised() {
+        control
+            .bootstrap(secrets::cluster_id(&wal)?, partitions)
+            .await
+            .context("creating the cluster")?;
+    }
+    let map = control.map();
+    if map.partitions != partitions {
+        anyhow::bail!(
+            "this data dir holds {partitions} partitions but the cluster has {}",
+            map.partitions
+        );
+    }
+    if let Some(known) = map.members.get(&me.node_id) {
+        if known.http_addr != me.http_addr || known.cluster_addr != me.cluster_addr {
+            tracing::info!(http = %me.http_addr, cluster = %me.cluster_addr, "addresses changed since the last start; telling the cluster");
+            let control = control.clone();
+            let me = me.clone();
+            tokio::spawn(async move {
+                if let Err(e) = control.add_voter(me).await {
+                    tracing::warn!(error = %e, "could not record the new addresses");
+                }
+            });
+        }
+    }
 
     let shop_cfg = ShopConfig {
         partitions,
@@ -96,18 +191,27 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         idle_timeout: config.idle_timeout,
         max_active: config.max_active,
         max_entity_queue: config.entity_queue,
+        start_fenced: true,
         ..ShopConfig::default()
     };
-    let started = std::time::Instant::now();
     let shop = Shop::start(wal, shop_cfg)
         .await
         .context("starting the actors")?;
-    let listener = tokio::net::TcpListener::bind(&config.http)
-        .await
-        .with_context(|| format!("binding {}", config.http))?;
-    let local = listener.local_addr()?;
-    tracing::info!(http = %local, data_dir = %config.data_dir.display(), durability = %config.durability, partitions, recovered_in = ?started.elapsed(), "shardmall is serving");
-    // Tests and scripts read this line to learn the bound port.
+    let node = ClusterNode::new(
+        me.clone(),
+        shop.clone(),
+        control.clone(),
+        quic.clone(),
+        SharedSecrets {
+            jwt: jwt.clone(),
+            payment: payment.clone(),
+        },
+    );
+    dispatcher.set_node(node.clone());
+    node.start();
+    tracing::info!(node = %me.name, http = %local, cluster = %me.cluster_addr, data_dir = %config.data_dir.display(), durability = %config.durability, partitions, recovered_in = ?started.elapsed(), "shardmall is serving");
+    // Tests and scripts read these lines to learn the bound ports.
+    println!("cluster on {}", me.cluster_addr);
     println!("listening on http://{local}");
 
     let shutting_down = CancellationToken::new();
@@ -118,19 +222,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         http_metrics: Default::default(),
         shutting_down: shutting_down.clone(),
         admission: Arc::new(tokio::sync::Semaphore::new(config.max_inflight)),
-        identity: Arc::new(NodeIdentity {
-            cluster_id,
-            node_id: config.node_id.clone(),
-            http_addr: local.to_string(),
-            cluster_addr: config.cluster_addr.clone(),
-        }),
+        cluster: node,
     };
     tokio::spawn(watch_signals(shutting_down.clone()));
     shardmall_http_edge::serve(listener, state, config.drain_timeout).await?;
     tracing::info!("stopped accepting; stopping actors and flushing the log");
     shop.shutdown().await;
+    control.shutdown().await;
+    quic.close().await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Asks the member at `seed` to admit this node, retrying while the cluster elects a
+/// leader or the seed starts.
+async fn join(quic: &QuicTransport, seed: &str, me: &Member) -> anyhow::Result<Joined> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match ClusterNode::join(quic, seed, me).await {
+            Ok(joined) => {
+                tracing::info!(seed, epoch = joined.map.epoch, "joined the cluster");
+                return Ok(joined);
+            }
+            Err(ClusterError::Unavailable(e)) if std::time::Instant::now() < deadline => {
+                tracing::warn!(seed, error = %e, "joining; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => anyhow::bail!("joining the cluster at {seed}: {e}"),
+        }
+    }
 }
 
 async fn watch_signals(token: CancellationToken) {

@@ -37,6 +37,47 @@ pub fn payment_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// The cluster secret peers prove membership with: configured, or `DIR/cluster.secret`
+/// (created at first start; every other member must then be given the same value in
+/// `SHARDMALL_CLUSTER_SECRET`).
+pub fn cluster_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
+    match &config.cluster_secret {
+        Some(s) if s.len() < 16 => {
+            anyhow::bail!("SHARDMALL_CLUSTER_SECRET must be at least 16 characters")
+        }
+        Some(s) => Ok(s.as_bytes().to_vec()),
+        None => file_secret(&config.data_dir.join("cluster.secret")),
+    }
+}
+
+/// A secret a joining node received from the cluster: kept in `DIR/<file>` (mode 0600)
+/// so later starts use it, unless one is configured, which must then be the same.
+pub fn adopt(
+    config: &Config,
+    file: &str,
+    configured: Option<&str>,
+    shared: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    if let Some(c) = configured {
+        if c.as_bytes() != shared {
+            anyhow::bail!("the configured {file} differs from the cluster's: tokens and callbacks would not be accepted by every node");
+        }
+        return Ok(shared.to_vec());
+    }
+    let path = config.data_dir.join(file);
+    if path.exists() {
+        let mine = read_secret(&path)?;
+        if mine != shared {
+            tracing::warn!(file = %path.display(), "replacing this node's own secret with the cluster's");
+            std::fs::remove_file(&path)?;
+        } else {
+            return Ok(mine);
+        }
+    }
+    write_secret(&path, shared)?;
+    Ok(shared.to_vec())
+}
+
 fn read_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     let text = std::fs::read_to_string(path)?;
     let trimmed = text.trim();
@@ -50,7 +91,12 @@ fn file_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     if path.exists() {
         return read_secret(path);
     }
-    let secret = hex::encode(rand::random::<[u8; 32]>());
+    let secret = hex::encode(rand::random::<[u8; 32]>()).into_bytes();
+    write_secret(path, &secret)?;
+    Ok(secret)
+}
+
+fn write_secret(path: &Path, secret: &[u8]) -> anyhow::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -61,9 +107,9 @@ fn file_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     let mut file = options
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(secret.as_bytes())?;
+    file.write_all(secret)?;
     file.sync_all()?;
-    Ok(secret.into_bytes())
+    Ok(())
 }
 
 /// The partition count is fixed when the data set is created; later starts keep it.

@@ -1,29 +1,24 @@
-//! The cluster map. A single node is a one-member cluster that owns every partition.
+//! The cluster map and the membership commands (operator, admin). Any node answers;
+//! the commands are carried out through consensus and partition handoffs.
 
-use axum::extract::State;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use shardmall_cluster::node::{ClusterError, ClusterStatus, RebalanceReport};
 use utoipa::ToSchema;
 
 use crate::auth::{Caller, Role};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
+use crate::validate;
 use crate::AppState;
-
-/// Who this node is, as the cluster map shows it.
-#[derive(Debug, Clone)]
-pub struct NodeIdentity {
-    pub cluster_id: String,
-    pub node_id: String,
-    pub http_addr: String,
-    pub cluster_addr: String,
-}
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClusterNode {
     pub node_id: String,
     pub http_addr: String,
     pub cluster_addr: String,
-    /// `up`
+    /// `up`, `leaving`, or `down` (did not answer a probe just now).
     pub status: String,
     /// Partitions this node owns.
     pub partitions: u32,
@@ -32,10 +27,98 @@ pub struct ClusterNode {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClusterMap {
     pub cluster_id: String,
+    /// Version of the map: every change bumps it.
     pub epoch: u64,
     pub partitions: u32,
-    pub leader: String,
+    /// The consensus leader's node id; `null` while none is known.
+    pub leader: Option<String>,
     pub nodes: Vec<ClusterNode>,
+}
+
+impl From<ClusterStatus> for ClusterMap {
+    fn from(s: ClusterStatus) -> Self {
+        ClusterMap {
+            cluster_id: s.cluster_id,
+            epoch: s.epoch,
+            partitions: s.partitions,
+            leader: s.leader,
+            nodes: s
+                .nodes
+                .into_iter()
+                .map(|n| ClusterNode {
+                    node_id: n.node_id,
+                    http_addr: n.http_addr,
+                    cluster_addr: n.cluster_addr,
+                    status: n.status,
+                    partitions: n.partitions,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MoveFailure {
+    pub partition: u16,
+    pub to: String,
+    pub error: String,
+}
+
+/// What a rebalance or a leave did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MovesReport {
+    /// Partition moves planned.
+    pub planned: usize,
+    /// Of those, the ones that completed.
+    pub moved: usize,
+    pub failed: Vec<MoveFailure>,
+    /// The map's epoch afterwards.
+    pub epoch: u64,
+}
+
+impl From<RebalanceReport> for MovesReport {
+    fn from(r: RebalanceReport) -> Self {
+        MovesReport {
+            planned: r.planned,
+            moved: r.moved,
+            failed: r
+                .failed
+                .into_iter()
+                .map(|f| MoveFailure {
+                    partition: f.partition,
+                    to: f.to,
+                    error: f.error,
+                })
+                .collect(),
+            epoch: r.epoch,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RemoveQuery {
+    /// Remove a node that is down and owns partitions, giving up their data.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::NotFound(m) => ApiError::not_found(m),
+            ClusterError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "invalid_state", m),
+            ClusterError::BadRequest(m) => ApiError::bad_request(m),
+            ClusterError::Unavailable(m) => ApiError::unavailable(m),
+        }
+    }
+}
+
+fn node_name(id: &str) -> ApiResult<&str> {
+    if validate::is_id(id) {
+        Ok(id)
+    } else {
+        Err(ApiError::bad_request("node_id must match [A-Za-z0-9._-]{1,64}"))
+    }
 }
 
 #[utoipa::path(get, path = "/v1/cluster", responses((status = 200, body = ClusterMap), (status = 403, body = crate::error::ErrorBody)))]
@@ -44,19 +127,39 @@ pub async fn get_cluster(
     caller: Caller,
 ) -> ApiResult<Json<ClusterMap>> {
     caller.require(&[Role::Operator, Role::Admin])?;
-    let me = &st.identity;
-    let partitions = u32::from(st.shop.partitioner().count());
-    Ok(Json(ClusterMap {
-        cluster_id: me.cluster_id.clone(),
-        epoch: 1,
-        partitions,
-        leader: me.node_id.clone(),
-        nodes: vec![ClusterNode {
-            node_id: me.node_id.clone(),
-            http_addr: me.http_addr.clone(),
-            cluster_addr: me.cluster_addr.clone(),
-            status: "up".into(),
-            partitions,
-        }],
-    }))
+    Ok(Json(st.cluster.status().await.into()))
+}
+
+#[utoipa::path(post, path = "/v1/cluster/rebalance", responses((status = 200, body = MovesReport), (status = 403, body = crate::error::ErrorBody)))]
+pub async fn rebalance(
+    State(st): State<AppState>,
+    caller: Caller,
+) -> ApiResult<Json<MovesReport>> {
+    caller.require(&[Role::Operator, Role::Admin])?;
+    let report = st.cluster.rebalance().await;
+    tracing::info!(planned = report.planned, moved = report.moved, failed = report.failed.len(), epoch = report.epoch, "rebalance");
+    Ok(Json(report.into()))
+}
+
+#[utoipa::path(post, path = "/v1/cluster/nodes/{node_id}/leave", responses((status = 200, body = MovesReport), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+pub async fn leave(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(node_id): Path<String>,
+) -> ApiResult<Json<MovesReport>> {
+    caller.require(&[Role::Operator, Role::Admin])?;
+    let report = st.cluster.leave(node_name(&node_id)?).await?;
+    Ok(Json(report.into()))
+}
+
+#[utoipa::path(delete, path = "/v1/cluster/nodes/{node_id}", params(("force" = Option<bool>, Query, description = "remove a node that is down and owns partitions, giving up their data")), responses((status = 200, body = ClusterMap), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+pub async fn remove(
+    State(st): State<AppState>,
+    caller: Caller,
+    Path(node_id): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> ApiResult<Json<ClusterMap>> {
+    caller.require(&[Role::Operator, Role::Admin])?;
+    let status = st.cluster.remove(node_name(&node_id)?, q.force).await?;
+    Ok(Json(status.into()))
 }

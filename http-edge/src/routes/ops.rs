@@ -17,7 +17,7 @@ pub async fn healthz() -> Json<Health> {
 
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn readyz(State(st): State<AppState>) -> Response {
-    if st.shop.is_ready() && !st.shutting_down.is_cancelled() {
+    if st.shop.is_ready() && st.cluster.is_ready() && !st.shutting_down.is_cancelled() {
         Json(Health { status: "ready" }).into_response()
     } else {
         ApiError::unavailable("recovering or shutting down").into_response()

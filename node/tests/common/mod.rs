@@ -100,11 +100,15 @@ impl NodeConfig {
         let log = std::fs::File::create(&log_path).expect("create the stderr log");
 
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardmall"));
-        cmd.arg("serve")
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(["--http", "127.0.0.1:0"])
-            .args(&self.args)
+        cmd.arg("serve").arg("--data-dir").arg(&data_dir);
+        // Free ports unless the test pins them (a restart keeps its addresses).
+        if !self.args.iter().any(|a| a == "--http") {
+            cmd.args(["--http", "127.0.0.1:0"]);
+        }
+        if !self.args.iter().any(|a| a == "--cluster-addr") {
+            cmd.args(["--cluster-addr", "127.0.0.1:0"]);
+        }
+        cmd.args(&self.args)
             .env("SHARDMALL_PAYMENT_SECRET", PAYMENT_SECRET)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -112,7 +116,11 @@ impl NodeConfig {
         // A test process may itself run with these set; the child must not inherit them.
         cmd.env_remove("SHARDMALL_JWT_SECRET")
             .env_remove("SHARDMALL_DATA_DIR")
-            .env_remove("SHARDMALL_HTTP");
+            .env_remove("SHARDMALL_HTTP")
+            .env_remove("SHARDMALL_CLUSTER_ADDR")
+            .env_remove("SHARDMALL_JOIN")
+            .env_remove("SHARDMALL_NODE_ID")
+            .env_remove("SHARDMALL_CLUSTER_SECRET");
         if !self.no_jwt_secret {
             cmd.env("SHARDMALL_JWT_SECRET", JWT_SECRET);
         }
@@ -125,6 +133,7 @@ impl NodeConfig {
         // keep draining it afterwards so the child can never block on a full pipe.
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel::<String>();
+        let (cluster_tx, cluster_rx) = mpsc::channel::<String>();
         // Whatever else the node prints on stdout is kept beside its stderr.
         let mut out_log = std::fs::File::create(log_dir.path().join("stdout.log"))
             .expect("create the stdout log");
@@ -138,6 +147,9 @@ impl NodeConfig {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
                         let _ = out_log.write_all(line.as_bytes());
+                        if let Some(addr) = line.trim().strip_prefix("cluster on ") {
+                            let _ = cluster_tx.send(addr.to_string());
+                        }
                         if !sent && line.starts_with("listening on ") {
                             let _ = tx.send(line.trim().to_string());
                             sent = true;
@@ -151,6 +163,7 @@ impl NodeConfig {
             child,
             exited: false,
             api: Api::new("http://unknown"),
+            cluster_addr: String::new(),
             data_dir,
             log_path,
             _tmp: tmp,
@@ -168,6 +181,9 @@ impl NodeConfig {
                     "unexpected listening line {line:?}"
                 );
                 node.api = Api::new(&base);
+                node.cluster_addr = cluster_rx
+                    .recv_timeout(Duration::from_secs(1))
+                    .expect("the node prints `cluster on ...` before `listening on ...`");
                 node
             }
             Err(e) => {
@@ -187,6 +203,8 @@ pub struct Node {
     child: Child,
     exited: bool,
     api: Api,
+    /// The address other nodes reach this one at (`--cluster-addr`, port resolved).
+    pub cluster_addr: String,
     data_dir: PathBuf,
     log_path: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -249,6 +267,15 @@ impl Node {
             let _ = self.child.wait();
             self.exited = true;
         }
+    }
+
+    /// The exit status, if the process has exited by itself.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        let st = self.child.try_wait().ok().flatten();
+        if st.is_some() {
+            self.exited = true;
+        }
+        st
     }
 
     /// SIGTERM, then wait (bounded) for a graceful exit.

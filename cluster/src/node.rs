@@ -1,0 +1,929 @@
+//! One cluster member: it routes this node's entity commands (the shop's [`Router`]),
+//! serves the frames other nodes send (a transport [`Service`]), keeps the partitions it
+//! serves in step with the cluster map, and moves partitions.
+//!
+//! Serving follows the map: a partition is served here (unfenced) exactly when the map
+//! says this node owns it and no handoff of it is under way. A partition changes hands
+//! like this (see docs/adr/0011-cluster.md):
+//!
+//! 1. the owner fences it: new commands are answered `Moved` (their callers route again
+//!    after a pause) and every active entity stops with its writes durable;
+//! 2. the owner folds the partition into snapshots and ships them (`Install`); the new
+//!    owner replaces its copy of the partition with them, durably;
+//! 3. the owner commits `Move` through consensus: the map flips at a new epoch, the new
+//!    owner unfences, and commands that still reach the old owner are answered
+//!    `wrong_owner` and routed again.
+//!
+//! Until step 3 commits nothing has changed hands: a failed handoff unfences the
+//! partition where it was.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use shardmall_actors::route::{
+    ForwardError, RemoteAnswer, RemoteCall, Route, Router, ScanPage, ScanRequest,
+};
+use shardmall_actors::Shop;
+use tokio::task::JoinSet;
+
+use crate::map::{ClusterMap, MapCommand, MapError, Member, MemberStatus, NodeId};
+use crate::proto::{self, Install, JoinRequest, Joined, Request, Response};
+use crate::raft::{ControlError, ControlPlane};
+use crate::transport::{BoxFuture, Service, Transport, TransportError};
+
+/// How long a node whose map is behind a caller's waits for its map to catch up.
+const CATCH_UP: Duration = Duration::from_secs(1);
+/// How long a handoff keeps trying to commit its `Move` before giving up.
+const COMMIT_MOVE_FOR: Duration = Duration::from_secs(15);
+/// Partitions moved at once by a rebalance.
+const PARALLEL_MOVES: usize = 4;
+/// How long a liveness probe of a member may take.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// After a node failed to answer, commands for it fail at once for this long instead of
+/// each waiting for a connection that will not come.
+const SUSPECT_FOR: Duration = Duration::from_secs(1);
+
+/// Secrets a joining node receives, so every member signs and checks alike.
+#[derive(Clone)]
+pub struct SharedSecrets {
+    pub jwt: Vec<u8>,
+    pub payment: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl From<ControlError> for ClusterError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Map(m) => ClusterError::Conflict(m.to_string()),
+            other => ClusterError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Counters exported on `/metrics`.
+#[derive(Default)]
+pub struct ClusterMetrics {
+    /// Entity commands sent to their owner on another node.
+    pub forwarded: AtomicU64,
+    /// Of those, the ones that found no answer (owner unreachable or failing).
+    pub forward_failures: AtomicU64,
+    /// Commands answered `wrong_owner` by the node they reached (stale maps).
+    pub wrong_owner: AtomicU64,
+    /// Commands routed again because their partition was moving.
+    pub rerouted: AtomicU64,
+    pub handoffs: AtomicU64,
+    pub handoff_failures: AtomicU64,
+    /// Sum of completed handoff durations, in microseconds.
+    pub handoff_micros: AtomicU64,
+}
+
+/// One member node. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterNode {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    me: Member,
+    shop: Shop,
+    control: ControlPlane,
+    transport: Arc<dyn Transport>,
+    secrets: SharedSecrets,
+    /// `serving[p]`: partition `p` is unfenced here.
+    serving: Vec<AtomicBool>,
+    /// Partitions this node is handing over now (never unfenced by the map watcher).
+    handing_off: Mutex<HashSet<u16>>,
+    /// Partitions installed here by a handoff and not yet served.
+    installed: Mutex<HashSet<u16>>,
+    /// Serialises changes of `serving` (map watcher and handoffs).
+    fence_lock: tokio::sync::Mutex<()>,
+    /// Nodes that just failed to answer, until when they are not tried.
+    suspects: Mutex<std::collections::HashMap<NodeId, Instant>>,
+    /// The watcher has reconciled once (partitions owned at start-up are this node's own
+    /// data; partitions gained later without an install are wiped first).
+    reconciled: AtomicBool,
+    metrics: ClusterMetrics,
+}
+
+/// What a member looks like to an operator.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub node_id: String,
+    pub http_addr: String,
+    pub cluster_addr: String,
+    /// `up`, `leaving` or `down` (did not answer a probe).
+    pub status: String,
+    pub partitions: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    pub epoch: u64,
+    pub partitions: u32,
+    /// The leader's name, or `null` while there is none.
+    pub leader: Option<String>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// The outcome of a rebalance (or of the moves a leave made).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RebalanceReport {
+    pub planned: usize,
+    pub moved: usize,
+    pub failed: Vec<MoveFailure>,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveFailure {
+    pub partition: u16,
+    pub to: String,
+    pub error: String,
+}
+
+impl ClusterNode {
+    pub fn new(
+        me: Member,
+        shop: Shop,
+        control: ControlPlane,
+        transport: Arc<dyn Transport>,
+        secrets: SharedSecrets,
+    ) -> ClusterNode {
+        let partitions = usize::from(shop.partitioner().count());
+        ClusterNode {
+            inner: Arc::new(Inner {
+                me,
+                shop,
+                control,
+                transport,
+                secrets,
+                serving: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
+                handing_off: Mutex::new(HashSet::new()),
+                installed: Mutex::new(HashSet::new()),
+                fence_lock: tokio::sync::Mutex::new(()),
+                suspects: Mutex::new(std::collections::HashMap::new()),
+                reconciled: AtomicBool::new(false),
+                metrics: ClusterMetrics::default(),
+            }),
+        }
+    }
+
+    /// Routes the shop through the cluster and starts following the map: partitions
+    /// this node owns are served, the others fenced.
+    pub fn start(&self) {
+        let router = NodeRouter(Arc::downgrade(&self.inner));
+        self.inner.shop.set_router(Arc::new(router));
+        let node = self.clone();
+        tokio::spawn(async move { node.follow_map().await });
+    }
+
+    pub fn me(&self) -> &Member {
+        &self.inner.me
+    }
+
+    pub fn control(&self) -> &ControlPlane {
+        &self.inner.control
+    }
+
+    pub fn metrics(&self) -> &ClusterMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.inner.control.map()
+    }
+
+    /// Ready to serve: the map is known, a leader is known, and every partition this
+    /// node owns is served (none is in handoff).
+    pub fn is_ready(&self) -> bool {
+        let map = self.map();
+        if !map.is_initialised() || self.inner.control.leader().is_none() {
+            return false;
+        }
+        if !self.inner.reconciled.load(Ordering::Acquire) {
+            return false;
+        }
+        map.owned_by(self.inner.me.node_id)
+            .iter()
+            .all(|p| self.inner.serving[usize::from(*p)].load(Ordering::Acquire))
+    }
+
+    /// Partitions served here now.
+    pub fn serving_count(&self) -> usize {
+        self.inner
+            .serving
+            .iter()
+            .filter(|s| s.load(Ordering::Relaxed))
+            .count()
+    }
+
+    async fn follow_map(self) {
+        let mut watch = self.inner.control.watch();
+        loop {
+            let map = watch.borrow_and_update().clone();
+            self.reconcile(&map).await;
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Fences what this node no longer owns and serves what it owns.
+    async fn reconcile(&self, map: &ClusterMap) {
+        if !map.is_initialised() {
+            return;
+        }
+        let inner = &self.inner;
+        let _serial = inner.fence_lock.lock().await;
+        let first = !inner.reconciled.load(Ordering::Acquire);
+        for p in 0..map.partitions {
+            let owned = map.owner(p) == Some(inner.me.node_id);
+            let serving = inner.serving[usize::from(p)].load(Ordering::Acquire);
+            if owned && !serving {
+                if lock(&inner.handing_off).contains(&p) {
+                    continue;
+                }
+                let installed = lock(&inner.installed).remove(&p);
+                if !first && !installed {
+                    // Given to this node without its data (a lost node was forgotten):
+                    // start it empty rather than from a stale copy an earlier owner
+                    // left here.
+                    tracing::warn!(partition = p, "partition assigned without its data; starting it empty");
+                    if let Err(e) = inner.shop.install_partition(p, Vec::new()).await {
+                        tracing::error!(partition = p, error = %e, "cannot clear the partition; it stays fenced");
+                        continue;
+                    }
+                }
+                match inner.shop.unfence_partition(p).await {
+                    Ok(()) => inner.serving[usize::from(p)].store(true, Ordering::Release),
+                    Err(e) => {
+                        tracing::error!(partition = p, error = %e, "cannot serve an owned partition")
+                    }
+                }
+            } else if !owned && serving {
+                match inner.shop.fence_partition(p).await {
+                    Ok(()) => inner.serving[usize::from(p)].store(false, Ordering::Release),
+                    Err(e) => tracing::error!(partition = p, error = %e, "cannot fence a partition this node no longer owns"),
+                }
+            }
+        }
+        inner.reconciled.store(true, Ordering::Release);
+    }
+
+    // ---- serving other nodes ------------------------------------------------------
+
+    async fn serve_frame(&self, frame: Vec<u8>) -> Response {
+        let req = match proto::decode::<Request>(&frame) {
+            Ok(r) => r,
+            Err(e) => return Response::Error(e.to_string()),
+        };
+        match req {
+            Request::Raft(body) => Response::Raft(self.inner.control.serve_raft(body).await),
+            Request::Entity { epoch, call } => Response::Entity(self.serve_entity(epoch, call).await),
+            Request::Scan(req) => match self.scan_here(&req) {
+                Ok(page) => Response::Scan(page),
+                Err(e) => Response::Error(e),
+            },
+            Request::Join(JoinRequest { member }) => match self.admit(member).await {
+                Ok(joined) => Response::Joined(joined),
+                Err(e) => Response::Error(e.to_string()),
+            },
+            Request::MovePartition { partition, to } => match self.hand_off(partition, to).await {
+                Ok(epoch) => Response::Moved { epoch },
+                Err(e) => Response::Error(e.to_string()),
+            },
+            Request::Install(install) => match self.install(install).await {
+                Ok(()) => Response::Installed,
+                Err(e) => Response::Error(e.to_string()),
+            },
+            Request::Ping => Response::Pong {
+                node_id: self.inner.me.node_id,
+                map: (*self.map()).clone(),
+            },
+        }
+    }
+
+    async fn serve_entity(&self, epoch: u64, call: RemoteCall) -> RemoteAnswer {
+        let me = self.inner.me.node_id;
+        let mut map = self.map();
+        if map.owner(call.partition) != Some(me) && epoch > map.epoch {
+            // The caller knows a newer map: this node may be about to own it.
+            map = self.inner.control.wait_for_epoch(epoch, CATCH_UP).await;
+        }
+        if map.owner(call.partition) != Some(me) {
+            self.inner.metrics.wrong_owner.fetch_add(1, Ordering::Relaxed);
+            return RemoteAnswer::WrongOwner { epoch: map.epoch };
+        }
+        self.inner.shop.serve_remote(call).await
+    }
+
+    fn scan_here(&self, req: &ScanRequest) -> Result<ScanPage, String> {
+        self.inner.shop.scan_local(req).map_err(|e| e.to_string())
+    }
+
+    /// A new node asks to join: make it a voter and a member, and hand it the secrets.
+    async fn admit(&self, member: Member) -> Result<Joined, ClusterError> {
+        if member.name.is_empty() || member.node_id != crate::map::node_id_of(&member.name) {
+            return Err(ClusterError::BadRequest("malformed member".into()));
+        }
+        let map = self.inner.control.add_voter(member.clone()).await?;
+        tracing::info!(node = %member.name, cluster_addr = %member.cluster_addr, epoch = map.epoch, "node joined");
+        Ok(Joined {
+            map,
+            jwt_secret: self.inner.secrets.jwt.clone(),
+            payment_secret: self.inner.secrets.payment.clone(),
+        })
+    }
+
+    // ---- partition handoff ----------------------------------------------------------
+
+    /// Hands `partition`, which this node owns, to `to`. Returns the map's epoch after
+    /// the move.
+    pub async fn hand_off(&self, partition: u16, to: NodeId) -> Result<u64, ClusterError> {
+        let inner = &self.inner;
+        let me = inner.me.node_id;
+        let map = self.map();
+        if partition >= map.partitions {
+            return Err(ClusterError::BadRequest(format!(
+                "partition {partition} does not exist"
+            )));
+        }
+        if map.owner(partition) != Some(me) {
+            return Err(ClusterError::Conflict(format!(
+                "partition {partition} is not owned by {}",
+                inner.me.name
+            )));
+        }
+        let target = match map.members.get(&to) {
+            Some(m) if m.status == MemberStatus::Active && to != me => m.clone(),
+            Some(_) => {
+                return Err(ClusterError::Conflict(format!(
+                    "node {to} cannot take partitions"
+                )))
+            }
+            None => return Err(ClusterError::NotFound(format!("node {to} is not a member"))),
+        };
+        if !lock(&inner.handing_off).insert(partition) {
+            return Err(ClusterError::Conflict(format!(
+                "partition {partition} is already moving"
+            )));
+        }
+        let started = Instant::now();
+        let outcome = self.move_out(partition, &target, map.epoch).await;
+        lock(&inner.handing_off).remove(&partition);
+        match &outcome {
+            Ok(epoch) => {
+                inner.metrics.handoffs.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .metrics
+                    .handoff_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                tracing::info!(partition, to = %target.name, epoch, took = ?started.elapsed(), "partition handed over");
+            }
+            Err(e) => {
+                inner.metrics.handoff_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partition, to = %target.name, error = %e, "partition handoff failed");
+                // Serve it here again, unless the map already says otherwise (the
+                // watcher then does what the map says).
+                let _serial = inner.fence_lock.lock().await;
+                if self.map().owner(partition) == Some(me)
+                    && !inner.serving[usize::from(partition)].load(Ordering::Acquire)
+                    && inner.shop.unfence_partition(partition).await.is_ok()
+                {
+                    inner.serving[usize::from(partition)].store(true, Ordering::Release);
+                }
+            }
+        }
+        outcome
+    }
+
+    async fn move_out(&self, partition: u16, target: &Member, epoch: u64) -> Result<u64, ClusterError> {
+        let inner = &self.inner;
+        {
+            let _serial = inner.fence_lock.lock().await;
+            inner.serving[usize::from(partition)].store(false, Ordering::Release);
+            inner
+                .shop
+                .fence_partition(partition)
+                .await
+                .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        }
+        let entities = inner
+            .shop
+            .export_partition(partition)
+            .await
+            .map_err(|e| ClusterError::Unavailable(format!("exporting partition {partition}: {e}")))?;
+        let frame = proto::encode(&Request::Install(Install {
+            partition,
+            epoch,
+            entities,
+        }));
+        match inner.transport.call(&target.cluster_addr, frame).await {
+            Ok(answer) => match proto::decode::<Response>(&answer) {
+                Ok(Response::Installed) => {}
+                Ok(Response::Error(e)) => return Err(ClusterError::Unavailable(format!("{} refused the partition: {e}", target.name))),
+                Ok(other) => return Err(ClusterError::Unavailable(format!("unexpected answer to an install: {other:?}"))),
+                Err(e) => return Err(ClusterError::Unavailable(e.to_string())),
+            },
+            Err(e) => return Err(ClusterError::Unavailable(e.to_string())),
+        }
+        self.commit_move(partition, target.node_id).await
+    }
+
+    /// Commits the map flip. `Move` is a compare-and-set on the owner, so trying again
+    /// after an answer was lost is safe: finding the target already the owner means an
+    /// earlier try committed.
+    async fn commit_move(&self, partition: u16, to: NodeId) -> Result<u64, ClusterError> {
+        let me = self.inner.me.node_id;
+        let deadline = Instant::now() + COMMIT_MOVE_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let cmd = MapCommand::Move {
+                partition,
+                from: me,
+                to,
+            };
+            match self.inner.control.propose(cmd).await {
+                Ok(map) => return Ok(map.epoch),
+                Err(ControlError::Map(MapError::NotOwner { owner, .. })) if owner == to => {
+                    return Ok(self.map().epoch)
+                }
+                Err(ControlError::Map(e)) => return Err(ClusterError::Conflict(e.to_string())),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(partition, error = %e, "committing a partition move; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    // The move may or may not have committed: the partition stays fenced
+                    // here until the map says who owns it (the watcher unfences it if
+                    // this node still does).
+                    return Err(ClusterError::Unavailable(format!(
+                        "the move of partition {partition} could not be committed: {e}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Receives a partition: replaces this node's copy of it. It is served once the map
+    /// says this node owns it.
+    async fn install(&self, install: Install) -> Result<(), ClusterError> {
+        let inner = &self.inner;
+        let p = install.partition;
+        if p >= inner.shop.partitioner().count() {
+            return Err(ClusterError::BadRequest(format!("partition {p} does not exist")));
+        }
+        let _serial = inner.fence_lock.lock().await;
+        if inner.serving[usize::from(p)].load(Ordering::Acquire) {
+            return Err(ClusterError::Conflict(format!(
+                "partition {p} is served here already"
+            )));
+        }
+        let count = install.entities.len();
+        inner
+            .shop
+            .install_partition(p, install.entities)
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        lock(&inner.installed).insert(p);
+        tracing::info!(partition = p, entities = count, "partition installed");
+        Ok(())
+    }
+
+    // ---- operator commands ----------------------------------------------------------
+
+    /// The map, the leader and each member's liveness.
+    pub async fn status(&self) -> ClusterStatus {
+        let map = self.map();
+        let leader = self
+            .inner
+            .control
+            .leader()
+            .and_then(|id| map.members.get(&id))
+            .map(|m| m.name.clone());
+        let mut probes = JoinSet::new();
+        for m in map.members.values() {
+            let node = self.clone();
+            let m = m.clone();
+            probes.spawn(async move {
+                let up = m.node_id == node.inner.me.node_id || node.probe(&m).await;
+                (m.node_id, up)
+            });
+        }
+        let mut up = BTreeMap::new();
+        while let Some(res) = probes.join_next().await {
+            if let Ok((id, alive)) = res {
+                up.insert(id, alive);
+            }
+        }
+        let nodes = map
+            .members
+            .values()
+            .map(|m| NodeStatus {
+                node_id: m.name.clone(),
+                http_addr: m.http_addr.clone(),
+                cluster_addr: m.cluster_addr.clone(),
+                status: if !up.get(&m.node_id).copied().unwrap_or(false) {
+                    "down".into()
+                } else {
+                    match m.status {
+                        MemberStatus::Active => "up".into(),
+                        MemberStatus::Leaving => "leaving".into(),
+                    }
+                },
+                partitions: map.owned_by(m.node_id).len() as u32,
+            })
+            .collect();
+        ClusterStatus {
+            cluster_id: map.cluster_id.clone(),
+            epoch: map.epoch,
+            partitions: u32::from(map.partitions),
+            leader,
+            nodes,
+        }
+    }
+
+    async fn probe(&self, m: &Member) -> bool {
+        let call = self
+            .inner
+            .transport
+            .call(&m.cluster_addr, proto::encode(&Request::Ping));
+        matches!(
+            tokio::time::timeout(PROBE_TIMEOUT, call).await,
+            Ok(Ok(answer)) if matches!(proto::decode::<Response>(&answer), Ok(Response::Pong { .. }))
+        )
+    }
+
+    /// Spreads the partitions evenly over the active members (and empties leaving
+    /// ones), moving as few as possible.
+    pub async fn rebalance(&self) -> RebalanceReport {
+        let plan = self.map().plan_rebalance();
+        let mut report = RebalanceReport {
+            planned: plan.len(),
+            ..RebalanceReport::default()
+        };
+        let mut moves = plan.into_iter();
+        let mut running = JoinSet::new();
+        loop {
+            while running.len() < PARALLEL_MOVES {
+                let Some(mv) = moves.next() else { break };
+                let node = self.clone();
+                running.spawn(async move { (mv, node.request_move(mv.partition, mv.from, mv.to).await) });
+            }
+            let Some(done) = running.join_next().await else { break };
+            match done {
+                Ok((_, Ok(_))) => report.moved += 1,
+                Ok((mv, Err(e))) => report.failed.push(MoveFailure {
+                    partition: mv.partition,
+                    to: self.name_of(mv.to),
+                    error: e.to_string(),
+                }),
+                Err(e) => tracing::error!(error = %e, "a partition move task failed"),
+            }
+        }
+        report.failed.sort_by_key(|f| f.partition);
+        report.epoch = self.map().epoch;
+        report
+    }
+
+    fn name_of(&self, id: NodeId) -> String {
+        self.map()
+            .members
+            .get(&id)
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    /// Asks the owner of `partition` (`from`) to hand it to `to`.
+    async fn request_move(&self, partition: u16, from: NodeId, to: NodeId) -> Result<u64, ClusterError> {
+        if from == self.inner.me.node_id {
+            return self.hand_off(partition, to).await;
+        }
+        let map = self.map();
+        let owner = map
+            .members
+            .get(&from)
+            .ok_or_else(|| ClusterError::NotFound(format!("node {from} is not a member")))?;
+        let frame = proto::encode(&Request::MovePartition { partition, to });
+        let answer = self
+            .inner
+            .transport
+            .call(&owner.cluster_addr, frame)
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        match proto::decode::<Response>(&answer) {
+            Ok(Response::Moved { epoch }) => Ok(epoch),
+            Ok(Response::Error(e)) => Err(ClusterError::Unavailable(e)),
+            Ok(other) => Err(ClusterError::Unavailable(format!("unexpected answer: {other:?}"))),
+            Err(e) => Err(ClusterError::Unavailable(e.to_string())),
+        }
+    }
+
+    fn member_named(&self, name: &str) -> Result<Member, ClusterError> {
+        self.map()
+            .member_named(name)
+            .cloned()
+            .ok_or_else(|| ClusterError::NotFound(format!("node {name} is not a member")))
+    }
+
+    /// A graceful leave: the node takes no more partitions, hands over those it owns,
+    /// then leaves the map and the voters.
+    pub async fn leave(&self, name: &str) -> Result<RebalanceReport, ClusterError> {
+        let member = self.member_named(name)?;
+        let map = self.map();
+        if map.active_members().filter(|m| m.node_id != member.node_id).count() == 0 {
+            return Err(ClusterError::Conflict(format!(
+                "{name} is the only active member: no node could take its partitions"
+            )));
+        }
+        if member.status != MemberStatus::Leaving {
+            self.inner
+                .control
+                .propose(MapCommand::SetStatus {
+                    node: member.node_id,
+                    status: MemberStatus::Leaving,
+                })
+                .await?;
+        }
+        let report = self.rebalance().await;
+        let left = self.map().owned_by(member.node_id).len();
+        if left > 0 {
+            return Err(ClusterError::Unavailable(format!(
+                "{name} still owns {left} partitions ({} moves failed); run leave again",
+                report.failed.len()
+            )));
+        }
+        self.inner
+            .control
+            .remove_node(member.node_id, MapCommand::RemoveMember { node: member.node_id })
+            .await?;
+        tracing::info!(node = %name, "node left the cluster");
+        Ok(RebalanceReport {
+            epoch: self.map().epoch,
+            ..report
+        })
+    }
+
+    /// Removes a member. One that owns partitions must leave instead; one that is down
+    /// with partitions is only removed with `force`, which gives up the data those
+    /// partitions held (there are no replicas yet): they restart empty on the others.
+    pub async fn remove(&self, name: &str, force: bool) -> Result<ClusterStatus, ClusterError> {
+        let member = self.member_named(name)?;
+        let map = self.map();
+        let owned = map.owned_by(member.node_id).len();
+        let cmd = if owned == 0 {
+            MapCommand::RemoveMember {
+                node: member.node_id,
+            }
+        } else if member.node_id == self.inner.me.node_id || self.probe(&member).await {
+            return Err(ClusterError::Conflict(format!(
+                "{name} is up and owns {owned} partitions: use `shardmall cluster leave {name}` to hand them over first"
+            )));
+        } else if !force {
+            return Err(ClusterError::Conflict(format!(
+                "{name} is down and owns {owned} partitions: restart it with its data dir, or remove it with force=true, which gives up the data of those partitions"
+            )));
+        } else {
+            let to: Vec<NodeId> = map
+                .active_members()
+                .map(|m| m.node_id)
+                .filter(|id| *id != member.node_id)
+                .collect();
+            tracing::warn!(node = %name, partitions = owned, "forgetting a lost node: its partitions restart empty");
+            MapCommand::ForgetMember {
+                node: member.node_id,
+                to,
+            }
+        };
+        self.inner.control.remove_node(member.node_id, cmd).await?;
+        Ok(self.status().await)
+    }
+
+    /// Joins the cluster that the member at `seed` belongs to. Returns what the cluster
+    /// shares with its members.
+    pub async fn join(
+        transport: &dyn Transport,
+        seed: &str,
+        me: &Member,
+    ) -> Result<Joined, ClusterError> {
+        let frame = proto::encode(&Request::Join(JoinRequest { member: me.clone() }));
+        let answer = transport.call(seed, frame).await.map_err(|e| match e {
+            // Retrying cannot help: the secrets differ.
+            TransportError::Refused { .. } => ClusterError::Conflict(e.to_string()),
+            other => ClusterError::Unavailable(other.to_string()),
+        })?;
+        match proto::decode::<Response>(&answer) {
+            Ok(Response::Joined(j)) => Ok(j),
+            Ok(Response::Error(e)) => Err(ClusterError::Conflict(e)),
+            Ok(other) => Err(ClusterError::Unavailable(format!("unexpected answer: {other:?}"))),
+            Err(e) => Err(ClusterError::Unavailable(e.to_string())),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The frames other nodes send, answered by this node once it exists: transports start
+/// before the node (consensus needs them), so the node is set later.
+#[derive(Default)]
+pub struct Dispatcher {
+    node: OnceLock<ClusterNode>,
+    /// Before the node exists, consensus frames still need an answer.
+    control: OnceLock<ControlPlane>,
+}
+
+impl Dispatcher {
+    pub fn new() -> Arc<Dispatcher> {
+        Arc::new(Dispatcher::default())
+    }
+
+    pub fn set_control(&self, control: ControlPlane) {
+        let _ = self.control.set(control);
+    }
+
+    pub fn set_node(&self, node: ClusterNode) {
+        let _ = self.node.set(node);
+    }
+}
+
+impl Service for Dispatcher {
+    fn serve(&self, frame: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        if let Some(node) = self.node.get().cloned() {
+            return Box::pin(async move { proto::encode(&node.serve_frame(frame).await) });
+        }
+        let control = self.control.get().cloned();
+        Box::pin(async move {
+            let answer = match (proto::decode::<Request>(&frame), control) {
+                (Ok(Request::Raft(body)), Some(c)) => Response::Raft(c.serve_raft(body).await),
+                (Ok(_), _) => Response::Error("this node is starting".into()),
+                (Err(e), _) => Response::Error(e.to_string()),
+            };
+            proto::encode(&answer)
+        })
+    }
+}
+
+/// The shop's view of the cluster. Weak: the shop outlives nothing it routes through.
+struct NodeRouter(Weak<Inner>);
+
+impl Router for NodeRouter {
+    fn route(&self, partition: u16) -> Route {
+        let Some(inner) = self.0.upgrade() else {
+            return Route::Unavailable("the node is stopping".into());
+        };
+        let map = inner.control.map();
+        if !map.is_initialised() {
+            return Route::Unavailable("the cluster map is not known yet".into());
+        }
+        match map.owner(partition) {
+            Some(owner) if owner == inner.me.node_id => Route::Local,
+            Some(owner) if map.members.contains_key(&owner) => Route::Remote,
+            _ => Route::Unavailable(format!("partition {partition} has no owner")),
+        }
+    }
+
+    fn forward(&self, call: RemoteCall) -> BoxFuture<'static, Result<Vec<u8>, ForwardError>> {
+        let inner = self.0.upgrade();
+        Box::pin(async move {
+            let Some(inner) = inner else {
+                return Err(ForwardError::Unavailable("the node is stopping".into()));
+            };
+            let map = inner.control.map();
+            let Some(owner) = map.owner_member(call.partition).cloned() else {
+                return Err(ForwardError::Unavailable(format!(
+                    "partition {} has no owner",
+                    call.partition
+                )));
+            };
+            inner.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
+            if lock(&inner.suspects)
+                .get(&owner.node_id)
+                .is_some_and(|until| Instant::now() < *until)
+            {
+                inner.metrics.forward_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(ForwardError::Unavailable(format!(
+                    "node {} is not answering",
+                    owner.name
+                )));
+            }
+            let frame = proto::encode(&Request::Entity {
+                epoch: map.epoch,
+                call,
+            });
+            let fail = |why: String| {
+                inner.metrics.forward_failures.fetch_add(1, Ordering::Relaxed);
+                Err(ForwardError::Unavailable(why))
+            };
+            let answer = match inner.transport.call(&owner.cluster_addr, frame).await {
+                Ok(a) => {
+                    lock(&inner.suspects).remove(&owner.node_id);
+                    a
+                }
+                Err(e) => {
+                    if matches!(e, TransportError::Unreachable { .. } | TransportError::Timeout { .. }) {
+                        lock(&inner.suspects).insert(owner.node_id, Instant::now() + SUSPECT_FOR);
+                    }
+                    return fail(format!("node {} is unreachable: {e}", owner.name));
+                }
+            };
+            match proto::decode::<Response>(&answer) {
+                Ok(Response::Entity(RemoteAnswer::Reply(bytes))) => Ok(bytes),
+                Ok(Response::Entity(RemoteAnswer::WrongOwner { epoch })) => {
+                    // Our map is stale (or theirs is): catch up, then route again.
+                    inner.metrics.rerouted.fetch_add(1, Ordering::Relaxed);
+                    if epoch > map.epoch {
+                        inner.control.wait_for_epoch(epoch, CATCH_UP).await;
+                    }
+                    Err(ForwardError::Moved)
+                }
+                Ok(Response::Entity(RemoteAnswer::Moving)) => {
+                    inner.metrics.rerouted.fetch_add(1, Ordering::Relaxed);
+                    Err(ForwardError::Moved)
+                }
+                Ok(Response::Entity(RemoteAnswer::Overloaded(what))) => {
+                    Err(ForwardError::Overloaded(what))
+                }
+                Ok(Response::Entity(RemoteAnswer::Unavailable(why))) => fail(why),
+                Ok(Response::Entity(RemoteAnswer::Malformed(why))) => {
+                    fail(format!("node {} could not read the call: {why}", owner.name))
+                }
+                Ok(Response::Error(e)) => fail(format!("node {}: {e}", owner.name)),
+                Ok(other) => fail(format!("unexpected answer from node {}: {other:?}", owner.name)),
+                Err(e) => fail(format!("node {}: {e}", owner.name)),
+            }
+        })
+    }
+
+    fn scan_others(
+        &self,
+        req: ScanRequest,
+    ) -> BoxFuture<'static, Result<Vec<ScanPage>, ForwardError>> {
+        let inner = self.0.upgrade();
+        Box::pin(async move {
+            let Some(inner) = inner else {
+                return Err(ForwardError::Unavailable("the node is stopping".into()));
+            };
+            let map = inner.control.map();
+            let me = inner.me.node_id;
+            // Only nodes that own partitions hold anything to list.
+            let targets: Vec<Member> = match req.partition {
+                Some(p) => map
+                    .owner_member(p)
+                    .filter(|m| m.node_id != me)
+                    .cloned()
+                    .into_iter()
+                    .collect(),
+                None => map
+                    .members
+                    .values()
+                    .filter(|m| m.node_id != me && !map.owned_by(m.node_id).is_empty())
+                    .cloned()
+                    .collect(),
+            };
+            let mut calls = JoinSet::new();
+            for m in targets {
+                let frame = proto::encode(&Request::Scan(req.clone()));
+                let transport = inner.transport.clone();
+                calls.spawn(async move { (m.name.clone(), transport.call(&m.cluster_addr, frame).await) });
+            }
+            let mut pages = Vec::new();
+            while let Some(done) = calls.join_next().await {
+                let (name, answer) =
+                    done.map_err(|e| ForwardError::Unavailable(format!("a list task failed: {e}")))?;
+                let answer = answer.map_err(|e| {
+                    ForwardError::Unavailable(format!("node {name} did not answer the list: {e}"))
+                })?;
+                match proto::decode::<Response>(&answer) {
+                    Ok(Response::Scan(page)) => pages.push(page),
+                    Ok(Response::Error(e)) => {
+                        return Err(ForwardError::Unavailable(format!("node {name}: {e}")))
+                    }
+                    Ok(_) | Err(_) => {
+                        return Err(ForwardError::Unavailable(format!(
+                            "node {name} answered the list with something else"
+                        )))
+                    }
+                }
+            }
+            Ok(pages)
+        })
+    }
+}

@@ -1,0 +1,482 @@
+//! Whole clusters in one process: real shops on real logs (temporary dirs), real
+//! consensus, and the in-memory network, which serializes every frame and can cut
+//! links. Each scenario is a list of steps; after every step the invariants are checked:
+//!
+//! - every live member converges on the same map;
+//! - every partition whose owner is alive is served by exactly that node;
+//! - no SKU ever sold more than its stock, and stock is conserved
+//!   (available + reserved + sold = what was put in);
+//! - every acknowledged order is readable, from any node, with its units.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardmall_actors::domain::{Money, ProductStatus};
+use shardmall_actors::{NewCampaign, NewProduct, NewSku, Shop, ShopConfig, ShopError};
+use shardmall_cluster::map::{node_id_of, Member, MemberStatus};
+use shardmall_cluster::memory::MemoryNet;
+use shardmall_cluster::node::{ClusterNode, Dispatcher, SharedSecrets};
+use shardmall_cluster::raft::{ControlConfig, ControlPlane};
+use shardmall_persistence::{Wal, WalConfig};
+
+const PARTITIONS: u16 = 16;
+const STOCK: u64 = 200;
+const SKUS: usize = 6;
+
+struct Running {
+    node: ClusterNode,
+    shop: Shop,
+    control: ControlPlane,
+}
+
+struct Cluster {
+    net: MemoryNet,
+    root: tempfile::TempDir,
+    live: BTreeMap<String, Running>,
+    /// Every order acknowledged so far: (order id, sku, units).
+    acked: Vec<(String, String, u64)>,
+    /// Units of checkouts answered `unavailable`, by SKU: they may or may not hold stock
+    /// (a lost answer), so the check allows for them.
+    uncertain: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Start a node; the first one creates the cluster, later ones join it.
+    Add(&'static str),
+    /// Spread the partitions over the members (asked of the named node).
+    Rebalance(&'static str),
+    /// Buy `n` units from each live node, spread over the SKUs.
+    Buy(u64),
+    /// Restore every link of a node (cut with `Cluster::isolate`).
+    Heal(&'static str),
+    /// Stop a node abruptly (its log keeps what was durable).
+    Kill(&'static str),
+    /// Start a killed node again from its data dir.
+    Restart(&'static str),
+    /// Hand a node's partitions over and remove it (asked of the other named node).
+    Leave(&'static str, &'static str),
+}
+
+fn member(name: &str) -> Member {
+    Member {
+        node_id: node_id_of(name),
+        name: name.into(),
+        http_addr: format!("http-{name}"),
+        cluster_addr: name.into(),
+        status: MemberStatus::Active,
+    }
+}
+
+fn money(amount: i64) -> Money {
+    Money {
+        amount,
+        currency: "CNY".into(),
+    }
+}
+
+fn sku(i: usize) -> String {
+    format!("sku-{i}")
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        Cluster {
+            net: MemoryNet::new(),
+            root: tempfile::tempdir().expect("temp dir"),
+            live: BTreeMap::new(),
+            acked: Vec::new(),
+            uncertain: BTreeMap::new(),
+        }
+    }
+
+    async fn start(&mut self, name: &str) {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let me = member(name);
+        let dispatcher = Dispatcher::new();
+        self.net.register(name, dispatcher.clone());
+        let transport = Arc::new(self.net.endpoint(name));
+        let control = ControlPlane::open(ControlConfig::new(me.clone(), dir.join("cluster")), transport.clone())
+            .await
+            .expect("open control plane");
+        dispatcher.set_control(control.clone());
+        if !control.is_initialised() {
+            match self.live.keys().next() {
+                None => {
+                    control.bootstrap("test".into(), PARTITIONS).await.expect("bootstrap");
+                }
+                Some(seed) => {
+                    let deadline = Instant::now() + Duration::from_secs(20);
+                    loop {
+                        match ClusterNode::join(&*transport, seed, &me).await {
+                            Ok(_) => break,
+                            Err(e) if Instant::now() < deadline => {
+                                eprintln!("join {name}: {e}; retrying");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            Err(e) => panic!("{name} cannot join: {e}"),
+                        }
+                    }
+                }
+            }
+        }
+        let wal = open_wal(&dir).await;
+        let shop = Shop::start(
+            wal,
+            ShopConfig {
+                partitions: PARTITIONS,
+                node_tag: shardmall_cluster::map::node_tag(name),
+                timer_tick: Duration::from_millis(50),
+                checkpoint_interval: Duration::from_millis(200),
+                start_fenced: true,
+                ..ShopConfig::default()
+            },
+        )
+        .await
+        .expect("start shop");
+        let node = ClusterNode::new(
+            me,
+            shop.clone(),
+            control.clone(),
+            transport,
+            SharedSecrets {
+                jwt: b"jwt".to_vec(),
+                payment: b"pay".to_vec(),
+            },
+        );
+        dispatcher.set_node(node.clone());
+        node.start();
+        self.live.insert(
+            name.to_owned(),
+            Running {
+                node,
+                shop,
+                control,
+            },
+        );
+    }
+
+    /// Cuts every link of a node. Not a step: the invariants cannot be read while a
+    /// node's partitions are out of reach.
+    fn isolate(&self, name: &str) {
+        for other in self.live.keys() {
+            if other != name {
+                self.net.cut(name, other);
+            }
+        }
+    }
+
+    fn any(&self) -> &Running {
+        self.live.values().next().expect("a live node")
+    }
+
+    async fn seed_catalog(&mut self) {
+        let shop = &self.any().shop;
+        wait_until("the catalog can be written", || async {
+            shop.create_product(NewProduct {
+                product_id: "p-1".into(),
+                title: "t".into(),
+                category: "c".into(),
+                brand: "b".into(),
+                description: String::new(),
+                status: ProductStatus::OnShelf,
+                skus: (0..SKUS)
+                    .map(|i| NewSku {
+                        sku_id: sku(i),
+                        name: sku(i),
+                        specs: BTreeMap::new(),
+                        price: money(100),
+                        market_price: None,
+                        stock: STOCK,
+                        low_stock_threshold: 0,
+                    })
+                    .collect(),
+            })
+            .await
+            .is_ok()
+        })
+        .await;
+    }
+
+    async fn step(&mut self, step: &Step) {
+        eprintln!("step: {step:?}");
+        match step {
+            Step::Add(name) => self.start(name).await,
+            Step::Rebalance(on) => {
+                let report = self.live[*on].node.rebalance().await;
+                assert!(report.failed.is_empty(), "rebalance failures: {:?}", report.failed);
+            }
+            Step::Buy(n) => self.buy(*n).await,
+            Step::Heal(name) => self.net.heal(name),
+            Step::Kill(name) => {
+                let gone = self.live.remove(*name).expect("kill a live node");
+                self.net.unregister(name);
+                // Abrupt: the shop is not shut down; what it acknowledged is durable.
+                gone.control.shutdown().await;
+                drop(gone);
+            }
+            Step::Restart(name) => self.start(name).await,
+            Step::Leave(name, asked) => {
+                let report = self.live[*asked]
+                    .node
+                    .leave(name)
+                    .await
+                    .expect("leave succeeds");
+                assert!(report.failed.is_empty());
+                let gone = self.live.remove(*name).expect("leaving node is live");
+                gone.shop.shutdown().await;
+                gone.control.shutdown().await;
+                self.net.unregister(name);
+            }
+        }
+        self.check().await;
+    }
+
+    /// Concurrent checkouts from every live node; each acknowledged order is recorded.
+    async fn buy(&mut self, n: u64) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (name, r) in &self.live {
+            for i in 0..n {
+                let shop = r.shop.clone();
+                let buyer = format!("{name}-buyer-{i}-{}", self.acked.len());
+                let sku_id = sku(i as usize % SKUS);
+                tasks.spawn(async move {
+                    let res = shop
+                        .checkout(&buyer, Some(vec![(sku_id.clone(), 1)]), None)
+                        .await;
+                    (sku_id, res)
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            let (sku_id, res) = done.expect("buy task");
+            match res {
+                Ok(order) => self.acked.push((order.order_id, sku_id, 1)),
+                Err(ShopError::InsufficientStock { .. }) => {}
+                Err(ShopError::Unavailable(_)) => *self.uncertain.entry(sku_id).or_default() += 1,
+                Err(e) => panic!("unexpected checkout error: {e:?}"),
+            }
+        }
+    }
+
+    async fn check(&self) {
+        // One map everywhere.
+        let target = self.live.values().map(|r| r.control.map().epoch).max().unwrap_or(0);
+        for (name, r) in &self.live {
+            let map = r.control.wait_for_epoch(target, Duration::from_secs(10)).await;
+            assert!(map.epoch >= target, "{name} stuck at epoch {} < {target}", map.epoch);
+        }
+        let map = self.any().control.map();
+        // Exactly the owner serves each partition (once the watchers caught up).
+        wait_until("every live owner serves its partitions", || async {
+            self.live.values().all(|r| {
+                let owned = map.owned_by(r.node.me().node_id).len();
+                r.node.is_ready() && r.node.serving_count() == owned
+            })
+        })
+        .await;
+        // Stock: never oversold, conserved, and every acknowledged order holds its units.
+        let shop = &self.any().shop;
+        let mut sold_or_reserved: BTreeMap<String, u64> = BTreeMap::new();
+        for (_, s, n) in &self.acked {
+            *sold_or_reserved.entry(s.clone()).or_default() += n;
+        }
+        for i in 0..SKUS {
+            let id = sku(i);
+            let view = read(|| shop.get_sku(&id)).await;
+            assert_eq!(
+                view.available + view.reserved + view.sold,
+                STOCK,
+                "stock of {} not conserved: {view:?}",
+                sku(i)
+            );
+            let acked = sold_or_reserved.get(&sku(i)).copied().unwrap_or(0);
+            let uncertain = self.uncertain.get(&sku(i)).copied().unwrap_or(0);
+            let held = view.reserved + view.sold;
+            assert!(
+                held >= acked && held <= acked + uncertain,
+                "{}: {acked} units acknowledged ({uncertain} uncertain), the SKU holds {view:?}",
+                sku(i)
+            );
+        }
+        for (order_id, _, _) in &self.acked {
+            // Any node answers for any order.
+            for r in self.live.values() {
+                let order = read(|| r.shop.get_order(order_id)).await;
+                assert_eq!(&order.order_id, order_id);
+            }
+        }
+    }
+}
+
+async fn open_wal(dir: &std::path::Path) -> Wal {
+    let start = Instant::now();
+    loop {
+        match Wal::open(WalConfig::new(dir.join("db"))) {
+            Ok(wal) => return wal,
+            // A killed node's last handles are dropped by its tasks shortly after.
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("open log: {e}"),
+        }
+    }
+}
+
+/// Retries a read while the cluster settles (a partition in handoff answers 503).
+async fn read<T, F, Fut>(f: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ShopError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("read failed: {e:?}"),
+        }
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn run(steps: &[Step]) -> Cluster {
+    let mut c = Cluster::new();
+    c.step(&steps[0]).await;
+    c.seed_catalog().await;
+    for s in &steps[1..] {
+        c.step(s).await;
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grow_to_three_nodes_and_rebalance_under_buys() {
+    use Step::*;
+    let c = run(&[
+        Add("n1"),
+        Buy(10),
+        Add("n2"),
+        Add("n3"),
+        Buy(5),
+        Rebalance("n2"),
+        Buy(10),
+    ])
+    .await;
+    let map = c.any().control.map();
+    for name in ["n1", "n2", "n3"] {
+        let owned = map.owned_by(node_id_of(name)).len();
+        assert!((5..=6).contains(&owned), "{name} owns {owned} of {PARTITIONS}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_leaves_and_nothing_it_held_is_lost() {
+    use Step::*;
+    run(&[
+        Add("n1"),
+        Add("n2"),
+        Add("n3"),
+        Rebalance("n1"),
+        Buy(10),
+        Leave("n2", "n1"),
+        Buy(5),
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_node_restarts_with_its_partitions() {
+    use Step::*;
+    run(&[
+        Add("n1"),
+        Add("n2"),
+        Add("n3"),
+        Rebalance("n1"),
+        Buy(8),
+        Kill("n3"),
+        Restart("n3"),
+        Buy(5),
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_isolated_node_catches_up_after_heal() {
+    use Step::*;
+    let mut c = run(&[Add("n1"), Add("n2"), Add("n3"), Rebalance("n1"), Buy(5)]).await;
+    // While n3 is cut off, its partitions cannot be reached from the others: commands
+    // for them fail as unavailable (and are not acknowledged), nothing else is affected.
+    c.isolate("n3");
+    let shop = c.live["n1"].shop.clone();
+    let map = c.live["n1"].control.map();
+    let n3 = node_id_of("n3");
+    let remote_sku = (0..SKUS)
+        .map(sku)
+        .find(|s| {
+            map.owner(shop.partitioner().catalog(shardmall_actors::domain::Kind::Sku, s))
+                == Some(n3)
+        });
+    if let Some(s) = remote_sku {
+        assert!(matches!(shop.get_sku(&s).await, Err(ShopError::Unavailable(_))));
+    }
+    c.step(&Step::Heal("n3")).await;
+    c.step(&Step::Buy(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flash_sale_across_nodes_sells_exactly_its_quantity() {
+    use Step::*;
+    let c = run(&[Add("n1"), Add("n2"), Add("n3"), Rebalance("n1")]).await;
+    let admin = &c.live["n2"].shop;
+    let now = shardmall_actors::host::now_ms();
+    read(|| {
+        admin.create_campaign(NewCampaign {
+            campaign_id: "flash".into(),
+            sku_id: sku(0),
+            price: money(1),
+            quantity: 40,
+            starts_at: None,
+            ends_at: now + 600_000,
+            per_buyer_limit: 1,
+            payment_timeout: None,
+        })
+    })
+    .await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (name, r) in &c.live {
+        for i in 0..60 {
+            let shop = r.shop.clone();
+            let buyer = format!("{name}-{i}");
+            tasks.spawn(async move { shop.buy("flash", &buyer, 1, None).await });
+        }
+    }
+    let mut orders = 0;
+    while let Some(done) = tasks.join_next().await {
+        match done.expect("buy task") {
+            Ok(_) => orders += 1,
+            Err(ShopError::SoldOut(_) | ShopError::Overloaded(_)) => {}
+            Err(e) => panic!("unexpected buy error: {e:?}"),
+        }
+    }
+    assert_eq!(orders, 40, "exactly the quantity is sold");
+    let view = c.live["n3"].shop.get_campaign("flash").await.expect("campaign");
+    assert_eq!(view.sold + view.reserved, 40);
+}

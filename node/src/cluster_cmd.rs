@@ -1,0 +1,116 @@
+//! `shardmall cluster ...`: the membership commands, through any node's HTTP edge.
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::cli::{ClusterArgs, ClusterCommand};
+
+/// Runs one cluster command. Exit 0 on success, 1 when the cluster refused or failed
+/// the command, 2 when the node could not be asked.
+pub fn run(args: ClusterArgs) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    match runtime.block_on(call(&args)) {
+        Ok((status, body)) if status.is_success() => {
+            print_answer(&args, &body);
+            0
+        }
+        Ok((status, body)) => {
+            let message = body["error"]["message"].as_str().unwrap_or("");
+            let code = body["error"]["code"].as_str().unwrap_or("error");
+            eprintln!("error: {} {code}: {message}", status.as_u16());
+            1
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
+    }
+}
+
+async fn call(args: &ClusterArgs) -> anyhow::Result<(reqwest::StatusCode, Value)> {
+    let token = std::env::var("SHARDMALL_TOKEN")
+        .context("SHARDMALL_TOKEN is not set (mint one with `shardmall token --role operator --sub NAME`)")?;
+    let base = args.url.trim_end_matches('/');
+    let client = reqwest::Client::builder()
+        // A leave or a rebalance moves partitions one after the other.
+        .timeout(std::time::Duration::from_secs(600))
+        .build()?;
+    let req = match &args.command {
+        ClusterCommand::Status => client.get(format!("{base}/v1/cluster")),
+        ClusterCommand::Leave { node } => {
+            client.post(format!("{base}/v1/cluster/nodes/{node}/leave"))
+        }
+        ClusterCommand::Remove { node, force } => client.delete(format!(
+            "{base}/v1/cluster/nodes/{node}{}",
+            if *force { "?force=true" } else { "" }
+        )),
+        ClusterCommand::Rebalance => client.post(format!("{base}/v1/cluster/rebalance")),
+    };
+    let resp = req
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("asking {base}"))?;
+    let status = resp.status();
+    let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+fn print_answer(args: &ClusterArgs, body: &Value) {
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(body).unwrap_or_default());
+        return;
+    }
+    match &args.command {
+        ClusterCommand::Status | ClusterCommand::Remove { .. } => print_map(body),
+        ClusterCommand::Leave { .. } | ClusterCommand::Rebalance => print_moves(body),
+    }
+}
+
+fn print_map(map: &Value) {
+    println!(
+        "cluster {}  epoch {}  partitions {}  leader {}",
+        map["cluster_id"].as_str().unwrap_or("?"),
+        map["epoch"],
+        map["partitions"],
+        map["leader"].as_str().unwrap_or("(none)")
+    );
+    println!(
+        "{:<20} {:<8} {:>10}  {:<22} {:<22}",
+        "NODE", "STATUS", "PARTITIONS", "HTTP", "CLUSTER"
+    );
+    for n in map["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "{:<20} {:<8} {:>10}  {:<22} {:<22}",
+            n["node_id"].as_str().unwrap_or("?"),
+            n["status"].as_str().unwrap_or("?"),
+            n["partitions"],
+            n["http_addr"].as_str().unwrap_or("?"),
+            n["cluster_addr"].as_str().unwrap_or("?"),
+        );
+    }
+}
+
+fn print_moves(report: &Value) {
+    println!(
+        "moved {} of {} planned partitions; epoch {}",
+        report["moved"], report["planned"], report["epoch"]
+    );
+    for f in report["failed"].as_array().into_iter().flatten() {
+        println!(
+            "  partition {} -> {}: {}",
+            f["partition"],
+            f["to"].as_str().unwrap_or("?"),
+            f["error"].as_str().unwrap_or("?")
+        );
+    }
+}
