@@ -98,14 +98,20 @@ impl Cluster {
         let dispatcher = Dispatcher::new();
         self.net.register(name, dispatcher.clone());
         let transport = Arc::new(self.net.endpoint(name));
-        let control = ControlPlane::open(ControlConfig::new(me.clone(), dir.join("cluster")), transport.clone())
-            .await
-            .expect("open control plane");
+        let control = ControlPlane::open(
+            ControlConfig::new(me.clone(), dir.join("cluster")),
+            transport.clone(),
+        )
+        .await
+        .expect("open control plane");
         dispatcher.set_control(control.clone());
         if !control.is_initialised() {
             match self.live.keys().next() {
                 None => {
-                    control.bootstrap("test".into(), PARTITIONS).await.expect("bootstrap");
+                    control
+                        .bootstrap("test".into(), PARTITIONS)
+                        .await
+                        .expect("bootstrap");
                 }
                 Some(seed) => {
                     let deadline = Instant::now() + Duration::from_secs(20);
@@ -195,6 +201,7 @@ impl Cluster {
                     .collect(),
             })
             .await
+            .map_err(|e| eprintln!("seed: {e:?}"))
             .is_ok()
         })
         .await;
@@ -206,7 +213,11 @@ impl Cluster {
             Step::Add(name) => self.start(name).await,
             Step::Rebalance(on) => {
                 let report = self.live[*on].node.rebalance().await;
-                assert!(report.failed.is_empty(), "rebalance failures: {:?}", report.failed);
+                assert!(
+                    report.failed.is_empty(),
+                    "rebalance failures: {:?}",
+                    report.failed
+                );
             }
             Step::Buy(n) => self.buy(*n).await,
             Step::Heal(name) => self.net.heal(name),
@@ -263,10 +274,22 @@ impl Cluster {
 
     async fn check(&self) {
         // One map everywhere.
-        let target = self.live.values().map(|r| r.control.map().epoch).max().unwrap_or(0);
+        let target = self
+            .live
+            .values()
+            .map(|r| r.control.map().epoch)
+            .max()
+            .unwrap_or(0);
         for (name, r) in &self.live {
-            let map = r.control.wait_for_epoch(target, Duration::from_secs(10)).await;
-            assert!(map.epoch >= target, "{name} stuck at epoch {} < {target}", map.epoch);
+            let map = r
+                .control
+                .wait_for_epoch(target, Duration::from_secs(10))
+                .await;
+            assert!(
+                map.epoch >= target,
+                "{name} stuck at epoch {} < {target}",
+                map.epoch
+            );
         }
         let map = self.any().control.map();
         // Exactly the owner serves each partition (once the watchers caught up).
@@ -359,8 +382,13 @@ where
 
 async fn run(steps: &[Step]) -> Cluster {
     let mut c = Cluster::new();
-    c.step(&steps[0]).await;
+    let Step::Add(first) = steps[0] else {
+        panic!("a scenario starts by adding its first node");
+    };
+    eprintln!("step: {:?}", steps[0]);
+    c.start(first).await;
     c.seed_catalog().await;
+    c.check().await;
     for s in &steps[1..] {
         c.step(s).await;
     }
@@ -383,7 +411,10 @@ async fn grow_to_three_nodes_and_rebalance_under_buys() {
     let map = c.any().control.map();
     for name in ["n1", "n2", "n3"] {
         let owned = map.owned_by(node_id_of(name)).len();
-        assert!((5..=6).contains(&owned), "{name} owns {owned} of {PARTITIONS}");
+        assert!(
+            (5..=6).contains(&owned),
+            "{name} owns {owned} of {PARTITIONS}"
+        );
     }
 }
 
@@ -428,14 +459,17 @@ async fn an_isolated_node_catches_up_after_heal() {
     let shop = c.live["n1"].shop.clone();
     let map = c.live["n1"].control.map();
     let n3 = node_id_of("n3");
-    let remote_sku = (0..SKUS)
-        .map(sku)
-        .find(|s| {
-            map.owner(shop.partitioner().catalog(shardmall_actors::domain::Kind::Sku, s))
-                == Some(n3)
-        });
+    let remote_sku = (0..SKUS).map(sku).find(|s| {
+        map.owner(
+            shop.partitioner()
+                .catalog(shardmall_actors::domain::Kind::Sku, s),
+        ) == Some(n3)
+    });
     if let Some(s) = remote_sku {
-        assert!(matches!(shop.get_sku(&s).await, Err(ShopError::Unavailable(_))));
+        assert!(matches!(
+            shop.get_sku(&s).await,
+            Err(ShopError::Unavailable(_))
+        ));
     }
     c.step(&Step::Heal("n3")).await;
     c.step(&Step::Buy(5)).await;
@@ -477,6 +511,10 @@ async fn a_flash_sale_across_nodes_sells_exactly_its_quantity() {
         }
     }
     assert_eq!(orders, 40, "exactly the quantity is sold");
-    let view = c.live["n3"].shop.get_campaign("flash").await.expect("campaign");
+    let view = c.live["n3"]
+        .shop
+        .get_campaign("flash")
+        .await
+        .expect("campaign");
     assert_eq!(view.sold + view.reserved, 40);
 }

@@ -120,6 +120,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     dispatcher.set_control(control.clone());
 
     // The cluster decides the partition count and the shared secrets.
+    let mut join_epoch = 0;
     let (jwt, payment, partitions) = if control.is_initialised() {
         let map = control.map();
         if config.join.is_some() {
@@ -132,6 +133,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         )
     } else if let Some(seed) = &config.join {
         let joined = join(&*quic, seed, &me).await?;
+        join_epoch = joined.map.epoch;
         (
             secrets::adopt(&config, "jwt.secret", config.jwt_secret.as_deref(), &joined.jwt_secret)?,
             secrets::adopt(
@@ -156,10 +158,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let wal = Wal::open(wal_cfg).context("opening the log")?;
     let partitions = secrets::partition_count(&wal, partitions)?;
     if !control.is_initialised() {
-        control
-            .bootstrap(secrets::cluster_id(&wal)?, partitions)
-            .await
-            .context("creating the cluster")?;
+        if let Some(seed) = &config.join {
+            // Admitted: the map arrives with the consensus log, soon after the answer.
+            let map = control.wait_for_epoch(join_epoch.max(1), std::time::Duration::from_secs(30)).await;
+            if !map.is_initialised() {
+                anyhow::bail!("joined through {seed} but the cluster map did not arrive within 30 s");
+            }
+        } else {
+            control
+                .bootstrap(secrets::cluster_id(&wal)?, partitions)
+                .await
+                .context("creating the cluster")?;
+        }
     }
     let map = control.map();
     if map.partitions != partitions {
