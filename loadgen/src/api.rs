@@ -21,7 +21,12 @@ use serde_json::Value;
 #[derive(Clone)]
 pub struct Api {
     client: reqwest::Client,
+    /// The first target: every URL is built on it.
     base: String,
+    /// Every target (`--target` takes a comma-separated list, e.g. every node of a
+    /// cluster); requests to `base` are spread over them in turn.
+    targets: std::sync::Arc<[Url]>,
+    next: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// One answer.
@@ -116,7 +121,20 @@ pub fn json_bytes(v: &Value) -> Bytes {
 }
 
 impl Api {
-    pub fn new(base: &str, pool: usize, timeout: Duration) -> anyhow::Result<Api> {
+    /// `targets`: one base URL, or several separated by commas.
+    pub fn new(targets: &str, pool: usize, timeout: Duration) -> anyhow::Result<Api> {
+        let bases: Vec<&str> = targets
+            .split(',')
+            .map(|t| t.trim().trim_end_matches('/'))
+            .filter(|t| !t.is_empty())
+            .collect();
+        let Some(base) = bases.first().copied() else {
+            bail!("--target names no URL");
+        };
+        let parsed = bases
+            .iter()
+            .map(|b| Url::parse(b).with_context(|| format!("--target {b} is not a URL")))
+            .collect::<anyhow::Result<Vec<Url>>>()?;
         let client = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)
@@ -127,12 +145,29 @@ impl Api {
             .map_err(|e| anyhow::anyhow!("building the HTTP client: {}", root_cause(&e)))?;
         Ok(Api {
             client,
-            base: base.trim_end_matches('/').to_owned(),
+            base: base.to_owned(),
+            targets: parsed.into(),
+            next: Default::default(),
         })
     }
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// `url` moved to the next target in turn, when there are several and it points at
+    /// the first.
+    fn spread(&self, url: Url) -> Url {
+        if self.targets.len() < 2 || url.origin() != self.targets[0].origin() {
+            return url;
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.targets.len();
+        let to = &self.targets[i];
+        let mut url = url;
+        // Same scheme, so setting host and port cannot fail.
+        let _ = url.set_host(to.host_str());
+        let _ = url.set_port(to.port_or_known_default());
+        url
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -155,6 +190,17 @@ impl Api {
         body: Option<Bytes>,
         expect: u16,
     ) -> Answer {
+        let url = match url.into_url() {
+            Ok(u) => self.spread(u),
+            Err(e) => {
+                return Answer {
+                    status: 0,
+                    outcome: Cow::Borrowed("transport_error"),
+                    body: Bytes::new(),
+                    error: Some(root_cause(&e)),
+                }
+            }
+        };
         let mut req = self.client.request(method, url);
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -247,6 +293,42 @@ impl Api {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn several_targets_take_requests_in_turn() {
+        let api = Api::new(
+            "http://127.0.0.1:8080, http://127.0.0.2:8081/",
+            1,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(api.base(), "http://127.0.0.1:8080");
+        let hosts: Vec<String> = (0..4)
+            .map(|_| {
+                let u = api.spread(api.parsed("/v1/skus/a?x=1").unwrap());
+                format!(
+                    "{}:{}{}?{}",
+                    u.host_str().unwrap(),
+                    u.port().unwrap(),
+                    u.path(),
+                    u.query().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                "127.0.0.1:8080/v1/skus/a?x=1",
+                "127.0.0.2:8081/v1/skus/a?x=1",
+                "127.0.0.1:8080/v1/skus/a?x=1",
+                "127.0.0.2:8081/v1/skus/a?x=1"
+            ]
+        );
+        // A URL elsewhere is left alone.
+        let other = api.spread(Url::parse("http://example.invalid/x").unwrap());
+        assert_eq!(other.host_str(), Some("example.invalid"));
+        assert!(Api::new(" , ", 1, Duration::from_secs(1)).is_err());
+    }
 
     #[test]
     fn outcomes_are_the_api_error_codes() {

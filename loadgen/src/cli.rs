@@ -101,7 +101,8 @@ pub struct MixedOpts {
 
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Base URL of a node.
+    /// Base URL of a node, or of several separated by commas (every node of a
+    /// cluster): requests are spread over them in turn.
     #[arg(
         long,
         env = "SHARDMALL_TARGET",
@@ -178,7 +179,11 @@ impl Common {
         if self.timeout.is_zero() {
             return Err("--timeout must be longer than 0s".into());
         }
-        if !(self.target.starts_with("http://") || self.target.starts_with("https://")) {
+        if self
+            .target
+            .split(',')
+            .any(|t| !(t.trim().starts_with("http://") || t.trim().starts_with("https://")))
+        {
             return Err(format!(
                 "--target must be an http:// URL, not {:?}",
                 self.target
