@@ -263,7 +263,10 @@ impl ClusterNode {
                     // Given to this node without its data (a lost node was forgotten):
                     // start it empty rather than from a stale copy an earlier owner
                     // left here.
-                    tracing::warn!(partition = p, "partition assigned without its data; starting it empty");
+                    tracing::warn!(
+                        partition = p,
+                        "partition assigned without its data; starting it empty"
+                    );
                     if let Err(e) = inner.shop.install_partition(p, Vec::new()).await {
                         tracing::error!(partition = p, error = %e, "cannot clear the partition; it stays fenced");
                         continue;
@@ -278,7 +281,9 @@ impl ClusterNode {
             } else if !owned && serving {
                 match inner.shop.fence_partition(p).await {
                     Ok(()) => inner.serving[usize::from(p)].store(false, Ordering::Release),
-                    Err(e) => tracing::error!(partition = p, error = %e, "cannot fence a partition this node no longer owns"),
+                    Err(e) => {
+                        tracing::error!(partition = p, error = %e, "cannot fence a partition this node no longer owns")
+                    }
                 }
             }
         }
@@ -294,7 +299,9 @@ impl ClusterNode {
         };
         match req {
             Request::Raft(body) => Response::Raft(self.inner.control.serve_raft(body).await),
-            Request::Entity { epoch, call } => Response::Entity(self.serve_entity(epoch, call).await),
+            Request::Entity { epoch, call } => {
+                Response::Entity(self.serve_entity(epoch, call).await)
+            }
             Request::Scan(req) => match self.scan_here(&req) {
                 Ok(page) => Response::Scan(page),
                 Err(e) => Response::Error(e),
@@ -326,7 +333,10 @@ impl ClusterNode {
             map = self.inner.control.wait_for_epoch(epoch, CATCH_UP).await;
         }
         if map.owner(call.partition) != Some(me) {
-            self.inner.metrics.wrong_owner.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .metrics
+                .wrong_owner
+                .fetch_add(1, Ordering::Relaxed);
             return RemoteAnswer::WrongOwner { epoch: map.epoch };
         }
         self.inner.shop.serve_remote(call).await
@@ -394,9 +404,21 @@ impl ClusterNode {
                     .handoff_micros
                     .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 tracing::info!(partition, to = %target.name, epoch, took = ?started.elapsed(), "partition handed over");
+                // The new owner holds it durably: this copy is dead weight now.
+                let _serial = inner.fence_lock.lock().await;
+                if self.map().owner(partition) != Some(me)
+                    && !inner.serving[usize::from(partition)].load(Ordering::Acquire)
+                {
+                    if let Err(e) = inner.shop.install_partition(partition, Vec::new()).await {
+                        tracing::warn!(partition, error = %e, "could not drop the handed-over copy; it stays, unused");
+                    }
+                }
             }
             Err(e) => {
-                inner.metrics.handoff_failures.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .metrics
+                    .handoff_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(partition, to = %target.name, error = %e, "partition handoff failed");
                 // Serve it here again, unless the map already says otherwise (the
                 // watcher then does what the map says).
@@ -412,7 +434,12 @@ impl ClusterNode {
         outcome
     }
 
-    async fn move_out(&self, partition: u16, target: &Member, epoch: u64) -> Result<u64, ClusterError> {
+    async fn move_out(
+        &self,
+        partition: u16,
+        target: &Member,
+        epoch: u64,
+    ) -> Result<u64, ClusterError> {
         let inner = &self.inner;
         {
             let _serial = inner.fence_lock.lock().await;
@@ -423,11 +450,9 @@ impl ClusterNode {
                 .await
                 .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
         }
-        let entities = inner
-            .shop
-            .export_partition(partition)
-            .await
-            .map_err(|e| ClusterError::Unavailable(format!("exporting partition {partition}: {e}")))?;
+        let entities = inner.shop.export_partition(partition).await.map_err(|e| {
+            ClusterError::Unavailable(format!("exporting partition {partition}: {e}"))
+        })?;
         let frame = proto::encode(&Request::Install(Install {
             partition,
             epoch,
@@ -436,8 +461,17 @@ impl ClusterNode {
         match inner.transport.call(&target.cluster_addr, frame).await {
             Ok(answer) => match proto::decode::<Response>(&answer) {
                 Ok(Response::Installed) => {}
-                Ok(Response::Error(e)) => return Err(ClusterError::Unavailable(format!("{} refused the partition: {e}", target.name))),
-                Ok(other) => return Err(ClusterError::Unavailable(format!("unexpected answer to an install: {other:?}"))),
+                Ok(Response::Error(e)) => {
+                    return Err(ClusterError::Unavailable(format!(
+                        "{} refused the partition: {e}",
+                        target.name
+                    )))
+                }
+                Ok(other) => {
+                    return Err(ClusterError::Unavailable(format!(
+                        "unexpected answer to an install: {other:?}"
+                    )))
+                }
                 Err(e) => return Err(ClusterError::Unavailable(e.to_string())),
             },
             Err(e) => return Err(ClusterError::Unavailable(e.to_string())),
@@ -487,7 +521,9 @@ impl ClusterNode {
         let inner = &self.inner;
         let p = install.partition;
         if p >= inner.shop.partitioner().count() {
-            return Err(ClusterError::BadRequest(format!("partition {p} does not exist")));
+            return Err(ClusterError::BadRequest(format!(
+                "partition {p} does not exist"
+            )));
         }
         let _serial = inner.fence_lock.lock().await;
         if inner.serving[usize::from(p)].load(Ordering::Acquire) {
@@ -584,9 +620,13 @@ impl ClusterNode {
             while running.len() < PARALLEL_MOVES {
                 let Some(mv) = moves.next() else { break };
                 let node = self.clone();
-                running.spawn(async move { (mv, node.request_move(mv.partition, mv.from, mv.to).await) });
+                running.spawn(async move {
+                    (mv, node.request_move(mv.partition, mv.from, mv.to).await)
+                });
             }
-            let Some(done) = running.join_next().await else { break };
+            let Some(done) = running.join_next().await else {
+                break;
+            };
             match done {
                 Ok((_, Ok(_))) => report.moved += 1,
                 Ok((mv, Err(e))) => report.failed.push(MoveFailure {
@@ -611,7 +651,12 @@ impl ClusterNode {
     }
 
     /// Asks the owner of `partition` (`from`) to hand it to `to`.
-    async fn request_move(&self, partition: u16, from: NodeId, to: NodeId) -> Result<u64, ClusterError> {
+    async fn request_move(
+        &self,
+        partition: u16,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<u64, ClusterError> {
         if from == self.inner.me.node_id {
             return self.hand_off(partition, to).await;
         }
@@ -630,7 +675,9 @@ impl ClusterNode {
         match proto::decode::<Response>(&answer) {
             Ok(Response::Moved { epoch }) => Ok(epoch),
             Ok(Response::Error(e)) => Err(ClusterError::Unavailable(e)),
-            Ok(other) => Err(ClusterError::Unavailable(format!("unexpected answer: {other:?}"))),
+            Ok(other) => Err(ClusterError::Unavailable(format!(
+                "unexpected answer: {other:?}"
+            ))),
             Err(e) => Err(ClusterError::Unavailable(e.to_string())),
         }
     }
@@ -647,7 +694,12 @@ impl ClusterNode {
     pub async fn leave(&self, name: &str) -> Result<RebalanceReport, ClusterError> {
         let member = self.member_named(name)?;
         let map = self.map();
-        if map.active_members().filter(|m| m.node_id != member.node_id).count() == 0 {
+        if map
+            .active_members()
+            .filter(|m| m.node_id != member.node_id)
+            .count()
+            == 0
+        {
             return Err(ClusterError::Conflict(format!(
                 "{name} is the only active member: no node could take its partitions"
             )));
@@ -671,7 +723,12 @@ impl ClusterNode {
         }
         self.inner
             .control
-            .remove_node(member.node_id, MapCommand::RemoveMember { node: member.node_id })
+            .remove_node(
+                member.node_id,
+                MapCommand::RemoveMember {
+                    node: member.node_id,
+                },
+            )
             .await?;
         tracing::info!(node = %name, "node left the cluster");
         Ok(RebalanceReport {
@@ -731,7 +788,9 @@ impl ClusterNode {
         match proto::decode::<Response>(&answer) {
             Ok(Response::Joined(j)) => Ok(j),
             Ok(Response::Error(e)) => Err(ClusterError::Conflict(e)),
-            Ok(other) => Err(ClusterError::Unavailable(format!("unexpected answer: {other:?}"))),
+            Ok(other) => Err(ClusterError::Unavailable(format!(
+                "unexpected answer: {other:?}"
+            ))),
             Err(e) => Err(ClusterError::Unavailable(e.to_string())),
         }
     }
@@ -818,7 +877,10 @@ impl Router for NodeRouter {
                 .get(&owner.node_id)
                 .is_some_and(|until| Instant::now() < *until)
             {
-                inner.metrics.forward_failures.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .metrics
+                    .forward_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 return Err(ForwardError::Unavailable(format!(
                     "node {} is not answering",
                     owner.name
@@ -829,7 +891,10 @@ impl Router for NodeRouter {
                 call,
             });
             let fail = |why: String| {
-                inner.metrics.forward_failures.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .metrics
+                    .forward_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 Err(ForwardError::Unavailable(why))
             };
             let answer = match inner.transport.call(&owner.cluster_addr, frame).await {
@@ -838,7 +903,10 @@ impl Router for NodeRouter {
                     a
                 }
                 Err(e) => {
-                    if matches!(e, TransportError::Unreachable { .. } | TransportError::Timeout { .. }) {
+                    if matches!(
+                        e,
+                        TransportError::Unreachable { .. } | TransportError::Timeout { .. }
+                    ) {
                         lock(&inner.suspects).insert(owner.node_id, Instant::now() + SUSPECT_FOR);
                     }
                     return fail(format!("node {} is unreachable: {e}", owner.name));
@@ -862,11 +930,15 @@ impl Router for NodeRouter {
                     Err(ForwardError::Overloaded(what))
                 }
                 Ok(Response::Entity(RemoteAnswer::Unavailable(why))) => fail(why),
-                Ok(Response::Entity(RemoteAnswer::Malformed(why))) => {
-                    fail(format!("node {} could not read the call: {why}", owner.name))
-                }
+                Ok(Response::Entity(RemoteAnswer::Malformed(why))) => fail(format!(
+                    "node {} could not read the call: {why}",
+                    owner.name
+                )),
                 Ok(Response::Error(e)) => fail(format!("node {}: {e}", owner.name)),
-                Ok(other) => fail(format!("unexpected answer from node {}: {other:?}", owner.name)),
+                Ok(other) => fail(format!(
+                    "unexpected answer from node {}: {other:?}",
+                    owner.name
+                )),
                 Err(e) => fail(format!("node {}: {e}", owner.name)),
             }
         })
@@ -902,12 +974,14 @@ impl Router for NodeRouter {
             for m in targets {
                 let frame = proto::encode(&Request::Scan(req.clone()));
                 let transport = inner.transport.clone();
-                calls.spawn(async move { (m.name.clone(), transport.call(&m.cluster_addr, frame).await) });
+                calls.spawn(async move {
+                    (m.name.clone(), transport.call(&m.cluster_addr, frame).await)
+                });
             }
             let mut pages = Vec::new();
             while let Some(done) = calls.join_next().await {
-                let (name, answer) =
-                    done.map_err(|e| ForwardError::Unavailable(format!("a list task failed: {e}")))?;
+                let (name, answer) = done
+                    .map_err(|e| ForwardError::Unavailable(format!("a list task failed: {e}")))?;
                 let answer = answer.map_err(|e| {
                     ForwardError::Unavailable(format!("node {name} did not answer the list: {e}"))
                 })?;
