@@ -6,7 +6,7 @@
 //! shipped: they are derived from the entities' states, so the receiver derives them
 //! again (and removes those its own older copy of the partition had).
 
-use shardmall_persistence::Lsn;
+use shardmall_persistence::Fold;
 
 use crate::domain::{
     campaign::CampaignState, cart::CartState, idempotency::IdemState, order::OrderState,
@@ -23,10 +23,8 @@ pub type PartitionData = Vec<(Vec<u8>, Vec<u8>)>;
 impl Shop {
     /// Folds the partition's log into snapshots and returns them all.
     pub async fn export_partition(&self, partition: u16) -> Result<PartitionData> {
-        let fold: Box<dyn FnMut(&[u8], Option<&[u8]>, &[(Lsn, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String> + Send> =
-            Box::new(fold_entity);
         self.wal()
-            .export_partition(partition, fold)
+            .export_partition(partition, Box::new(fold_entity))
             .await
             .map_err(|e| ShopError::Internal(format!("exporting partition {partition}: {e}")))
     }
@@ -35,14 +33,27 @@ impl Shop {
     /// deadlines included. An empty `entities` clears the partition.
     pub async fn install_partition(&self, partition: u16, entities: PartitionData) -> Result<()> {
         let wal = self.wal().clone();
+        // The copy being replaced, to find the index entries it implies. An entity of it
+        // that does not fold is left out (its entries stay, pointing at nothing).
+        let lenient: Fold = Box::new(
+            |entity: &[u8], snapshot: Option<&[u8]>, tail: &[(u64, Vec<u8>)]| {
+                fold_entity(entity, snapshot, tail).or_else(|e| {
+                tracing::warn!(entity = %String::from_utf8_lossy(entity), error = %e, "an entity of the replaced copy does not fold");
+                Ok(None)
+            })
+            },
+        );
         let old = wal
-            .partition_snapshots(partition)
+            .export_partition(partition, lenient)
+            .await
             .map_err(|e| ShopError::Internal(format!("reading partition {partition}: {e}")))?;
         let mut aux_delete = Vec::new();
         for (key, snapshot) in &old {
             match derived(partition, key, snapshot) {
                 Ok(aux) => aux_delete.extend(aux.into_iter().map(|(k, _)| k)),
-                Err(e) => tracing::warn!(partition, error = %e, "an old snapshot does not decode; its index entries stay"),
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "an old snapshot does not decode; its index entries stay")
+                }
             }
         }
         let mut aux_put = Vec::new();
@@ -52,15 +63,12 @@ impl Shop {
         // An entry both old and new must end up present.
         let puts: std::collections::HashSet<&Vec<u8>> = aux_put.iter().map(|(k, _)| k).collect();
         aux_delete.retain(|k| !puts.contains(k));
-        let fold: Box<dyn FnMut(&[u8], Option<&[u8]>, &[(Lsn, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String> + Send> =
-            Box::new(fold_entity);
         wal.install_partition(
             partition,
             entities,
             vec![deadline_prefix(partition)],
             aux_delete,
             aux_put,
-            fold,
         )
         .await
         .map(drop)
@@ -74,7 +82,9 @@ fn derived(
     key: &[u8],
     snapshot: &[u8],
 ) -> std::result::Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
-    fn of<E: Entity>(snapshot: &[u8]) -> std::result::Result<(Vec<(Vec<u8>, Vec<u8>)>, Option<Millis>), String> {
+    fn of<E: Entity>(
+        snapshot: &[u8],
+    ) -> std::result::Result<(Vec<(Vec<u8>, Vec<u8>)>, Option<Millis>), String> {
         let state: E = crate::codec::decode(snapshot).map_err(|e| e.to_string())?;
         Ok((state.index_entries(), state.next_deadline()))
     }

@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shardmall_actors::domain::{Money, ProductStatus};
+use shardmall_actors::domain::{Kind, Money, ProductStatus};
+use shardmall_actors::keys::EntityKey;
 use shardmall_actors::{NewCampaign, NewProduct, NewSku, Shop, ShopConfig, ShopError};
 use shardmall_cluster::map::{node_id_of, Member, MemberStatus};
 use shardmall_cluster::memory::MemoryNet;
@@ -36,6 +37,8 @@ struct Cluster {
     live: BTreeMap<String, Running>,
     /// Every order acknowledged so far: (order id, sku, units).
     acked: Vec<(String, String, u64)>,
+    /// Nodes killed and not restarted: their partitions must answer unavailable.
+    dead: std::collections::BTreeSet<String>,
     /// Units of checkouts answered `unavailable`, by SKU: they may or may not hold stock
     /// (a lost answer), so the check allows for them.
     uncertain: BTreeMap<String, u64>,
@@ -51,7 +54,7 @@ enum Step {
     Buy(u64),
     /// Restore every link of a node (cut with `Cluster::isolate`).
     Heal(&'static str),
-    /// Stop a node abruptly (its log keeps what was durable).
+    /// Cut a node off the network and stop it (its log keeps what was durable).
     Kill(&'static str),
     /// Start a killed node again from its data dir.
     Restart(&'static str),
@@ -87,6 +90,7 @@ impl Cluster {
             root: tempfile::tempdir().expect("temp dir"),
             live: BTreeMap::new(),
             acked: Vec::new(),
+            dead: Default::default(),
             uncertain: BTreeMap::new(),
         }
     }
@@ -223,12 +227,20 @@ impl Cluster {
             Step::Heal(name) => self.net.heal(name),
             Step::Kill(name) => {
                 let gone = self.live.remove(*name).expect("kill a live node");
+                self.dead.insert(name.to_string());
+                // Gone from the network at once, mid-traffic. Its actors then stop (one
+                // process cannot kill -9 a part of itself; the end-to-end tests do):
+                // nothing that was not acknowledged is flushed on their way out that a
+                // crash would have kept, since an acknowledged write is durable first.
                 self.net.unregister(name);
-                // Abrupt: the shop is not shut down; what it acknowledged is durable.
+                gone.shop.shutdown().await;
                 gone.control.shutdown().await;
                 drop(gone);
             }
-            Step::Restart(name) => self.start(name).await,
+            Step::Restart(name) => {
+                self.dead.remove(*name);
+                self.start(name).await
+            }
             Step::Leave(name, asked) => {
                 let report = self.live[*asked]
                     .node
@@ -306,8 +318,21 @@ impl Cluster {
         for (_, s, n) in &self.acked {
             *sold_or_reserved.entry(s.clone()).or_default() += n;
         }
+        let down = |key: &EntityKey| {
+            let p = shop.partitioner().of(key).expect("a partition");
+            map.owner_member(p)
+                .is_some_and(|m| self.dead.contains(&m.name))
+        };
         for i in 0..SKUS {
             let id = sku(i);
+            if down(&EntityKey::new(Kind::Sku, id.clone())) {
+                // A lost node's entities answer unavailable from every node.
+                for r in self.live.values() {
+                    let err = r.shop.get_sku(&id).await.expect_err("owner is down");
+                    assert!(matches!(err, ShopError::Unavailable(_)), "{id}: {err:?}");
+                }
+                continue;
+            }
             let view = read(|| shop.get_sku(&id)).await;
             assert_eq!(
                 view.available + view.reserved + view.sold,
@@ -325,6 +350,9 @@ impl Cluster {
             );
         }
         for (order_id, _, _) in &self.acked {
+            if down(&EntityKey::new(Kind::Order, order_id.clone())) {
+                continue;
+            }
             // Any node answers for any order.
             for r in self.live.values() {
                 let order = read(|| r.shop.get_order(order_id)).await;

@@ -26,6 +26,7 @@
 mod checkpoint;
 mod config;
 mod group_commit;
+mod handoff;
 mod keys;
 mod metrics;
 mod record;
@@ -35,6 +36,7 @@ mod wal;
 
 pub use config::{Durability, WalConfig};
 pub use group_commit::Ack;
+pub use handoff::{Fold, PartitionData};
 pub use metrics::WalMetrics;
 pub use record::{AuxOp, CheckpointStats, EntityLog, Lsn, Record};
 pub use wal::Wal;

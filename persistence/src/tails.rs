@@ -88,6 +88,11 @@ impl Tails {
         }
     }
 
+    /// Drops every record of a partition (its state was replaced wholesale).
+    pub fn clear_partition(&self, partition: u16) {
+        self.shard(partition).remove(&partition);
+    }
+
     /// Partitions holding unfolded records, ascending.
     pub fn partitions(&self) -> Vec<u16> {
         let mut out: Vec<u16> = (0..SHARDS)

@@ -425,10 +425,3 @@ impl Drop for CalledOnce {
         }
     }
 }
-impl Wal {
-    #[allow(clippy::type_complexity)]
-    pub async fn export_partition(&self, _p: u16, _f: Box<dyn FnMut(&[u8], Option<&[u8]>, &[(crate::Lsn, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String> + Send>) -> Result<Vec<(Vec<u8>, Vec<u8>)>> { todo!() }
-    #[allow(clippy::type_complexity)]
-    pub async fn install_partition(&self, _p: u16, _e: Vec<(Vec<u8>, Vec<u8>)>, _c: Vec<Vec<u8>>, _d: Vec<Vec<u8>>, _a: Vec<(Vec<u8>, Vec<u8>)>, _f: Box<dyn FnMut(&[u8], Option<&[u8]>, &[(crate::Lsn, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String> + Send>) -> Result<()> { todo!() }
-    pub fn partition_snapshots(&self, _p: u16) -> Result<Vec<(Vec<u8>, Vec<u8>)>> { todo!() }
-}
