@@ -1,11 +1,584 @@
-use std::sync::Arc; use std::net::SocketAddr; use crate::transport::*;
-pub struct TlsIdentity;
-impl TlsIdentity { pub fn load_or_create(_d: &std::path::Path) -> std::io::Result<TlsIdentity> { todo!() } }
-#[derive(Default)] pub struct QuicConfig;
-pub struct QuicTransport;
-impl QuicTransport {
- pub async fn bind(_a: SocketAddr, _i: TlsIdentity, _s: Vec<u8>, _svc: Arc<dyn Service>, _c: QuicConfig) -> Result<Arc<QuicTransport>, TransportError> { todo!() }
- pub fn local_addr(&self) -> SocketAddr { todo!() }
- pub async fn close(&self) {}
+//! The QUIC transport between nodes (quinn, rustls with the ring provider).
+//!
+//! One UDP endpoint per node is both server and client. Each call is one bidirectional
+//! stream: the request frame, then the answer frame, each a big-endian u32 length and
+//! that many bytes. Connections are cached per peer and made again when they break.
+//!
+//! Certificates are self-signed (generated at first start, [`TlsIdentity`]) and not
+//! what proves membership: right after the handshake each side sends
+//! HMAC-SHA256(cluster secret, role || keying material exported from this TLS session)
+//! on the connection's first stream. The exported material is unique to the session, so
+//! a proof cannot be replayed on another connection, and the role label keeps one side's
+//! proof from being reflected as the other's. A peer without the secret is closed before
+//! any of its streams reaches the [`Service`], and logged.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use quinn::{Connection, Endpoint, VarInt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sha2::Sha256;
+
+use crate::transport::{BoxFuture, Service, Transport, TransportError, MAX_FRAME};
+
+const ALPN: &[u8] = b"shardmall/1";
+/// The name every node's certificate carries and every client asks for.
+const SERVER_NAME: &str = "shardmall-node";
+const PROOF_LABEL: &[u8] = b"shardmall cluster proof";
+const CLIENT_ROLE: &[u8] = b"client";
+const SERVER_ROLE: &[u8] = b"server";
+const PROOF_LEN: usize = 32;
+/// Application close code: the peer did not prove membership.
+const REFUSED: u32 = 1;
+const SHUTDOWN: u32 = 0;
+
+/// This node's TLS certificate and key (DER).
+pub struct TlsIdentity {
+    cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
 }
-impl Transport for QuicTransport { fn call(&self, _to: &str, _f: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> { todo!() } }
+
+impl TlsIdentity {
+    /// Loads `DIR/cluster.crt` and `DIR/cluster.key` (PEM), or generates a self-signed
+    /// certificate and writes them (the key readable by its owner only).
+    pub fn load_or_create(dir: &Path) -> std::io::Result<TlsIdentity> {
+        use rustls::pki_types::pem::PemObject;
+        std::fs::create_dir_all(dir)?;
+        let (crt, key) = (dir.join("cluster.crt"), dir.join("cluster.key"));
+        if crt.exists() && key.exists() {
+            let bad = |what: &Path, e: rustls::pki_types::pem::Error| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}: {e}", what.display()),
+                )
+            };
+            let cert = CertificateDer::from_pem_file(&crt).map_err(|e| bad(&crt, e))?;
+            let key_der = PrivatePkcs8KeyDer::from_pem_file(&key).map_err(|e| bad(&key, e))?;
+            return Ok(TlsIdentity { cert, key: key_der });
+        }
+        let generated = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
+            .map_err(std::io::Error::other)?;
+        write_private(&key, generated.key_pair.serialize_pem().as_bytes())?;
+        std::fs::write(&crt, generated.cert.pem())?;
+        Ok(TlsIdentity {
+            cert: generated.cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der()),
+        })
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    /// Bound on one whole call: connecting if needed, the request and its answer.
+    pub call_timeout: Duration,
+    /// Bound on making a connection, proofs included.
+    pub connect_timeout: Duration,
+    /// A connection silent this long is closed.
+    pub idle_timeout: Duration,
+    /// Keep-alive pings on idle connections, well under `idle_timeout`.
+    pub keep_alive: Duration,
+    /// Calls one connection carries at once.
+    pub max_streams: u32,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        QuicConfig {
+            call_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(2),
+            max_streams: 1024,
+        }
+    }
+}
+
+/// The transport of one node. See the module documentation.
+pub struct QuicTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    secret: Arc<Vec<u8>>,
+    cfg: QuicConfig,
+    /// One slot per peer address, so that connecting to one slow peer never holds up
+    /// calls to the others.
+    peers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+}
+
+impl QuicTransport {
+    /// Binds the endpoint at `addr` (port 0 picks one) and serves incoming calls with
+    /// `service`. MUST be called inside a tokio runtime.
+    pub async fn bind(
+        addr: SocketAddr,
+        identity: TlsIdentity,
+        secret: Vec<u8>,
+        service: Arc<dyn Service>,
+        cfg: QuicConfig,
+    ) -> Result<Arc<QuicTransport>, TransportError> {
+        let setup = |e: &dyn std::fmt::Display| TransportError::Frame(format!("QUIC setup: {e}"));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(VarInt::from_u32(cfg.max_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .keep_alive_interval(Some(cfg.keep_alive))
+            .max_idle_timeout(Some(
+                quinn::IdleTimeout::try_from(cfg.idle_timeout).map_err(|e| setup(&e))?,
+            ));
+        let transport = Arc::new(transport);
+
+        let verifier = Arc::new(AnyCertificate(provider.signature_verification_algorithms));
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| setup(&e))?
+            .with_client_cert_verifier(verifier.clone())
+            .with_single_cert(
+                vec![identity.cert.clone()],
+                PrivateKeyDer::Pkcs8(identity.key.clone_key()),
+            )
+            .map_err(|e| setup(&e))?;
+        server_tls.alpn_protocols = vec![ALPN.to_vec()];
+        let server_crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).map_err(|e| setup(&e))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+
+        let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| setup(&e))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(vec![identity.cert], PrivateKeyDer::Pkcs8(identity.key))
+            .map_err(|e| setup(&e))?;
+        client_tls.alpn_protocols = vec![ALPN.to_vec()];
+        let client_crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).map_err(|e| setup(&e))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+
+        let mut endpoint =
+            Endpoint::server(server, addr).map_err(|e| TransportError::Unreachable {
+                peer: addr.to_string(),
+                why: format!("cannot bind: {e}"),
+            })?;
+        endpoint.set_default_client_config(client);
+        let secret = Arc::new(secret);
+        tokio::spawn(accept_loop(
+            endpoint.clone(),
+            secret.clone(),
+            service,
+            cfg.connect_timeout,
+        ));
+        Ok(Arc::new(QuicTransport {
+            inner: Arc::new(Inner {
+                endpoint,
+                secret,
+                cfg,
+                peers: Mutex::new(HashMap::new()),
+            }),
+        }))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner
+            .endpoint
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Stops accepting, closes every connection, and waits (up to a second) for the
+    /// peers to acknowledge.
+    pub async fn close(&self) {
+        let endpoint = &self.inner.endpoint;
+        endpoint.close(VarInt::from_u32(SHUTDOWN), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    }
+}
+
+impl Inner {
+    /// The cached connection to `to`, or a new authenticated one.
+    async fn connection(&self, to: &str) -> Result<Connection, TransportError> {
+        let slot = {
+            let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+            peers.entry(to.to_owned()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        *slot = None;
+        let conn = tokio::time::timeout(self.cfg.connect_timeout, self.connect(to))
+            .await
+            .map_err(|_| TransportError::Unreachable {
+                peer: to.to_owned(),
+                why: format!("no connection within {:?}", self.cfg.connect_timeout),
+            })??;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self, to: &str) -> Result<Connection, TransportError> {
+        let addr = resolve(to).await?;
+        let conn = self
+            .endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| TransportError::peer_unreachable(to, e))?
+            .await
+            .map_err(|e| TransportError::peer_unreachable(to, e))?;
+        let refused = |why: String| {
+            conn.close(VarInt::from_u32(REFUSED), b"bad cluster secret");
+            TransportError::Refused {
+                peer: to.to_owned(),
+                why,
+            }
+        };
+        let mine = proof(&self.secret, &conn, CLIENT_ROLE)
+            .map_err(|e| TransportError::peer_unreachable(to, e))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| TransportError::peer_unreachable(to, e))?;
+        send.write_all(&mine)
+            .await
+            .map_err(|e| TransportError::peer_unreachable(to, e))?;
+        let _ = send.finish();
+        let mut theirs = [0u8; PROOF_LEN];
+        if let Err(e) = recv.read_exact(&mut theirs).await {
+            return Err(match conn.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(c))
+                    if c.error_code == VarInt::from_u32(REFUSED) =>
+                {
+                    TransportError::Refused {
+                        peer: to.to_owned(),
+                        why: "refused our proof of membership: the cluster secrets differ".into(),
+                    }
+                }
+                _ => TransportError::peer_unreachable(to, e),
+            });
+        }
+        if !verify(&self.secret, &conn, SERVER_ROLE, &theirs) {
+            tracing::warn!(peer = %to, "a peer failed to prove membership (wrong cluster secret?); refused");
+            return Err(refused(
+                "did not prove membership: the cluster secrets differ".into(),
+            ));
+        }
+        Ok(conn)
+    }
+
+    fn forget(&self, to: &str) {
+        self.peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(to);
+    }
+
+    async fn round_trip(&self, to: &str, frame: &[u8]) -> Result<Vec<u8>, TransportError> {
+        check_len(frame.len())?;
+        let conn = self.connection(to).await?;
+        let lost = |e: &dyn std::fmt::Display| {
+            if conn.close_reason().is_some() {
+                self.forget(to);
+            }
+            TransportError::peer_unreachable(to, e)
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        send.write_all(&(frame.len() as u32).to_be_bytes())
+            .await
+            .map_err(|e| lost(&e))?;
+        send.write_all(frame).await.map_err(|e| lost(&e))?;
+        let _ = send.finish();
+        read_frame(&mut recv).await.map_err(|e| match e {
+            FrameError::Lost(e) => lost(&e),
+            FrameError::TooLarge(n) => TransportError::Frame(format!("{to} answered {n} bytes")),
+        })
+    }
+}
+
+impl Transport for QuicTransport {
+    fn call(
+        &self,
+        to: &str,
+        frame: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
+        let inner = self.inner.clone();
+        let to = to.to_owned();
+        Box::pin(async move {
+            match tokio::time::timeout(inner.cfg.call_timeout, inner.round_trip(&to, &frame)).await
+            {
+                Ok(result) => result,
+                Err(_) => Err(TransportError::Timeout { peer: to }),
+            }
+        })
+    }
+}
+
+/// Serves every incoming connection until the endpoint closes.
+async fn accept_loop(
+    endpoint: Endpoint,
+    secret: Arc<Vec<u8>>,
+    service: Arc<dyn Service>,
+    handshake_timeout: Duration,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (secret, service) = (secret.clone(), service.clone());
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            let conn =
+                match tokio::time::timeout(handshake_timeout, async { incoming.accept()?.await })
+                    .await
+                {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "incoming cluster connection failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "incoming cluster handshake timed out");
+                        return;
+                    }
+                };
+            match tokio::time::timeout(handshake_timeout, prove(&secret, &conn)).await {
+                Ok(Ok(())) => serve_connection(conn, service).await,
+                Ok(Err(why)) => {
+                    tracing::warn!(%peer, why, "refused a peer that did not prove cluster membership");
+                    conn.close(VarInt::from_u32(REFUSED), b"bad cluster secret");
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "refused a peer that sent no proof of cluster membership");
+                    conn.close(VarInt::from_u32(REFUSED), b"no proof of membership");
+                }
+            }
+        });
+    }
+}
+
+/// Server side of the membership proof: the client's proof first, then ours.
+async fn prove(secret: &[u8], conn: &Connection) -> Result<(), String> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let mut theirs = [0u8; PROOF_LEN];
+    recv.read_exact(&mut theirs)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !verify(secret, conn, CLIENT_ROLE, &theirs) {
+        return Err("wrong cluster secret".into());
+    }
+    let mine = proof(secret, conn, SERVER_ROLE)?;
+    send.write_all(&mine).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    Ok(())
+}
+
+async fn serve_connection(conn: Connection, service: Arc<dyn Service>) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return, // closed by the peer, idle, or shutting down
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let frame = match read_frame(&mut recv).await {
+                Ok(f) => f,
+                Err(e) => {
+                    if let FrameError::TooLarge(n) = e {
+                        tracing::warn!(bytes = n, "refused a cluster frame over the size limit");
+                    }
+                    let _ = recv.stop(VarInt::from_u32(1));
+                    let _ = send.reset(VarInt::from_u32(1));
+                    return;
+                }
+            };
+            let answer = service.serve(frame).await;
+            if check_len(answer.len()).is_err() {
+                tracing::error!(
+                    bytes = answer.len(),
+                    "an answer over the frame limit was not sent"
+                );
+                let _ = send.reset(VarInt::from_u32(1));
+                return;
+            }
+            if send
+                .write_all(&(answer.len() as u32).to_be_bytes())
+                .await
+                .is_ok()
+                && send.write_all(&answer).await.is_ok()
+            {
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+enum FrameError {
+    Lost(String),
+    TooLarge(usize),
+}
+
+async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len)
+        .await
+        .map_err(|e| FrameError::Lost(e.to_string()))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| FrameError::Lost(e.to_string()))?;
+    Ok(body)
+}
+
+/// Refuses a frame over [`MAX_FRAME`] (or over what the length prefix can carry).
+pub fn check_len(len: usize) -> Result<(), TransportError> {
+    if len > MAX_FRAME {
+        return Err(TransportError::Frame(format!(
+            "a frame of {len} bytes is over the {MAX_FRAME}-byte limit"
+        )));
+    }
+    Ok(())
+}
+
+async fn resolve(to: &str) -> Result<SocketAddr, TransportError> {
+    if let Ok(a) = to.parse() {
+        return Ok(a);
+    }
+    tokio::net::lookup_host(to)
+        .await
+        .map_err(|e| TransportError::peer_unreachable(to, e))?
+        .next()
+        .ok_or_else(|| TransportError::peer_unreachable(to, "the name has no address"))
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// HMAC(secret, role || keying material of this TLS session).
+fn proof(secret: &[u8], conn: &Connection, role: &[u8]) -> Result<[u8; PROOF_LEN], String> {
+    let mut ekm = [0u8; 32];
+    conn.export_keying_material(&mut ekm, PROOF_LABEL, b"")
+        .map_err(|e| format!("exporting keying material: {e:?}"))?;
+    let mut mac = HmacSha256::new_from_slice(secret).map_err(|e| e.to_string())?;
+    mac.update(role);
+    mac.update(&ekm);
+    Ok(mac.finalize().into_bytes().into())
+}
+
+/// Constant-time check of a peer's proof.
+fn verify(secret: &[u8], conn: &Connection, role: &[u8], theirs: &[u8; PROOF_LEN]) -> bool {
+    let mut ekm = [0u8; 32];
+    if conn
+        .export_keying_material(&mut ekm, PROOF_LABEL, b"")
+        .is_err()
+    {
+        return false;
+    }
+    let Ok(mut mac) = HmacSha256::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(role);
+    mac.update(&ekm);
+    mac.verify_slice(theirs).is_ok()
+}
+
+/// Accepts any certificate (membership is proven with the cluster secret), but checks
+/// that the peer holds the key of the certificate it presents.
+#[derive(Debug)]
+struct AnyCertificate(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for AnyCertificate {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}

@@ -1,0 +1,210 @@
+//! The QUIC transport on loopback: calls, membership proofs, reconnects.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardmall_cluster::quic::{check_len, QuicConfig, QuicTransport, TlsIdentity};
+use shardmall_cluster::transport::MAX_FRAME;
+use shardmall_cluster::{BoxFuture, Service, Transport, TransportError};
+
+/// Answers every frame with "echo:" + the frame, counting calls.
+#[derive(Default)]
+struct Echo(AtomicUsize);
+
+impl Service for Echo {
+    fn serve(&self, frame: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Box::pin(async move {
+            let mut out = b"echo:".to_vec();
+            out.extend_from_slice(&frame);
+            out
+        })
+    }
+}
+
+const SECRET: &[u8] = b"a-cluster-secret-of-some-length";
+
+fn quick() -> QuicConfig {
+    QuicConfig {
+        call_timeout: Duration::from_secs(3),
+        connect_timeout: Duration::from_millis(700),
+        ..QuicConfig::default()
+    }
+}
+
+async fn node(
+    addr: &str,
+    secret: &[u8],
+    service: Arc<Echo>,
+) -> (Arc<QuicTransport>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = QuicTransport::bind(
+        addr.parse().unwrap(),
+        TlsIdentity::load_or_create(dir.path()).unwrap(),
+        secret.to_vec(),
+        service,
+        quick(),
+    )
+    .await
+    .expect("bind");
+    (t, dir)
+}
+
+fn bounded<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
+    async move {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .expect("the test finishes in time")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_travel_both_ways_large_and_concurrent() {
+    bounded(async {
+        let (a_svc, b_svc) = (Arc::new(Echo::default()), Arc::new(Echo::default()));
+        let (a, _da) = node("127.0.0.1:0", SECRET, a_svc.clone()).await;
+        let (b, _db) = node("127.0.0.1:0", SECRET, b_svc.clone()).await;
+        let (a_addr, b_addr) = (a.local_addr().to_string(), b.local_addr().to_string());
+        assert_eq!(a.call(&b_addr, b"hi".to_vec()).await.unwrap(), b"echo:hi");
+        assert_eq!(b.call(&a_addr, b"yo".to_vec()).await.unwrap(), b"echo:yo");
+
+        let big: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let answer = a.call(&b_addr, big.clone()).await.unwrap();
+        assert_eq!(&answer[5..], &big[..]);
+
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..200u32 {
+            let (a, to) = (a.clone(), b_addr.clone());
+            calls.spawn(async move { (i, a.call(&to, i.to_be_bytes().to_vec()).await) });
+        }
+        while let Some(done) = calls.join_next().await {
+            let (i, answer) = done.unwrap();
+            assert_eq!(&answer.unwrap()[5..], &i.to_be_bytes());
+        }
+        assert_eq!(b_svc.0.load(Ordering::Relaxed), 202);
+        a.close().await;
+        b.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_another_secret_is_refused_and_never_served() {
+    bounded(async {
+        let served = Arc::new(Echo::default());
+        let (server, _d1) = node("127.0.0.1:0", SECRET, served.clone()).await;
+        let (intruder, _d2) = node("127.0.0.1:0", b"another-secret-entirely", Arc::default()).await;
+        let err = intruder
+            .call(&server.local_addr().to_string(), b"steal".to_vec())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Refused { .. }), "{err:?}");
+        assert!(err.to_string().contains("refused"), "{err}");
+        // Trying again changes nothing.
+        let again = intruder
+            .call(&server.local_addr().to_string(), b"steal".to_vec())
+            .await
+            .unwrap_err();
+        assert!(matches!(again, TransportError::Refused { .. }), "{again:?}");
+        assert_eq!(served.0.load(Ordering::Relaxed), 0);
+        // The server, calling the intruder, refuses it too.
+        let err = server
+            .call(&intruder.local_addr().to_string(), b"x".to_vec())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Refused { .. }), "{err:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_listening_is_unreachable_within_the_connect_timeout() {
+    bounded(async {
+        // A port that was just free: bind and drop a UDP socket.
+        let free: SocketAddr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (a, _d) = node("127.0.0.1:0", SECRET, Arc::default()).await;
+        let started = std::time::Instant::now();
+        let err = a.call(&free.to_string(), b"x".to_vec()).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::Unreachable { .. } | TransportError::Timeout { .. }
+            ),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let err = a.call("not an address", b"x".to_vec()).await.unwrap_err();
+        assert!(matches!(err, TransportError::Unreachable { .. }), "{err:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_reached_again() {
+    bounded(async {
+        let (a, _da) = node("127.0.0.1:0", SECRET, Arc::default()).await;
+        let (b, db) = node("127.0.0.1:0", SECRET, Arc::default()).await;
+        let addr = b.local_addr();
+        assert!(a.call(&addr.to_string(), b"1".to_vec()).await.is_ok());
+        b.close().await;
+        drop(b);
+        assert!(a.call(&addr.to_string(), b"2".to_vec()).await.is_err());
+        let b = QuicTransport::bind(
+            addr,
+            TlsIdentity::load_or_create(db.path()).unwrap(),
+            SECRET.to_vec(),
+            Arc::new(Echo::default()),
+            quick(),
+        )
+        .await
+        .expect("rebind the same port");
+        let mut answer = Err(TransportError::Frame("not tried".into()));
+        for _ in 0..20 {
+            answer = a.call(&addr.to_string(), b"3".to_vec()).await;
+            if answer.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(answer.unwrap(), b"echo:3");
+        b.close().await;
+    })
+    .await;
+}
+
+#[test]
+fn the_identity_is_made_once_and_its_key_is_private() {
+    let dir = tempfile::tempdir().unwrap();
+    TlsIdentity::load_or_create(dir.path()).unwrap();
+    let crt = std::fs::read(dir.path().join("cluster.crt")).unwrap();
+    let key = std::fs::read(dir.path().join("cluster.key")).unwrap();
+    assert!(String::from_utf8_lossy(&crt).contains("BEGIN CERTIFICATE"));
+    TlsIdentity::load_or_create(dir.path()).unwrap();
+    assert_eq!(std::fs::read(dir.path().join("cluster.crt")).unwrap(), crt);
+    assert_eq!(std::fs::read(dir.path().join("cluster.key")).unwrap(), key);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("cluster.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    std::fs::write(dir.path().join("cluster.key"), b"garbage").unwrap();
+    assert!(TlsIdentity::load_or_create(dir.path()).is_err());
+}
+
+#[test]
+fn frames_over_the_limit_are_refused() {
+    assert!(check_len(MAX_FRAME).is_ok());
+    assert!(matches!(
+        check_len(MAX_FRAME + 1),
+        Err(TransportError::Frame(_))
+    ));
+}
