@@ -32,7 +32,12 @@ pub struct ClusterArgs {
     #[command(subcommand)]
     pub command: ClusterCommand,
     /// Any node's HTTP address.
-    #[arg(long, env = "SHARDMALL_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "SHARDMALL_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// Print the JSON answer instead of a table.
     #[arg(long, global = true)]

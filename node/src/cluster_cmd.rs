@@ -37,8 +37,9 @@ pub fn run(args: ClusterArgs) -> i32 {
 }
 
 async fn call(args: &ClusterArgs) -> anyhow::Result<(reqwest::StatusCode, Value)> {
-    let token = std::env::var("SHARDMALL_TOKEN")
-        .context("SHARDMALL_TOKEN is not set (mint one with `shardmall token --role operator --sub NAME`)")?;
+    let token = std::env::var("SHARDMALL_TOKEN").context(
+        "SHARDMALL_TOKEN is not set (mint one with `shardmall token --role operator --sub NAME`)",
+    )?;
     let base = args.url.trim_end_matches('/');
     let client = reqwest::Client::builder()
         // A leave or a rebalance moves partitions one after the other.

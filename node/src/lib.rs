@@ -67,6 +67,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn init_tracing(default: &str) {
+    // Consensus narrates every election and membership step at info: keep the node's
+    // log about the node unless the operator asks for more.
+    let default = if default.contains("openraft") {
+        default.to_owned()
+    } else {
+        format!("{default},openraft=warn")
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
@@ -135,7 +142,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         let joined = join(&*quic, seed, &me).await?;
         join_epoch = joined.map.epoch;
         (
-            secrets::adopt(&config, "jwt.secret", config.jwt_secret.as_deref(), &joined.jwt_secret)?,
+            secrets::adopt(
+                &config,
+                "jwt.secret",
+                config.jwt_secret.as_deref(),
+                &joined.jwt_secret,
+            )?,
             secrets::adopt(
                 &config,
                 "payment.secret",
@@ -160,9 +172,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if !control.is_initialised() {
         if let Some(seed) = &config.join {
             // Admitted: the map arrives with the consensus log, soon after the answer.
-            let map = control.wait_for_epoch(join_epoch.max(1), std::time::Duration::from_secs(30)).await;
+            let map = control
+                .wait_for_epoch(join_epoch.max(1), std::time::Duration::from_secs(30))
+                .await;
             if !map.is_initialised() {
-                anyhow::bail!("joined through {seed} but the cluster map did not arrive within 30 s");
+                anyhow::bail!(
+                    "joined through {seed} but the cluster map did not arrive within 30 s"
+                );
             }
         } else {
             control

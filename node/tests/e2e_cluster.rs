@@ -72,17 +72,30 @@ async fn three_nodes() -> ([Node; 3], tempfile::TempDir) {
     let root = tempfile::tempdir().expect("data dirs");
     let dir = |n: &str| root.path().join(n);
     let n1 = member("n1", None).dir(&dir("n1")).start().await;
-    let n2 = member("n2", Some(&n1.cluster_addr)).dir(&dir("n2")).start().await;
-    let n3 = member("n3", Some(&n1.cluster_addr)).dir(&dir("n3")).start().await;
+    let n2 = member("n2", Some(&n1.cluster_addr))
+        .dir(&dir("n2"))
+        .start()
+        .await;
+    let n3 = member("n3", Some(&n1.cluster_addr))
+        .dir(&dir("n3"))
+        .start()
+        .await;
     let (code, out, err) = cluster_cli(&n2.base, &["rebalance"]);
     assert_eq!(code, 0, "rebalance: {out} {err}");
     for node in [&n1, &n2, &n3] {
         let map = cluster_map(node).await;
         let owned = owned(&map);
         assert_eq!(owned.len(), 3, "{map}");
-        assert!(owned.values().all(|n| (10..=11).contains(n)), "uneven: {map}");
         assert!(
-            map["nodes"].as_array().unwrap().iter().all(|n| n["status"] == "up"),
+            owned.values().all(|n| (10..=11).contains(n)),
+            "uneven: {map}"
+        );
+        assert!(
+            map["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["status"] == "up"),
             "{map}"
         );
     }
@@ -98,7 +111,9 @@ async fn every_node_answers_for_every_entity() {
         cluster_map(&n2).await,
         cluster_map(&n3).await,
     ];
-    assert!(maps.iter().all(|m| m["epoch"] == maps[0]["epoch"] && m["leader"] == maps[0]["leader"]));
+    assert!(maps
+        .iter()
+        .all(|m| m["epoch"] == maps[0]["epoch"] && m["leader"] == maps[0]["leader"]));
     assert_eq!(maps[0]["partitions"], 32);
     let (code, out, _) = cluster_cli(&n3.base, &["status"]);
     assert_eq!(code, 0);
@@ -108,12 +123,16 @@ async fn every_node_answers_for_every_entity() {
 
     // Products written on one node, read on every node.
     for p in 0..6 {
-        n1.product_with_skus(&admin(), &format!("cp{p}"), 2, 100, 50).await;
+        n1.product_with_skus(&admin(), &format!("cp{p}"), 2, 100, 50)
+            .await;
     }
     for node in [&n1, &n2, &n3] {
         for p in 0..6 {
             for s in 0..2 {
-                assert_eq!(node.stock(&format!("cp{p}-s{s}")).await, Stock::new(50, 0, 0));
+                assert_eq!(
+                    node.stock(&format!("cp{p}-s{s}")).await,
+                    Stock::new(50, 0, 0)
+                );
             }
         }
     }
@@ -145,7 +164,11 @@ async fn every_node_answers_for_every_entity() {
     let id = n3.place(&buyer, &items, "cross-node checkout").await;
     let order = n1.order(&buyer, &id).await;
     assert_eq!(order["status"], "pending_payment");
-    assert_status(&n2.pay(&buyer, &order, &key()).await, 200, "pay on another node");
+    assert_status(
+        &n2.pay(&buyer, &order, &key()).await,
+        200,
+        "pay on another node",
+    );
     for node in [&n1, &n2, &n3] {
         assert_eq!(node.order(&buyer, &id).await["status"], "paid");
         for p in 0..6 {
@@ -164,7 +187,10 @@ async fn every_node_answers_for_every_entity() {
 
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<f64>().ok()))
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
         .map(|v| v as u64)
         .unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
@@ -174,7 +200,9 @@ async fn a_flash_sale_with_buyers_on_every_node_sells_exactly_its_quantity() {
     const UNITS: i64 = 30;
     const BUYERS_PER_NODE: usize = 80;
     let (nodes, _dirs) = three_nodes().await;
-    nodes[0].create_product(&admin(), "cf", &[("cf-s", 100, 500)]).await;
+    nodes[0]
+        .create_product(&admin(), "cf", &[("cf-s", 100, 500)])
+        .await;
     let body = json!({
         "campaign_id": "cfs", "sku_id": "cf-s", "price": money(10), "quantity": UNITS,
         "ends_at": humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string(),
@@ -190,7 +218,11 @@ async fn a_flash_sale_with_buyers_on_every_node_sells_exactly_its_quantity() {
             tasks.push(tokio::spawn(async move {
                 let buyer = format!("b{n}-{i}");
                 let r = api
-                    .post("/v1/campaigns/cfs/buy", &customer(&buyer), &json!({"quantity": 1}))
+                    .post(
+                        "/v1/campaigns/cfs/buy",
+                        &customer(&buyer),
+                        &json!({"quantity": 1}),
+                    )
                     .await;
                 (buyer, r)
             }));
@@ -214,7 +246,11 @@ async fn a_flash_sale_with_buyers_on_every_node_sells_exactly_its_quantity() {
     for node in &nodes {
         let (st, c) = node.get("/v1/campaigns/cfs", Some(&customer("r"))).await;
         assert_eq!(st, 200);
-        assert_eq!((c["reserved"].as_i64(), c["remaining"].as_i64()), (Some(UNITS), Some(0)), "{c}");
+        assert_eq!(
+            (c["reserved"].as_i64(), c["remaining"].as_i64()),
+            (Some(UNITS), Some(0)),
+            "{c}"
+        );
         let stock = node.stock("cf-s").await;
         assert_eq!(stock.total(), 500);
         for (buyer, id) in &orders {
@@ -235,14 +271,20 @@ async fn a_node_leaves_under_load_and_nothing_is_lost() {
     let uncertain = Arc::new(Mutex::new(BTreeMap::<String, i64>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
-    for (w, api) in [n1.api(), n3.api(), n1.api(), n3.api()].into_iter().enumerate() {
-        let (acked, uncertain, stop, skus) = (acked.clone(), uncertain.clone(), stop.clone(), skus.clone());
+    for (w, api) in [n1.api(), n3.api(), n1.api(), n3.api()]
+        .into_iter()
+        .enumerate()
+    {
+        let (acked, uncertain, stop, skus) =
+            (acked.clone(), uncertain.clone(), stop.clone(), skus.clone());
         load.push(tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let buyer = format!("lv-{w}-{i}");
                 let sku = skus[i % skus.len()].clone();
-                let r = api.checkout(&customer(&buyer), &[(sku.as_str(), 1)], &key()).await;
+                let r = api
+                    .checkout(&customer(&buyer), &[(sku.as_str(), 1)], &key())
+                    .await;
                 match r.0 {
                     201 => acked.lock().await.push((buyer, sku, order_id(&r.1))),
                     503 => *uncertain.lock().await.entry(sku).or_default() += 1,
@@ -267,7 +309,11 @@ async fn a_node_leaves_under_load_and_nothing_is_lost() {
     assert_eq!(owned.len(), 2, "n2 is gone from the map: {map}");
     assert_eq!(owned.values().sum::<i64>(), 32);
     let acked = acked.lock().await;
-    assert!(acked.len() > 20, "the load ran during the leave ({} orders)", acked.len());
+    assert!(
+        acked.len() > 20,
+        "the load ran during the leave ({} orders)",
+        acked.len()
+    );
     let uncertain = uncertain.lock().await;
     for node in [&n1, &n3] {
         for sku in &skus {
@@ -281,7 +327,10 @@ async fn a_node_leaves_under_load_and_nothing_is_lost() {
             );
         }
         for (buyer, _, id) in acked.iter() {
-            assert_eq!(node.order(&customer(buyer), id).await["status"], "pending_payment");
+            assert_eq!(
+                node.order(&customer(buyer), id).await["status"],
+                "pending_payment"
+            );
         }
     }
     drop(n2);
@@ -294,7 +343,10 @@ async fn a_killed_node_takes_its_partitions_back_when_it_restarts() {
     let buyer = customer("kl-buyer");
     let mut orders = Vec::new();
     for sku in &skus {
-        orders.push(n2.place(&buyer, &[(sku.as_str(), 1)], "order before the kill").await);
+        orders.push(
+            n2.place(&buyer, &[(sku.as_str(), 1)], "order before the kill")
+                .await,
+        );
     }
     let n3_http = n3.base.trim_start_matches("http://").to_owned();
     let n3_cluster = n3.cluster_addr.clone();
@@ -303,20 +355,34 @@ async fn a_killed_node_takes_its_partitions_back_when_it_restarts() {
     // n3's partitions answer 503 with Retry-After from the others; the rest answer.
     let mut down = Vec::new();
     for sku in &skus {
-        let r = n1.raw(reqwest::Method::GET, &format!("/v1/skus/{sku}"), &[], None).await;
+        let r = n1
+            .raw(reqwest::Method::GET, &format!("/v1/skus/{sku}"), &[], None)
+            .await;
         match r.status {
             200 => {}
             503 => {
-                assert!(r.headers.contains_key("retry-after"), "503 carries Retry-After");
+                assert!(
+                    r.headers.contains_key("retry-after"),
+                    "503 carries Retry-After"
+                );
                 assert_eq!(r.body["error"]["code"], "unavailable");
                 down.push(sku.clone());
             }
             st => panic!("{sku}: {st} {}", r.body),
         }
     }
-    assert!(!down.is_empty() && down.len() < skus.len(), "only n3's SKUs are down: {down:?}");
+    assert!(
+        !down.is_empty() && down.len() < skus.len(),
+        "only n3's SKUs are down: {down:?}"
+    );
     let map = cluster_map(&n1).await;
-    let n3_status = map["nodes"].as_array().unwrap().iter().find(|n| n["node_id"] == "n3").unwrap()["status"].clone();
+    let n3_status = map["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == "n3")
+        .unwrap()["status"]
+        .clone();
     assert_eq!(n3_status, "down", "{map}");
 
     // Back with its data dir and its addresses: everything answers, nothing was lost.
@@ -342,16 +408,30 @@ async fn a_killed_node_takes_its_partitions_back_when_it_restarts() {
 async fn a_node_with_the_wrong_cluster_secret_cannot_join() {
     let n1 = member("n1", None).start().await;
     let mut intruder = Node::config()
-        .args(&["--node-id", "intruder", "--partitions", PARTITIONS, "--join", &n1.cluster_addr])
-        .env("SHARDMALL_CLUSTER_SECRET", "another-secret-0123456789abcdef")
-        .spawn();
+        .args(&[
+            "--node-id",
+            "intruder",
+            "--partitions",
+            PARTITIONS,
+            "--join",
+            &n1.cluster_addr,
+        ])
+        .env(
+            "SHARDMALL_CLUSTER_SECRET",
+            "another-secret-0123456789abcdef",
+        )
+        .spawn_expecting_failure();
     let status = poll_until("the intruder gives up", Duration::from_secs(30), || {
         let st = intruder.try_exit();
         async move { st }
     })
     .await;
     assert!(!status.success());
-    assert!(intruder.log_tail(20).contains("refused"), "{}", intruder.log_tail(20));
+    assert!(
+        intruder.log_tail(20).contains("refused"),
+        "{}",
+        intruder.log_tail(20)
+    );
     let map = cluster_map(&n1).await;
     assert_eq!(owned(&map).len(), 1, "nothing joined: {map}");
 }

@@ -85,6 +85,15 @@ impl NodeConfig {
 
     /// Starts the process and learns its address, without waiting for readiness.
     pub fn spawn(self) -> Node {
+        self.launch(true)
+    }
+
+    /// Starts a process that is expected to fail before it serves: no address is awaited.
+    pub fn spawn_expecting_failure(self) -> Node {
+        self.launch(false)
+    }
+
+    fn launch(self, await_address: bool) -> Node {
         let tmp = match &self.data_dir {
             Some(_) => None,
             None => Some(tempfile::tempdir().expect("create a temporary data dir")),
@@ -169,6 +178,9 @@ impl NodeConfig {
             _tmp: tmp,
             _log_dir: log_dir,
         };
+        if !await_address {
+            return node;
+        }
         match rx.recv_timeout(START_TIMEOUT) {
             Ok(line) => {
                 let base = line
