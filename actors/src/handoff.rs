@@ -17,8 +17,10 @@ use crate::host::{deadline_key, deadline_prefix};
 use crate::keys::EntityKey;
 use crate::shop::{fold_entity, Shop};
 
-/// (entity key, snapshot) pairs: a partition's whole state.
-pub type PartitionData = Vec<(Vec<u8>, Vec<u8>)>;
+pub use shardmall_persistence::PartitionData;
+
+/// Auxiliary (key, value) entries: index entries and deadline keys.
+type AuxEntries = Vec<(Vec<u8>, Vec<u8>)>;
 
 impl Shop {
     /// Folds the partition's log into snapshots and returns them all.
@@ -77,14 +79,8 @@ impl Shop {
 }
 
 /// The aux entries (index entries and the deadline key) an entity's state implies.
-fn derived(
-    partition: u16,
-    key: &[u8],
-    snapshot: &[u8],
-) -> std::result::Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
-    fn of<E: Entity>(
-        snapshot: &[u8],
-    ) -> std::result::Result<(Vec<(Vec<u8>, Vec<u8>)>, Option<Millis>), String> {
+fn derived(partition: u16, key: &[u8], snapshot: &[u8]) -> std::result::Result<AuxEntries, String> {
+    fn of<E: Entity>(snapshot: &[u8]) -> std::result::Result<(AuxEntries, Option<Millis>), String> {
         let state: E = crate::codec::decode(snapshot).map_err(|e| e.to_string())?;
         Ok((state.index_entries(), state.next_deadline()))
     }

@@ -52,12 +52,10 @@ async fn node(
     (t, dir)
 }
 
-fn bounded<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
-    async move {
-        tokio::time::timeout(Duration::from_secs(60), f)
-            .await
-            .expect("the test finishes in time")
-    }
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("the test finishes in time")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

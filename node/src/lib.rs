@@ -139,7 +139,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             map.partitions,
         )
     } else if let Some(seed) = &config.join {
-        let joined = join(&*quic, seed, &me).await?;
+        let joined = join(&quic, seed, &me).await?;
         join_epoch = joined.map.epoch;
         (
             secrets::adopt(

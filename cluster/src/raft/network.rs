@@ -1,6 +1,9 @@
 //! Consensus messages over the node-to-node [`Transport`]: every raft RPC is one
 //! [`Request::Raft`](crate::proto::Request::Raft) frame whose body is a [`RaftMsg`].
 
+// The error types are openraft's, fixed by the traits implemented here.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use openraft::error::{

@@ -8,6 +8,9 @@
 //! are JSON: this state is small and written a few times a second at most, and JSON
 //! carries openraft's types without their serde quirks mattering.
 
+// The error types are openraft's, fixed by the traits implemented here.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;

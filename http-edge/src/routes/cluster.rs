@@ -117,7 +117,9 @@ fn node_name(id: &str) -> ApiResult<&str> {
     if validate::is_id(id) {
         Ok(id)
     } else {
-        Err(ApiError::bad_request("node_id must match [A-Za-z0-9._-]{1,64}"))
+        Err(ApiError::bad_request(
+            "node_id must match [A-Za-z0-9._-]{1,64}",
+        ))
     }
 }
 
@@ -131,13 +133,16 @@ pub async fn get_cluster(
 }
 
 #[utoipa::path(post, path = "/v1/cluster/rebalance", responses((status = 200, body = MovesReport), (status = 403, body = crate::error::ErrorBody)))]
-pub async fn rebalance(
-    State(st): State<AppState>,
-    caller: Caller,
-) -> ApiResult<Json<MovesReport>> {
+pub async fn rebalance(State(st): State<AppState>, caller: Caller) -> ApiResult<Json<MovesReport>> {
     caller.require(&[Role::Operator, Role::Admin])?;
     let report = st.cluster.rebalance().await;
-    tracing::info!(planned = report.planned, moved = report.moved, failed = report.failed.len(), epoch = report.epoch, "rebalance");
+    tracing::info!(
+        planned = report.planned,
+        moved = report.moved,
+        failed = report.failed.len(),
+        epoch = report.epoch,
+        "rebalance"
+    );
     Ok(Json(report.into()))
 }
 
