@@ -75,6 +75,10 @@ pub struct ServeArgs {
     /// Node-to-node address [default: 127.0.0.1:7000].
     #[arg(long, env = "SHARDMALL_CLUSTER_ADDR")]
     pub cluster_addr: Option<String>,
+    /// The host other nodes and operators reach this node at, when it listens on an
+    /// address they cannot use (0.0.0.0) [default: the machine's host name then].
+    #[arg(long, env = "SHARDMALL_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
     /// This node's id [default: node-1].
     #[arg(long, env = "SHARDMALL_NODE_ID")]
     pub node_id: Option<String>,

@@ -17,6 +17,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub http: Option<String>,
     pub cluster_addr: Option<String>,
+    pub advertise_host: Option<String>,
     pub node_id: Option<String>,
     pub durability: Option<String>,
     pub partitions: Option<u16>,
@@ -42,6 +43,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub http: String,
     pub cluster_addr: String,
+    /// Replaces an unspecified listen IP in the addresses this node advertises.
+    pub advertise_host: Option<String>,
     pub node_id: String,
     pub durability: Durability,
     pub partitions: u16,
@@ -134,6 +137,7 @@ impl Config {
                 .clone()
                 .or(file.cluster_addr)
                 .unwrap_or_else(|| "127.0.0.1:7000".into()),
+            advertise_host: args.advertise_host.clone().or(file.advertise_host),
             node_id: args
                 .node_id
                 .clone()

@@ -114,8 +114,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let me = Member {
         node_id: node_id_of(&config.node_id),
         name: config.node_id.clone(),
-        http_addr: local.to_string(),
-        cluster_addr: quic.local_addr().to_string(),
+        http_addr: advertised(local, config.advertise_host.as_deref()),
+        cluster_addr: advertised(quic.local_addr(), config.advertise_host.as_deref()),
         status: MemberStatus::Active,
     };
     let control = ControlPlane::open(
@@ -260,6 +260,31 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The address others use to reach a socket bound at `bound`: `host` when given; when
+/// the socket listens on every interface (0.0.0.0, ::), the machine's host name.
+fn advertised(bound: std::net::SocketAddr, host: Option<&str>) -> String {
+    let host = match host {
+        Some(h) => h.to_owned(),
+        None if bound.ip().is_unspecified() => {
+            let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default();
+            if name.is_empty() {
+                tracing::warn!(%bound, "listening on every interface and no --advertise-host: advertising 127.0.0.1, which other machines cannot reach");
+                "127.0.0.1".to_owned()
+            } else {
+                name
+            }
+        }
+        None => return bound.to_string(),
+    };
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", bound.port())
+    } else {
+        format!("{host}:{}", bound.port())
+    }
+}
+
 /// Asks the member at `seed` to admit this node, retrying while the cluster elects a
 /// leader or the seed starts.
 async fn join(quic: &QuicTransport, seed: &str, me: &Member) -> anyhow::Result<Joined> {
@@ -298,4 +323,28 @@ async fn watch_signals(token: CancellationToken) {
     }
     tracing::info!("shutdown requested");
     token.cancel();
+}
+
+#[cfg(test)]
+mod advertise_tests {
+    use super::advertised;
+
+    #[test]
+    fn advertised_addresses_are_reachable_names() {
+        let bound = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        assert_eq!(advertised(bound("127.0.0.1:7000"), None), "127.0.0.1:7000");
+        assert_eq!(
+            advertised(bound("0.0.0.0:7000"), Some("n2.shardmall.svc")),
+            "n2.shardmall.svc:7000"
+        );
+        assert_eq!(
+            advertised(bound("10.0.0.5:8080"), Some("fd00::5")),
+            "[fd00::5]:8080"
+        );
+        let any = advertised(bound("0.0.0.0:7001"), None);
+        assert!(
+            any.ends_with(":7001") && !any.starts_with("0.0.0.0"),
+            "{any}"
+        );
+    }
 }
