@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a token signed with the configured secret (or that of the data dir).
     Token(TokenArgs),
     /// Inspect and change the cluster through any node's HTTP edge (operator token in
