@@ -17,7 +17,7 @@
 //! Until step 3 commits nothing has changed hands: a failed handoff unfences the
 //! partition where it was.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -107,6 +107,8 @@ struct Inner {
     serving: Vec<AtomicBool>,
     /// Partitions this node is handing over now (never unfenced by the map watcher).
     handing_off: Mutex<HashSet<u16>>,
+    /// The epoch at which this node last handed each partition over.
+    given_away: Mutex<HashMap<u16, u64>>,
     /// Partitions installed here by a handoff and not yet served.
     installed: Mutex<HashSet<u16>>,
     /// Serialises changes of `serving` (map watcher and handoffs).
@@ -174,6 +176,7 @@ impl ClusterNode {
                 secrets,
                 serving: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
                 handing_off: Mutex::new(HashSet::new()),
+                given_away: Mutex::new(HashMap::new()),
                 installed: Mutex::new(HashSet::new()),
                 fence_lock: tokio::sync::Mutex::new(()),
                 suspects: Mutex::new(std::collections::HashMap::new()),
@@ -235,8 +238,9 @@ impl ClusterNode {
     async fn follow_map(self) {
         let mut watch = self.inner.control.watch();
         loop {
-            let map = watch.borrow_and_update().clone();
-            self.reconcile(&map).await;
+            // Marks the current map seen; reconcile reads the newest under its lock.
+            watch.borrow_and_update();
+            self.reconcile().await;
             if watch.changed().await.is_err() {
                 return;
             }
@@ -244,18 +248,29 @@ impl ClusterNode {
     }
 
     /// Fences what this node no longer owns and serves what it owns.
-    async fn reconcile(&self, map: &ClusterMap) {
+    async fn reconcile(&self) {
+        let inner = &self.inner;
+        let _serial = inner.fence_lock.lock().await;
+        // The newest map, read under the lock: one read before it could be older than a
+        // handoff that finished while this waited, and would hand the partition back.
+        let map = self.map();
         if !map.is_initialised() {
             return;
         }
-        let inner = &self.inner;
-        let _serial = inner.fence_lock.lock().await;
         let first = !inner.reconciled.load(Ordering::Acquire);
         for p in 0..map.partitions {
             let owned = map.owner(p) == Some(inner.me.node_id);
             let serving = inner.serving[usize::from(p)].load(Ordering::Acquire);
             if owned && !serving {
                 if lock(&inner.handing_off).contains(&p) {
+                    continue;
+                }
+                // A map older than this node's own handoff of the partition is stale
+                // about it (only reachable if catching up timed out).
+                if lock(&inner.given_away)
+                    .get(&p)
+                    .is_some_and(|e| map.epoch < *e)
+                {
                     continue;
                 }
                 let installed = lock(&inner.installed).remove(&p);
@@ -395,6 +410,12 @@ impl ClusterNode {
         }
         let started = Instant::now();
         let outcome = self.move_out(partition, &target, map.epoch).await;
+        if let Ok(epoch) = &outcome {
+            lock(&inner.given_away).insert(partition, *epoch);
+            // Until this node's map shows the move, a map from before it would say this
+            // node still owns the partition: it stays marked as handed off until then.
+            self.caught_up(*epoch).await;
+        }
         lock(&inner.handing_off).remove(&partition);
         match &outcome {
             Ok(epoch) => {
@@ -616,6 +637,7 @@ impl ClusterNode {
         };
         let mut moves = plan.into_iter();
         let mut running = JoinSet::new();
+        let mut last_epoch = 0;
         loop {
             while running.len() < PARALLEL_MOVES {
                 let Some(mv) = moves.next() else { break };
@@ -628,7 +650,10 @@ impl ClusterNode {
                 break;
             };
             match done {
-                Ok((_, Ok(_))) => report.moved += 1,
+                Ok((_, Ok(epoch))) => {
+                    report.moved += 1;
+                    last_epoch = last_epoch.max(epoch);
+                }
                 Ok((mv, Err(e))) => report.failed.push(MoveFailure {
                     partition: mv.partition,
                     to: self.name_of(mv.to),
@@ -638,8 +663,18 @@ impl ClusterNode {
             }
         }
         report.failed.sort_by_key(|f| f.partition);
-        report.epoch = self.map().epoch;
+        // The moves committed on the leader; answer with a map that shows them.
+        report.epoch = self.caught_up(last_epoch).await.epoch;
         report
+    }
+
+    /// This node's map once it has applied `epoch` (or after a few seconds, whatever it
+    /// holds then).
+    async fn caught_up(&self, epoch: u64) -> Arc<ClusterMap> {
+        self.inner
+            .control
+            .wait_for_epoch(epoch, Duration::from_secs(5))
+            .await
     }
 
     fn name_of(&self, id: NodeId) -> String {
@@ -705,13 +740,16 @@ impl ClusterNode {
             )));
         }
         if member.status != MemberStatus::Leaving {
-            self.inner
+            let map = self
+                .inner
                 .control
                 .propose(MapCommand::SetStatus {
                     node: member.node_id,
                     status: MemberStatus::Leaving,
                 })
                 .await?;
+            // Plan from a map in which the node is leaving, not from this node's older one.
+            self.caught_up(map.epoch).await;
         }
         let report = self.rebalance().await;
         let left = self.map().owned_by(member.node_id).len();
@@ -721,7 +759,8 @@ impl ClusterNode {
                 report.failed.len()
             )));
         }
-        self.inner
+        let map = self
+            .inner
             .control
             .remove_node(
                 member.node_id,
@@ -732,7 +771,7 @@ impl ClusterNode {
             .await?;
         tracing::info!(node = %name, "node left the cluster");
         Ok(RebalanceReport {
-            epoch: self.map().epoch,
+            epoch: self.caught_up(map.epoch).await.epoch,
             ..report
         })
     }
@@ -768,7 +807,8 @@ impl ClusterNode {
                 to,
             }
         };
-        self.inner.control.remove_node(member.node_id, cmd).await?;
+        let map = self.inner.control.remove_node(member.node_id, cmd).await?;
+        self.caught_up(map.epoch).await;
         Ok(self.status().await)
     }
 

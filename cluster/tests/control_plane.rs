@@ -103,21 +103,25 @@ async fn a_single_node_bootstraps_and_keeps_its_map_across_restarts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_voters_agree_and_survive_the_loss_of_the_leader() {
+async fn voters_agree_and_survive_the_loss_of_the_leader() {
     let net = MemoryNet::new();
     let root = tempfile::tempdir().unwrap();
     let n1 = open(&net, root.path(), "n1").await;
     n1.bootstrap("shop".into(), 8).await.expect("bootstrap");
     let n2 = open(&net, root.path(), "n2").await;
     let n3 = open(&net, root.path(), "n3").await;
-    // A join can be asked of any member; here of the leader and of a follower.
-    n1.add_voter(member("n2")).await.expect("add n2");
-    n2.add_voter(member("n3"))
+    let n4 = open(&net, root.path(), "n4").await;
+    // Two nodes joining at once queue on the leader rather than fail.
+    let (a, b) = tokio::join!(n1.add_voter(member("n2")), n1.add_voter(member("n3")));
+    a.expect("add n2");
+    b.expect("add n3 at the same time");
+    // A join can be asked of any member: here of a follower.
+    n2.add_voter(member("n4"))
         .await
-        .expect("add n3 through a follower");
-    let nodes = [n1.clone(), n2.clone(), n3.clone()];
-    eventually("every node holds three members", || {
-        nodes.iter().all(|c| c.map().members.len() == 3)
+        .expect("add n4 through a follower");
+    let nodes = [n1.clone(), n2.clone(), n3.clone(), n4.clone()];
+    eventually("every node holds four members", || {
+        nodes.iter().all(|c| c.map().members.len() == 4)
     })
     .await;
 
@@ -147,7 +151,7 @@ async fn three_voters_agree_and_survive_the_loss_of_the_leader() {
 
     // The leader goes away; the two others elect a new one and keep changing the map.
     let leader = n1.leader().expect("a leader");
-    let named = [("n1", n1), ("n2", n2), ("n3", n3)];
+    let named = [("n1", n1), ("n2", n2), ("n3", n3), ("n4", n4)];
     let (gone, rest): (Vec<_>, Vec<_>) = named
         .into_iter()
         .partition(|(name, _)| node_id_of(name) == leader);

@@ -21,7 +21,9 @@ pub fn run(args: ClusterArgs) -> i32 {
     match runtime.block_on(call(&args)) {
         Ok((status, body)) if status.is_success() => {
             print_answer(&args, &body);
-            0
+            // A leave or rebalance that left moves undone did not do what was asked.
+            let failed = body["failed"].as_array().is_some_and(|f| !f.is_empty());
+            i32::from(failed)
         }
         Ok((status, body)) => {
             let message = body["error"]["message"].as_str().unwrap_or("");
@@ -94,7 +96,7 @@ fn print_map(map: &Value) {
             "{:<20} {:<8} {:>10}  {:<22} {:<22}",
             n["node_id"].as_str().unwrap_or("?"),
             n["status"].as_str().unwrap_or("?"),
-            n["partitions"],
+            n["partitions"].as_i64().unwrap_or(0),
             n["http_addr"].as_str().unwrap_or("?"),
             n["cluster_addr"].as_str().unwrap_or("?"),
         );
@@ -106,12 +108,51 @@ fn print_moves(report: &Value) {
         "moved {} of {} planned partitions; epoch {}",
         report["moved"], report["planned"], report["epoch"]
     );
+    // One line per target and reason: a lost target fails every move to it alike.
+    let mut groups: std::collections::BTreeMap<(String, String), Vec<i64>> = Default::default();
     for f in report["failed"].as_array().into_iter().flatten() {
-        println!(
-            "  partition {} -> {}: {}",
-            f["partition"],
-            f["to"].as_str().unwrap_or("?"),
-            f["error"].as_str().unwrap_or("?")
+        let key = (
+            f["to"].as_str().unwrap_or("?").to_owned(),
+            f["error"].as_str().unwrap_or("?").to_owned(),
         );
+        groups
+            .entry(key)
+            .or_default()
+            .push(f["partition"].as_i64().unwrap_or(-1));
+    }
+    for ((to, error), partitions) in groups {
+        println!(
+            "  {} failed -> {to} (partitions {}): {error}",
+            partitions.len(),
+            ranges(&partitions)
+        );
+    }
+}
+
+/// `[1, 2, 3, 7]` as "1-3, 7".
+fn ranges(sorted: &[i64]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut j = i;
+        while j + 1 < sorted.len() && sorted[j + 1] == sorted[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            sorted[i].to_string()
+        } else {
+            format!("{}-{}", sorted[i], sorted[j])
+        });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn partition_lists_read_as_ranges() {
+        assert_eq!(super::ranges(&[1, 2, 3, 7, 9, 10]), "1-3, 7, 9-10");
+        assert_eq!(super::ranges(&[]), "");
     }
 }

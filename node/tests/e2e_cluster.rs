@@ -72,14 +72,11 @@ async fn three_nodes() -> ([Node; 3], tempfile::TempDir) {
     let root = tempfile::tempdir().expect("data dirs");
     let dir = |n: &str| root.path().join(n);
     let n1 = member("n1", None).dir(&dir("n1")).start().await;
-    let n2 = member("n2", Some(&n1.cluster_addr))
-        .dir(&dir("n2"))
-        .start()
-        .await;
-    let n3 = member("n3", Some(&n1.cluster_addr))
-        .dir(&dir("n3"))
-        .start()
-        .await;
+    // Both join at once, as an operator starting two nodes together would.
+    let (n2, n3) = tokio::join!(
+        member("n2", Some(&n1.cluster_addr)).dir(&dir("n2")).start(),
+        member("n3", Some(&n1.cluster_addr)).dir(&dir("n3")).start()
+    );
     let (code, out, err) = cluster_cli(&n2.base, &["rebalance"]);
     assert_eq!(code, 0, "rebalance: {out} {err}");
     for node in [&n1, &n2, &n3] {

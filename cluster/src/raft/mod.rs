@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, InitializeError, InstallSnapshotError, RaftError};
+use openraft::error::{
+    ChangeMembershipError, ClientWriteError, InitializeError, InstallSnapshotError, RaftError,
+};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
@@ -133,6 +135,9 @@ struct Inner {
     transport: Arc<dyn Transport>,
     map: watch::Receiver<Arc<ClusterMap>>,
     store: store::Store,
+    /// One membership change at a time from this node (raft refuses a second one while
+    /// the first is being committed; nodes joining together must queue, not fail).
+    membership: tokio::sync::Mutex<()>,
 }
 
 impl ControlPlane {
@@ -178,6 +183,7 @@ impl ControlPlane {
                 transport,
                 map: rx,
                 store,
+                membership: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -335,22 +341,21 @@ impl ControlPlane {
         match op {
             LeaderOp::Propose(cmd) => self.write(cmd.clone()).await,
             LeaderOp::AddVoter(member) => {
+                let _one_at_a_time = self.inner.membership.lock().await;
                 let map = self.write(MapCommand::AddMember(member.clone())).await?;
                 if !self.voters().contains(&member.node_id) {
+                    let id = member.node_id;
                     let node = BasicNode::new(&member.cluster_addr);
-                    self.inner
-                        .raft
-                        .add_learner(member.node_id, node, true)
-                        .await
-                        .map_err(local)?;
-                    self.inner
-                        .raft
-                        .change_membership(
-                            ChangeMembers::AddVoterIds(BTreeSet::from([member.node_id])),
-                            false,
-                        )
-                        .await
-                        .map_err(local)?;
+                    self.membership_change(|raft| {
+                        let node = node.clone();
+                        async move { raft.add_learner(id, node, true).await }
+                    })
+                    .await?;
+                    self.membership_change(|raft| async move {
+                        let voters = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+                        raft.change_membership(voters, false).await
+                    })
+                    .await?;
                 }
                 Ok(map)
             }
@@ -358,22 +363,44 @@ impl ControlPlane {
                 if self.inner.raft.current_leader().await != Some(self.inner.me.node_id) {
                     return Err(Local::NotLeader(self.leader()));
                 }
+                let _one_at_a_time = self.inner.membership.lock().await;
                 let mut map = (*self.map()).clone();
                 // Idempotent: a retry after the map change landed goes on to consensus.
                 if map.members.contains_key(node) {
                     map = self.write(cmd.clone()).await?;
                 }
                 if self.voters().contains(node) || self.learners().contains(node) {
-                    self.inner
-                        .raft
-                        .change_membership(
-                            ChangeMembers::RemoveVoters(BTreeSet::from([*node])),
-                            false,
-                        )
-                        .await
-                        .map_err(local)?;
+                    let id = *node;
+                    self.membership_change(|raft| async move {
+                        let voters = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+                        raft.change_membership(voters, false).await
+                    })
+                    .await?;
                 }
                 Ok(map)
+            }
+        }
+    }
+
+    /// Runs a membership change, again while an earlier one is still being committed
+    /// (for up to the leader wait).
+    async fn membership_change<F, Fut>(&self, change: F) -> Result<(), Local>
+    where
+        F: Fn(Raft<TypeConfig>) -> Fut,
+        Fut: std::future::Future<
+            Output = Result<openraft::raft::ClientWriteResponse<TypeConfig>, WriteError>,
+        >,
+    {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            match change(self.inner.raft.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                    ChangeMembershipError::InProgress(_),
+                ))) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(local(e)),
             }
         }
     }
@@ -405,7 +432,9 @@ enum Local {
     Failed(ControlError),
 }
 
-fn local(e: RaftError<NodeIdOf, ClientWriteError<NodeIdOf, BasicNode>>) -> Local {
+type WriteError = RaftError<NodeIdOf, ClientWriteError<NodeIdOf, BasicNode>>;
+
+fn local(e: WriteError) -> Local {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Local::NotLeader(f.leader_id),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
