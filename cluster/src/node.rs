@@ -109,6 +109,8 @@ struct Inner {
     handing_off: Mutex<HashSet<u16>>,
     /// The epoch at which this node last handed each partition over.
     given_away: Mutex<HashMap<u16, u64>>,
+    /// Which partitions the map gave this node at the last reconcile.
+    owned_last: Mutex<Vec<bool>>,
     /// Partitions installed here by a handoff and not yet served.
     installed: Mutex<HashSet<u16>>,
     /// Serialises changes of `serving` (map watcher and handoffs).
@@ -177,6 +179,7 @@ impl ClusterNode {
                 serving: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
                 handing_off: Mutex::new(HashSet::new()),
                 given_away: Mutex::new(HashMap::new()),
+                owned_last: Mutex::new(Vec::new()),
                 installed: Mutex::new(HashSet::new()),
                 fence_lock: tokio::sync::Mutex::new(()),
                 suspects: Mutex::new(std::collections::HashMap::new()),
@@ -258,8 +261,11 @@ impl ClusterNode {
             return;
         }
         let first = !inner.reconciled.load(Ordering::Acquire);
+        let owned_before = std::mem::take(&mut *lock(&inner.owned_last));
+        let mut owned_now = vec![false; usize::from(map.partitions)];
         for p in 0..map.partitions {
             let owned = map.owner(p) == Some(inner.me.node_id);
+            owned_now[usize::from(p)] = owned;
             let serving = inner.serving[usize::from(p)].load(Ordering::Acquire);
             if owned && !serving {
                 if lock(&inner.handing_off).contains(&p) {
@@ -274,10 +280,12 @@ impl ClusterNode {
                     continue;
                 }
                 let installed = lock(&inner.installed).remove(&p);
-                if !first && !installed {
+                let was_mine = owned_before.get(usize::from(p)).copied().unwrap_or(false);
+                if !first && !installed && !was_mine {
                     // Given to this node without its data (a lost node was forgotten):
                     // start it empty rather than from a stale copy an earlier owner
-                    // left here.
+                    // left here. (A partition this node owned all along, fenced for a
+                    // move that did not happen, keeps its data.)
                     tracing::warn!(
                         partition = p,
                         "partition assigned without its data; starting it empty"
@@ -302,6 +310,7 @@ impl ClusterNode {
                 }
             }
         }
+        *lock(&inner.owned_last) = owned_now;
         inner.reconciled.store(true, Ordering::Release);
     }
 
@@ -416,6 +425,30 @@ impl ClusterNode {
             // node still owns the partition: it stays marked as handed off until then.
             self.caught_up(*epoch).await;
         }
+        let outcome = match outcome {
+            Ok(epoch) => Ok(epoch),
+            Err(MoveFailed {
+                error,
+                maybe_committed: false,
+            }) => Err(error),
+            Err(MoveFailed {
+                error,
+                maybe_committed: true,
+            }) => {
+                // Whether the map flipped is unknown: this node must not serve the
+                // partition again on a map that may predate the flip. It stays fenced
+                // (and marked as moving) until a barrier through consensus shows this
+                // node every committed change; then the map decides.
+                inner
+                    .metrics
+                    .handoff_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partition, to = %target.name, error = %error, "partition handoff outcome unknown; it stays fenced until the map settles");
+                let node = self.clone();
+                tokio::spawn(async move { node.settle(partition).await });
+                return Err(error);
+            }
+        };
         lock(&inner.handing_off).remove(&partition);
         match &outcome {
             Ok(epoch) => {
@@ -455,12 +488,43 @@ impl ClusterNode {
         outcome
     }
 
+    /// After a move whose commit is in doubt: waits until this node has applied
+    /// everything consensus committed (a no-op change goes through and is applied here),
+    /// then lets the map decide who serves the partition.
+    async fn settle(&self, partition: u16) {
+        let me = self.inner.me.node_id;
+        loop {
+            let status = self
+                .map()
+                .members
+                .get(&me)
+                .map_or(MemberStatus::Active, |m| m.status);
+            match self
+                .inner
+                .control
+                .propose(MapCommand::SetStatus { node: me, status })
+                .await
+            {
+                Ok(map) => {
+                    self.caught_up(map.epoch).await;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "waiting for consensus to settle a partition move");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        lock(&self.inner.handing_off).remove(&partition);
+        self.reconcile().await;
+    }
+
     async fn move_out(
         &self,
         partition: u16,
         target: &Member,
         epoch: u64,
-    ) -> Result<u64, ClusterError> {
+    ) -> Result<u64, MoveFailed> {
         let inner = &self.inner;
         {
             let _serial = inner.fence_lock.lock().await;
@@ -469,10 +533,12 @@ impl ClusterNode {
                 .shop
                 .fence_partition(partition)
                 .await
-                .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+                .map_err(|e| MoveFailed::before(ClusterError::Unavailable(e.to_string())))?;
         }
         let entities = inner.shop.export_partition(partition).await.map_err(|e| {
-            ClusterError::Unavailable(format!("exporting partition {partition}: {e}"))
+            MoveFailed::before(ClusterError::Unavailable(format!(
+                "exporting partition {partition}: {e}"
+            )))
         })?;
         let frame = proto::encode(&Request::Install(Install {
             partition,
@@ -483,21 +549,27 @@ impl ClusterNode {
             Ok(answer) => match proto::decode::<Response>(&answer) {
                 Ok(Response::Installed) => {}
                 Ok(Response::Error(e)) => {
-                    return Err(ClusterError::Unavailable(format!(
+                    return Err(MoveFailed::before(ClusterError::Unavailable(format!(
                         "{} refused the partition: {e}",
                         target.name
-                    )))
+                    ))))
                 }
                 Ok(other) => {
-                    return Err(ClusterError::Unavailable(format!(
+                    return Err(MoveFailed::before(ClusterError::Unavailable(format!(
                         "unexpected answer to an install: {other:?}"
-                    )))
+                    ))))
                 }
-                Err(e) => return Err(ClusterError::Unavailable(e.to_string())),
+                Err(e) => return Err(MoveFailed::before(ClusterError::Unavailable(e.to_string()))),
             },
-            Err(e) => return Err(ClusterError::Unavailable(e.to_string())),
+            Err(e) => return Err(MoveFailed::before(ClusterError::Unavailable(e.to_string()))),
         }
-        self.commit_move(partition, target.node_id).await
+        self.commit_move(partition, target.node_id)
+            .await
+            .map_err(|error| MoveFailed {
+                // A refusal by the map is certain; anything else may have committed.
+                maybe_committed: !matches!(error, ClusterError::Conflict(_)),
+                error,
+            })
     }
 
     /// Commits the map flip. `Move` is a compare-and-set on the owner, so trying again
@@ -838,6 +910,22 @@ impl ClusterNode {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why a partition did not move, and whether the map may have flipped anyway.
+struct MoveFailed {
+    error: ClusterError,
+    maybe_committed: bool,
+}
+
+impl MoveFailed {
+    /// Failed before the map flip was proposed: certainly not moved.
+    fn before(error: ClusterError) -> Self {
+        MoveFailed {
+            error,
+            maybe_committed: false,
+        }
+    }
 }
 
 /// The frames other nodes send, answered by this node once it exists: transports start

@@ -546,3 +546,61 @@ async fn a_flash_sale_across_nodes_sells_exactly_its_quantity() {
         .expect("campaign");
     assert_eq!(view.sold + view.reserved, 40);
 }
+
+/// A move whose commit cannot be confirmed (the old owner cannot reach the leader after
+/// shipping the partition) leaves the partition fenced on the old owner, served by
+/// nobody, until consensus is reachable again; then the map decides and exactly one
+/// node serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_in_doubt_stays_fenced_until_the_map_settles() {
+    use Step::*;
+    let c = run(&[Add("n1"), Add("n2"), Add("n3"), Rebalance("n1"), Buy(5)]).await;
+    let map = c.live["n1"].control.map();
+    let leader = map.members[&c.live["n1"].control.leader().expect("a leader")]
+        .name
+        .clone();
+    // The old owner: a node other than the leader; the target: the third node.
+    let names: Vec<String> = c.live.keys().cloned().collect();
+    let from = names
+        .iter()
+        .find(|n| **n != leader)
+        .expect("a follower")
+        .clone();
+    let to = names
+        .iter()
+        .find(|n| **n != leader && **n != from)
+        .expect("a third node")
+        .clone();
+    let partition = map.owned_by(node_id_of(&from))[0];
+    let served_before = c.live[&from].node.serving_count();
+
+    // `from` can still ship to `to` and hear the leader, but not reach it.
+    c.net.cut_one_way(&from, &leader);
+    let outcome = c.live[&from]
+        .node
+        .hand_off(partition, node_id_of(&to))
+        .await;
+    assert!(
+        outcome.is_err(),
+        "the move cannot be confirmed: {outcome:?}"
+    );
+    // Nobody serves the partition while its owner is in doubt.
+    assert_eq!(c.live[&from].node.serving_count(), served_before - 1);
+    for r in c.live.values() {
+        assert!(
+            r.control.map().owner(partition) == Some(node_id_of(&from)),
+            "the move did not commit"
+        );
+    }
+    assert_eq!(
+        c.live[&to].node.serving_count(),
+        c.live[&to].control.map().owned_by(node_id_of(&to)).len()
+    );
+
+    c.net.heal(&from);
+    wait_until("the old owner serves the partition again", || async {
+        c.live[&from].node.serving_count() == served_before
+    })
+    .await;
+    c.check().await;
+}
