@@ -604,3 +604,82 @@ async fn a_move_in_doubt_stays_fenced_until_the_map_settles() {
     .await;
     c.check().await;
 }
+
+/// A lost node is only removed with force while it owns partitions; its partitions then
+/// restart empty on the others (their data is given up), everything else is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forgetting_a_lost_node_restarts_its_partitions_empty_elsewhere() {
+    use Step::*;
+    let mut c = run(&[Add("n1"), Add("n2"), Add("n3"), Rebalance("n1"), Buy(6)]).await;
+    let before = c.live["n1"].control.map();
+    let lost = node_id_of("n3");
+    // Refused while it is up.
+    let up = c.live["n1"].node.remove("n3", true).await;
+    assert!(
+        up.is_err(),
+        "an up node with partitions is not removed: {up:?}"
+    );
+    c.step(&Kill("n3")).await;
+    let refused = c.live["n1"].node.remove("n3", false).await;
+    assert!(
+        refused.is_err(),
+        "without force a lost node's data is kept: {refused:?}"
+    );
+    c.live["n2"]
+        .node
+        .remove("n3", true)
+        .await
+        .expect("forced removal");
+    c.dead.clear();
+
+    let shop = c.live["n1"].shop.clone();
+    wait_until("every partition is served again", || async {
+        c.live
+            .values()
+            .map(|r| r.node.serving_count())
+            .sum::<usize>()
+            == usize::from(PARTITIONS)
+    })
+    .await;
+    let map = c.live["n1"].control.map();
+    assert!(!map.members.contains_key(&lost));
+    let mut given_up = 0;
+    for i in 0..SKUS {
+        let id = sku(i);
+        let p = shop.partitioner().catalog(Kind::Sku, &id);
+        if before.owner(p) == Some(lost) {
+            given_up += 1;
+            let err = read_err(|| shop.get_sku(&id)).await;
+            assert!(
+                matches!(err, ShopError::NotFound(_)),
+                "{id} was given up: {err:?}"
+            );
+        } else {
+            let view = read(|| shop.get_sku(&id)).await;
+            assert_eq!(view.available + view.reserved + view.sold, STOCK, "{id}");
+        }
+    }
+    assert!(
+        given_up > 0 && given_up < SKUS,
+        "the lost node held some SKUs, not all"
+    );
+}
+
+/// Retries a read while the cluster settles, until it fails with something other than
+/// unavailable.
+async fn read_err<T: std::fmt::Debug, F, Fut>(f: F) -> ShopError
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ShopError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match f().await {
+            Err(ShopError::Unavailable(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return e,
+            Ok(v) => panic!("expected an error, read {v:?}"),
+        }
+    }
+}
