@@ -659,9 +659,24 @@ async fn forgetting_a_lost_node_restarts_its_partitions_empty_elsewhere() {
             assert_eq!(view.available + view.reserved + view.sold, STOCK, "{id}");
         }
     }
+    // Orders live in their buyers' partitions, spread over every node.
+    let mut lost_orders = 0;
+    for (order_id, _, _) in &c.acked {
+        let p = shop
+            .partitioner()
+            .of(&EntityKey::new(Kind::Order, order_id.clone()))
+            .expect("an order id names its partition");
+        if before.owner(p) == Some(lost) {
+            lost_orders += 1;
+            let err = read_err(|| shop.get_order(order_id)).await;
+            assert!(matches!(err, ShopError::NotFound(_)), "{order_id}: {err:?}");
+        } else {
+            read(|| shop.get_order(order_id)).await;
+        }
+    }
     assert!(
-        given_up > 0 && given_up < SKUS,
-        "the lost node held some SKUs, not all"
+        given_up + lost_orders > 0 && lost_orders < c.acked.len(),
+        "the lost node held some of the data ({given_up} SKUs, {lost_orders} orders), not all"
     );
 }
 
