@@ -884,6 +884,34 @@ impl ClusterNode {
         Ok(self.status().await)
     }
 
+    /// Whether the other members say this node is no longer one of them: a node that
+    /// left or was removed must not serve again from the map it kept, which still names
+    /// it the owner of partitions others now own. Asks every other member it knows (a
+    /// few seconds at most); `None` when none answers (then its own map stands).
+    pub async fn removed_elsewhere(
+        transport: &dyn Transport,
+        map: &ClusterMap,
+        me: NodeId,
+    ) -> Option<bool> {
+        let mut asks = JoinSet::new();
+        for m in map.members.values().filter(|m| m.node_id != me) {
+            let call = transport.call(&m.cluster_addr, proto::encode(&Request::Ping));
+            asks.spawn(async move { tokio::time::timeout(PROBE_TIMEOUT * 2, call).await });
+        }
+        let mut verdict = None;
+        while let Some(done) = asks.join_next().await {
+            let Ok(Ok(Ok(answer))) = done else { continue };
+            if let Ok(Response::Pong { map: theirs, .. }) = proto::decode::<Response>(&answer) {
+                if theirs.cluster_id == map.cluster_id && theirs.epoch > map.epoch {
+                    verdict = Some(verdict.unwrap_or(false) || !theirs.members.contains_key(&me));
+                } else {
+                    verdict = Some(verdict.unwrap_or(false));
+                }
+            }
+        }
+        verdict
+    }
+
     /// Joins the cluster that the member at `seed` belongs to. Returns what the cluster
     /// shares with its members.
     pub async fn join(

@@ -194,6 +194,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             map.partitions
         );
     }
+    if !map.members.contains_key(&me.node_id)
+        || ClusterNode::removed_elsewhere(&*quic, &map, me.node_id).await == Some(true)
+    {
+        anyhow::bail!(
+            "{} left or was removed from the cluster: its data dir no longer belongs to it; \
+             start it with an empty --data-dir and --join to come back",
+            me.name
+        );
+    }
     if let Some(known) = map.members.get(&me.node_id) {
         if known.http_addr != me.http_addr || known.cluster_addr != me.cluster_addr {
             tracing::info!(http = %me.http_addr, cluster = %me.cluster_addr, "addresses changed since the last start; telling the cluster");

@@ -260,7 +260,7 @@ async fn a_flash_sale_with_buyers_on_every_node_sells_exactly_its_quantity() {
 async fn a_node_leaves_under_load_and_nothing_is_lost() {
     const SKUS: usize = 8;
     const STOCK: i64 = 400;
-    let ([n1, n2, n3], _dirs) = three_nodes().await;
+    let ([n1, mut n2, n3], dirs) = three_nodes().await;
     let skus = n1.product_with_skus(&admin(), "lv", SKUS, 100, STOCK).await;
 
     // Buyers on n1 and n3 keep checking out while n2 hands its partitions over.
@@ -330,7 +330,23 @@ async fn a_node_leaves_under_load_and_nothing_is_lost() {
             );
         }
     }
-    drop(n2);
+    // The node that left does not come back to serve from its old data dir.
+    n2.stop().await;
+    let mut again = member("n2", None)
+        .dir(&dirs.path().join("n2"))
+        .spawn_expecting_failure();
+    let status = poll_until(
+        "the node that left refuses to start",
+        Duration::from_secs(30),
+        || {
+            let st = again.try_exit();
+            async move { st }
+        },
+    )
+    .await;
+    assert!(!status.success());
+    let log = again.log_tail(1000);
+    assert!(log.contains("left or was removed"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
