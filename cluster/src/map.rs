@@ -102,6 +102,9 @@ pub enum MapCommand {
         node: NodeId,
         to: Vec<NodeId>,
     },
+    /// Changes nothing but the epoch: once a node has applied the map it produced, that
+    /// node has applied every change committed before it (a read barrier).
+    Barrier,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -202,7 +205,19 @@ impl ClusterMap {
                         member: other.name.clone(),
                     });
                 }
-                self.members.insert(m.node_id, m.clone());
+                // A known member only updates its addresses: its status is decided
+                // by `SetStatus` (a leaving node that restarts stays leaving).
+                let status = self.members.get(&m.node_id).map_or(m.status, |o| o.status);
+                self.members.insert(
+                    m.node_id,
+                    Member {
+                        status,
+                        ..m.clone()
+                    },
+                );
+            }
+            MapCommand::Barrier => {
+                self.initialised()?;
             }
             MapCommand::SetStatus { node, status } => {
                 self.initialised()?;

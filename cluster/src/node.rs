@@ -214,8 +214,8 @@ impl ClusterNode {
         self.inner.control.map()
     }
 
-    /// Ready to serve: the map is known, a leader is known, and every partition this
-    /// node owns is served (none is in handoff).
+    /// Ready to serve: the map is known and confirmed through consensus, a leader is
+    /// known, and every partition this node owns is served or in handoff.
     pub fn is_ready(&self) -> bool {
         let map = self.map();
         if !map.is_initialised() || self.inner.control.leader().is_none() {
@@ -224,9 +224,12 @@ impl ClusterNode {
         if !self.inner.reconciled.load(Ordering::Acquire) {
             return false;
         }
-        map.owned_by(self.inner.me.node_id)
-            .iter()
-            .all(|p| self.inner.serving[usize::from(*p)].load(Ordering::Acquire))
+        // A partition in handoff answers (after a short wait) from its new owner; it does
+        // not take the whole node out of a load balancer's rotation.
+        let moving = lock(&self.inner.handing_off).clone();
+        map.owned_by(self.inner.me.node_id).iter().all(|p| {
+            self.inner.serving[usize::from(*p)].load(Ordering::Acquire) || moving.contains(p)
+        })
     }
 
     /// Partitions served here now.
@@ -240,6 +243,10 @@ impl ClusterNode {
 
     async fn follow_map(self) {
         let mut watch = self.inner.control.watch();
+        // Nothing is served before this node's map shows every change committed so far:
+        // a map persisted before a crash may still name this node the owner of a
+        // partition it had handed over, whose new owner is serving it.
+        self.barrier().await;
         loop {
             // Marks the current map seen; reconcile reads the newest under its lock.
             watch.borrow_and_update();
@@ -389,6 +396,15 @@ impl ClusterNode {
     /// Hands `partition`, which this node owns, to `to`. Returns the map's epoch after
     /// the move.
     pub async fn hand_off(&self, partition: u16, to: NodeId) -> Result<u64, ClusterError> {
+        // Runs to its end even if the caller stops waiting (an operator's Ctrl-C, a
+        // proxy's timeout): a handoff cut short would leave the partition fenced.
+        let node = self.clone();
+        tokio::spawn(async move { node.hand_off_to_the_end(partition, to).await })
+            .await
+            .map_err(|e| ClusterError::Unavailable(format!("the handoff task failed: {e}")))?
+    }
+
+    async fn hand_off_to_the_end(&self, partition: u16, to: NodeId) -> Result<u64, ClusterError> {
         let inner = &self.inner;
         let me = inner.me.node_id;
         let map = self.map();
@@ -492,31 +508,27 @@ impl ClusterNode {
     /// everything consensus committed (a no-op change goes through and is applied here),
     /// then lets the map decide who serves the partition.
     async fn settle(&self, partition: u16) {
-        let me = self.inner.me.node_id;
+        self.barrier().await;
+        lock(&self.inner.handing_off).remove(&partition);
+        self.reconcile().await;
+    }
+
+    /// Returns once this node has applied every map change committed before the call
+    /// (a no-op change goes through consensus and is applied here). Retries for as long
+    /// as consensus cannot be reached: what needs it must not act on a stale map.
+    async fn barrier(&self) {
         loop {
-            let status = self
-                .map()
-                .members
-                .get(&me)
-                .map_or(MemberStatus::Active, |m| m.status);
-            match self
-                .inner
-                .control
-                .propose(MapCommand::SetStatus { node: me, status })
-                .await
-            {
+            match self.inner.control.propose(MapCommand::Barrier).await {
                 Ok(map) => {
                     self.caught_up(map.epoch).await;
-                    break;
+                    return;
                 }
                 Err(e) => {
-                    tracing::warn!(partition, error = %e, "waiting for consensus to settle a partition move");
+                    tracing::warn!(error = %e, "waiting for consensus to confirm the map");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
-        lock(&self.inner.handing_off).remove(&partition);
-        self.reconcile().await;
     }
 
     async fn move_out(
@@ -588,9 +600,24 @@ impl ClusterNode {
             match self.inner.control.propose(cmd).await {
                 Ok(map) => return Ok(map.epoch),
                 Err(ControlError::Map(MapError::NotOwner { owner, .. })) if owner == to => {
-                    return Ok(self.map().epoch)
+                    // An earlier try committed. Its epoch is not in the refusal: catch up
+                    // with everything committed, which includes it.
+                    self.barrier().await;
+                    return Ok(self.map().epoch);
                 }
-                Err(ControlError::Map(e)) => return Err(ClusterError::Conflict(e.to_string())),
+                Err(ControlError::Map(e @ MapError::NotOwner { .. })) => {
+                    // Someone else owns it at the leader: an earlier try (whose answer
+                    // was lost) may have committed and the partition moved on since, or
+                    // this node's map was stale. Either way this node must not serve it
+                    // on its own map: the caller lets consensus settle it.
+                    return Err(ClusterError::Unavailable(format!(
+                        "the move of partition {partition} may have committed: {e}"
+                    )));
+                }
+                Err(ControlError::Map(e)) => {
+                    // The target cannot take it: certainly not moved.
+                    return Err(ClusterError::Conflict(e.to_string()));
+                }
                 Err(e) if Instant::now() < deadline => {
                     tracing::warn!(partition, error = %e, "committing a partition move; retrying");
                     tokio::time::sleep(pause).await;
