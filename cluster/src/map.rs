@@ -55,6 +55,10 @@ pub struct Member {
     /// Where its cluster transport listens (for other nodes).
     pub cluster_addr: String,
     pub status: MemberStatus,
+    /// Random, made with the node's data dir: a node that lost its data dir and comes
+    /// back under the same name is told apart from the one the cluster knew.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -133,6 +137,8 @@ pub enum MapError {
     NoTarget,
     #[error("node name {name} clashes with member {member} (same name or order-id tag): pick another --node-id")]
     NameClash { name: String, member: String },
+    #[error("{name} is a member with another data dir: if its data is lost, remove it with `shardmall cluster remove {name} --force` first, then join again")]
+    OtherIncarnation { name: String },
 }
 
 /// One planned partition move.
@@ -204,6 +210,14 @@ impl ClusterMap {
                         name: m.name.clone(),
                         member: other.name.clone(),
                     });
+                }
+                if let Some(known) = self.members.get(&m.node_id) {
+                    // 0: recorded before incarnations existed.
+                    if known.incarnation != 0 && known.incarnation != m.incarnation {
+                        return Err(MapError::OtherIncarnation {
+                            name: m.name.clone(),
+                        });
+                    }
                 }
                 // A known member only updates its addresses: its status is decided
                 // by `SetStatus` (a leaving node that restarts stays leaving).
@@ -370,6 +384,7 @@ mod tests {
             http_addr: format!("127.0.0.1:{}", 8000 + id),
             cluster_addr: format!("127.0.0.1:{}", 7000 + id),
             status: MemberStatus::Active,
+            incarnation: id,
         }
     }
 
@@ -549,6 +564,34 @@ mod tests {
         let mut mb = member(7);
         mb.name = b;
         assert!(m.apply(&MapCommand::AddMember(mb)).is_err());
+    }
+
+    #[test]
+    fn a_known_member_updates_its_addresses_but_not_its_status_or_data_dir() {
+        let mut m = cluster(4, 2);
+        m.apply(&MapCommand::SetStatus {
+            node: 2,
+            status: MemberStatus::Leaving,
+        })
+        .unwrap();
+        let mut moved = member(2);
+        moved.cluster_addr = "10.0.0.2:7000".into();
+        m.apply(&MapCommand::AddMember(moved)).unwrap();
+        assert_eq!(m.members[&2].cluster_addr, "10.0.0.2:7000");
+        assert_eq!(m.members[&2].status, MemberStatus::Leaving);
+        // The same name with another data dir is another node: refused, map unchanged.
+        let before = m.clone();
+        let mut wiped = member(2);
+        wiped.incarnation = 999;
+        assert!(matches!(
+            m.apply(&MapCommand::AddMember(wiped)),
+            Err(MapError::OtherIncarnation { .. })
+        ));
+        assert_eq!(m, before);
+        // A barrier changes nothing but the epoch.
+        m.apply(&MapCommand::Barrier).unwrap();
+        assert_eq!(m.epoch, before.epoch + 1);
+        assert_eq!(m.owners, before.owners);
     }
 
     #[test]

@@ -15,6 +15,7 @@ fn member(name: &str) -> Member {
         http_addr: format!("http-{name}"),
         cluster_addr: name.into(),
         status: MemberStatus::Active,
+        incarnation: node_id_of(name) ^ 0x5eed,
     }
 }
 

@@ -117,6 +117,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         http_addr: advertised(local, config.advertise_host.as_deref()),
         cluster_addr: advertised(quic.local_addr(), config.advertise_host.as_deref()),
         status: MemberStatus::Active,
+        incarnation: secrets::incarnation(&config)?,
     };
     let control = ControlPlane::open(
         ControlConfig::new(me.clone(), config.data_dir.join("cluster")),
@@ -193,6 +194,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "this data dir holds {partitions} partitions but the cluster has {}",
             map.partitions
         );
+    }
+    if let Some(known) = map.members.get(&me.node_id) {
+        if known.incarnation != 0 && known.incarnation != me.incarnation {
+            anyhow::bail!(
+                "the cluster knows {} with another data dir: if that data is lost, remove it \
+                 with `shardmall cluster remove {} --force`, then start this node with an empty \
+                 --data-dir and --join",
+                me.name,
+                me.name
+            );
+        }
     }
     if !map.members.contains_key(&me.node_id)
         || ClusterNode::removed_elsewhere(&*quic, &map, me.node_id).await == Some(true)

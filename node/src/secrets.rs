@@ -147,3 +147,27 @@ pub fn cluster_id(wal: &Wal) -> anyhow::Result<String> {
     wal.meta_put("cluster_id", id.as_bytes())?;
     Ok(id)
 }
+
+/// This data dir's incarnation (`DIR/incarnation`), made at first start: random and
+/// never 0, so the cluster tells a node that lost its data dir from the one it knew.
+pub fn incarnation(config: &Config) -> anyhow::Result<u64> {
+    let path = config.data_dir.join("incarnation");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n != 0)
+            .with_context(|| format!("{} is not a node incarnation", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&config.data_dir)?;
+            let n = rand::random::<u64>().max(1);
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, n.to_string())?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(n)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}

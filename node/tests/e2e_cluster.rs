@@ -446,3 +446,47 @@ async fn a_node_with_the_wrong_cluster_secret_cannot_join() {
     let map = cluster_map(&n1).await;
     assert_eq!(owned(&map).len(), 1, "nothing joined: {map}");
 }
+
+/// A node whose data dir was lost cannot come back under its old name (the cluster
+/// would take its empty disk for the partitions it held, and consensus would see its
+/// log go back in time): the join is refused, consensus keeps working, and after a
+/// forced removal the same name joins again as a new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_lost_data_dir_rejoins_only_after_a_forced_removal() {
+    let ([n1, n2, mut n3], dirs) = three_nodes().await;
+    let n3_cluster = n3.cluster_addr.clone();
+    n3.kill9();
+    let n3_dir = dirs.path().join("n3");
+    std::fs::remove_dir_all(&n3_dir).expect("lose n3's disk");
+    std::fs::create_dir_all(&n3_dir).expect("an empty data dir");
+
+    // Same name, same cluster address, empty disk, --join: refused.
+    let mut wiped = member("n3", Some(&n1.cluster_addr))
+        .dir(&n3_dir)
+        .args(&["--cluster-addr", &n3_cluster])
+        .spawn_expecting_failure();
+    let status = poll_until("the wiped node gives up", Duration::from_secs(60), || {
+        let st = wiped.try_exit();
+        async move { st }
+    })
+    .await;
+    assert!(!status.success());
+    let log = wiped.log_tail(1000);
+    assert!(log.contains("remove n3 --force"), "{log}");
+
+    // Consensus is intact: the lost node can be removed, and a new n3 joins.
+    let (code, out, err) = cluster_cli(&n2.base, &["remove", "n3", "--force"]);
+    assert_eq!(code, 0, "remove --force: {out} {err}");
+    std::fs::remove_dir_all(&n3_dir).expect("clear the failed attempt");
+    let again = member("n3", Some(&n1.cluster_addr))
+        .dir(&n3_dir)
+        .start()
+        .await;
+    let (code, out, err) = cluster_cli(&again.base, &["status"]);
+    assert_eq!(code, 0, "status: {out} {err}");
+    let map = cluster_map(&n1).await;
+    let nodes = owned(&map);
+    assert_eq!(nodes.len(), 3, "{map}");
+    assert_eq!(nodes["n3"], 0, "the new n3 owns nothing yet: {map}");
+    assert_eq!(nodes.values().sum::<i64>(), 32, "{map}");
+}

@@ -107,6 +107,16 @@ pub(crate) enum RaftMsg {
     Leader(LeaderOp),
 }
 
+/// A consensus message and whom it is for.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Envelope {
+    /// The receiver's incarnation as the sender's map has it; 0 when it does not know.
+    /// A node with another incarnation (its data dir was lost and remade) refuses the
+    /// message: its log would look to the leader like a log that went back in time.
+    pub(crate) incarnation: u64,
+    pub(crate) msg: RaftMsg,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum RaftReply {
     Append(Result<AppendEntriesResponse<NodeIdOf>, RaftError<NodeIdOf>>),
@@ -256,25 +266,39 @@ impl ControlPlane {
 
     /// Answers a consensus frame's body from another node.
     pub async fn serve_raft(&self, body: Vec<u8>) -> Vec<u8> {
-        let reply = match serde_json::from_slice::<RaftMsg>(&body) {
-            Ok(RaftMsg::Append(rpc)) => {
-                RaftReply::Append(self.inner.raft.append_entries(rpc).await)
+        let reply = match serde_json::from_slice::<Envelope>(&body) {
+            Ok(env) if env.incarnation != 0 && env.incarnation != self.inner.me.incarnation => {
+                tracing::warn!(
+                    "refused consensus traffic meant for another data dir of this node \
+                     (remove this node with --force and join it again)"
+                );
+                RaftReply::Error(format!(
+                    "{} is another incarnation of this node (its data dir was remade)",
+                    self.inner.me.name
+                ))
             }
-            Ok(RaftMsg::Vote(rpc)) => RaftReply::Vote(self.inner.raft.vote(rpc).await),
-            Ok(RaftMsg::Snapshot(rpc)) => {
-                RaftReply::Snapshot(self.inner.raft.install_snapshot(rpc).await)
-            }
-            Ok(RaftMsg::Leader(op)) => RaftReply::Leader(match self.leader_op(&op).await {
-                Ok(map) => LeaderAnswer::Done(Ok(map)),
-                Err(Local::NotLeader(hint)) => LeaderAnswer::NotLeader(hint),
-                Err(Local::Failed(e)) => LeaderAnswer::Done(Err(e)),
-            }),
+            Ok(env) => self.dispatch(env.msg).await,
             Err(e) => RaftReply::Error(format!("malformed consensus message: {e}")),
         };
         serde_json::to_vec(&reply).unwrap_or_else(|e| {
             tracing::error!(error = %e, "a consensus answer failed to encode");
             Vec::new()
         })
+    }
+
+    async fn dispatch(&self, msg: RaftMsg) -> RaftReply {
+        match msg {
+            RaftMsg::Append(rpc) => RaftReply::Append(self.inner.raft.append_entries(rpc).await),
+            RaftMsg::Vote(rpc) => RaftReply::Vote(self.inner.raft.vote(rpc).await),
+            RaftMsg::Snapshot(rpc) => {
+                RaftReply::Snapshot(self.inner.raft.install_snapshot(rpc).await)
+            }
+            RaftMsg::Leader(op) => RaftReply::Leader(match self.leader_op(&op).await {
+                Ok(map) => LeaderAnswer::Done(Ok(map)),
+                Err(Local::NotLeader(hint)) => LeaderAnswer::NotLeader(hint),
+                Err(Local::Failed(e)) => LeaderAnswer::Done(Err(e)),
+            }),
+        }
     }
 
     /// Waits until this node has applied a map of at least `epoch`, or `timeout`
@@ -318,7 +342,10 @@ impl ControlPlane {
                 );
             }
             for to in targets {
-                let msg = RaftMsg::Leader(op.clone());
+                let msg = Envelope {
+                    incarnation: 0,
+                    msg: RaftMsg::Leader(op.clone()),
+                };
                 match network::call(&*self.inner.transport, &to, &msg, LEADER_WAIT).await {
                     Ok(RaftReply::Leader(LeaderAnswer::Done(result))) => return result,
                     Ok(RaftReply::Leader(LeaderAnswer::NotLeader(_))) => {}

@@ -17,7 +17,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use tokio::sync::watch;
 
-use super::{NodeIdOf, RaftMsg, RaftReply, TypeConfig};
+use super::{Envelope, NodeIdOf, RaftMsg, RaftReply, TypeConfig};
 use crate::map::ClusterMap;
 use crate::proto::{self, Request, Response};
 use crate::transport::Transport;
@@ -54,13 +54,14 @@ type RpcError<E = openraft::error::Infallible> =
     RPCError<NodeIdOf, BasicNode, RaftError<NodeIdOf, E>>;
 
 impl Peer {
-    fn address(&self) -> String {
+    /// The peer's address and incarnation, as the map has them.
+    fn address(&self) -> (String, u64) {
         self.map
             .borrow()
             .members
             .get(&self.target)
-            .map(|m| m.cluster_addr.clone())
-            .unwrap_or_else(|| self.addr.clone())
+            .map(|m| (m.cluster_addr.clone(), m.incarnation))
+            .unwrap_or_else(|| (self.addr.clone(), 0))
     }
 
     async fn send<E: std::error::Error>(
@@ -68,7 +69,9 @@ impl Peer {
         msg: RaftMsg,
         option: &RPCOption,
     ) -> Result<RaftReply, RPCError<NodeIdOf, BasicNode, RaftError<NodeIdOf, E>>> {
-        call(&*self.transport, &self.address(), &msg, option.hard_ttl())
+        let (addr, incarnation) = self.address();
+        let msg = Envelope { incarnation, msg };
+        call(&*self.transport, &addr, &msg, option.hard_ttl())
             .await
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
     }
@@ -78,7 +81,7 @@ impl Peer {
 pub(crate) async fn call(
     transport: &dyn Transport,
     to: &str,
-    msg: &RaftMsg,
+    msg: &Envelope,
     timeout: std::time::Duration,
 ) -> Result<RaftReply, std::io::Error> {
     let body = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
