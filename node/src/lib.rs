@@ -86,8 +86,11 @@ fn init_tracing(default: &str) {
 async fn serve(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    if !shardmall_http_edge::validate::is_id(&config.node_id) {
-        anyhow::bail!("--node-id must match [A-Za-z0-9._-]{{1,64}}");
+    // Only dots would be a path segment of its own in `/v1/cluster/nodes/{node_id}`.
+    if !shardmall_http_edge::validate::is_id(&config.node_id)
+        || config.node_id.bytes().all(|b| b == b'.')
+    {
+        anyhow::bail!("--node-id must match [A-Za-z0-9._-]{{1,64}} and not be only dots");
     }
     let started = std::time::Instant::now();
 

@@ -1,7 +1,7 @@
 //! The cluster map and the membership commands (operator, admin). Any node answers;
 //! the commands are carried out through consensus and partition handoffs.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -10,6 +10,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
+use crate::extract::{ApiQuery, IdPath};
 use crate::validate;
 use crate::AppState;
 
@@ -114,7 +115,7 @@ impl From<ClusterError> for ApiError {
 }
 
 fn node_name(id: &str) -> ApiResult<&str> {
-    if validate::is_id(id) {
+    if validate::is_id(id) && !id.bytes().all(|b| b == b'.') {
         Ok(id)
     } else {
         Err(ApiError::bad_request(
@@ -146,23 +147,23 @@ pub async fn rebalance(State(st): State<AppState>, caller: Caller) -> ApiResult<
     Ok(Json(report.into()))
 }
 
-#[utoipa::path(post, path = "/v1/cluster/nodes/{node_id}/leave", responses((status = 200, body = MovesReport), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/cluster/nodes/{node_id}/leave", params(("node_id" = String, Path)), responses((status = 200, body = MovesReport), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn leave(
     State(st): State<AppState>,
     caller: Caller,
-    Path(node_id): Path<String>,
+    IdPath(node_id): IdPath,
 ) -> ApiResult<Json<MovesReport>> {
     caller.require(&[Role::Operator, Role::Admin])?;
     let report = st.cluster.leave(node_name(&node_id)?).await?;
     Ok(Json(report.into()))
 }
 
-#[utoipa::path(delete, path = "/v1/cluster/nodes/{node_id}", params(("force" = Option<bool>, Query, description = "remove a node that is down and owns partitions, giving up their data")), responses((status = 200, body = ClusterMap), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
+#[utoipa::path(delete, path = "/v1/cluster/nodes/{node_id}", params(("node_id" = String, Path), ("force" = Option<bool>, Query, description = "remove a node that is down and owns partitions, giving up their data")), responses((status = 200, body = ClusterMap), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn remove(
     State(st): State<AppState>,
     caller: Caller,
-    Path(node_id): Path<String>,
-    Query(q): Query<RemoveQuery>,
+    IdPath(node_id): IdPath,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
 ) -> ApiResult<Json<ClusterMap>> {
     caller.require(&[Role::Operator, Role::Admin])?;
     let status = st.cluster.remove(node_name(&node_id)?, q.force).await?;
