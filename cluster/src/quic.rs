@@ -6,11 +6,15 @@
 //!
 //! Certificates are self-signed (generated at first start, [`TlsIdentity`]) and not
 //! what proves membership: right after the handshake each side sends
-//! HMAC-SHA256(cluster secret, role || keying material exported from this TLS session)
-//! on the connection's first stream. The exported material is unique to the session, so
-//! a proof cannot be replayed on another connection, and the role label keeps one side's
-//! proof from being reflected as the other's. A peer without the secret is closed before
-//! any of its streams reaches the [`Service`], and logged.
+//! HMAC-SHA256(cluster secret, ekm(role) || role) on the connection's first stream,
+//! where ekm(role) is 32 bytes of keying material exported from this TLS session with
+//! the label `shardmall cluster proof` and the role (`client` or `server`) as context.
+//! The exported material is unique to the session, so a proof cannot be replayed on
+//! another connection, and the role keeps one side's proof from being reflected as the
+//! other's. The client proves first; the server answers with its own proof only once
+//! the client's checks out. A peer without the secret is closed (application code 1,
+//! reason "bad cluster secret") before any of its streams reaches the [`Service`], and
+//! logged.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,7 +26,7 @@ use hmac::{Hmac, Mac};
 use quinn::{Connection, Endpoint, VarInt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::Sha256;
@@ -36,19 +40,35 @@ const PROOF_LABEL: &[u8] = b"shardmall cluster proof";
 const CLIENT_ROLE: &[u8] = b"client";
 const SERVER_ROLE: &[u8] = b"server";
 const PROOF_LEN: usize = 32;
+/// Application close code: this endpoint is shutting down.
+const SHUTDOWN: u32 = 0;
 /// Application close code: the peer did not prove membership.
 const REFUSED: u32 = 1;
-const SHUTDOWN: u32 = 0;
+/// Stream reset code: a frame (request or answer) over [`MAX_FRAME`].
+const FRAME_TOO_LARGE: u32 = 2;
+/// Stream reset code: the request frame was cut short or could not be read.
+const BAD_REQUEST: u32 = 3;
 
 /// This node's TLS certificate and key (DER).
 pub struct TlsIdentity {
     cert: CertificateDer<'static>,
-    key: PrivatePkcs8KeyDer<'static>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("TlsIdentity")
+            .field("cert_bytes", &self.cert.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl TlsIdentity {
-    /// Loads `DIR/cluster.crt` and `DIR/cluster.key` (PEM), or generates a self-signed
-    /// certificate and writes them (the key readable by its owner only).
+    /// Loads `DIR/cluster.crt` and `DIR/cluster.key` (PEM), or, when either is missing,
+    /// generates a self-signed certificate for `shardmall-node` and writes both (the key
+    /// first, readable by its owner only). Creates `DIR` if missing. The key may be
+    /// PKCS#8, PKCS#1 or SEC1; a file that holds none is an `InvalidData` error.
     pub fn load_or_create(dir: &Path) -> std::io::Result<TlsIdentity> {
         use rustls::pki_types::pem::PemObject;
         std::fs::create_dir_all(dir)?;
@@ -61,7 +81,7 @@ impl TlsIdentity {
                 )
             };
             let cert = CertificateDer::from_pem_file(&crt).map_err(|e| bad(&crt, e))?;
-            let key_der = PrivatePkcs8KeyDer::from_pem_file(&key).map_err(|e| bad(&key, e))?;
+            let key_der = PrivateKeyDer::from_pem_file(&key).map_err(|e| bad(&key, e))?;
             return Ok(TlsIdentity { cert, key: key_der });
         }
         let generated = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
@@ -70,8 +90,13 @@ impl TlsIdentity {
         std::fs::write(&crt, generated.cert.pem())?;
         Ok(TlsIdentity {
             cert: generated.cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der()),
+            key: PrivateKeyDer::Pkcs8(generated.key_pair.serialize_der().into()),
         })
+    }
+
+    /// The certificate (DER), e.g. to log its fingerprint or to compare.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert
     }
 }
 
@@ -156,10 +181,7 @@ impl QuicTransport {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| setup(&e))?
             .with_client_cert_verifier(verifier.clone())
-            .with_single_cert(
-                vec![identity.cert.clone()],
-                PrivateKeyDer::Pkcs8(identity.key.clone_key()),
-            )
+            .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
             .map_err(|e| setup(&e))?;
         server_tls.alpn_protocols = vec![ALPN.to_vec()];
         let server_crypto =
@@ -172,7 +194,7 @@ impl QuicTransport {
             .map_err(|e| setup(&e))?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(vec![identity.cert], PrivateKeyDer::Pkcs8(identity.key))
+            .with_client_auth_cert(vec![identity.cert], identity.key)
             .map_err(|e| setup(&e))?;
         client_tls.alpn_protocols = vec![ALPN.to_vec()];
         let client_crypto =
@@ -203,6 +225,7 @@ impl QuicTransport {
         }))
     }
 
+    /// The address the endpoint is bound to (with the port picked, if 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.inner
             .endpoint
@@ -219,9 +242,21 @@ impl QuicTransport {
     }
 }
 
+/// A transport dropped without [`QuicTransport::close`] still lets go of its socket:
+/// otherwise the accept loop and the connections its peers keep alive would hold the
+/// endpoint open for good. Runs once the last handle and the last call in flight are gone.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.endpoint.close(VarInt::from_u32(SHUTDOWN), b"shutdown");
+    }
+}
+
 impl Inner {
-    /// The cached connection to `to`, or a new authenticated one.
-    async fn connection(&self, to: &str) -> Result<Connection, TransportError> {
+    /// The cached connection to `to` (and `false`), or a new authenticated one (and
+    /// `true`). Concurrent first calls to one peer wait for a single handshake: the
+    /// peer's slot is a tokio mutex held across connecting, while the map of slots is a
+    /// std mutex held only to find the slot, never across an await.
+    async fn connection(&self, to: &str) -> Result<(Connection, bool), TransportError> {
         let slot = {
             let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
             peers.entry(to.to_owned()).or_default().clone()
@@ -229,7 +264,7 @@ impl Inner {
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref() {
             if c.close_reason().is_none() {
-                return Ok(c.clone());
+                return Ok((c.clone(), false));
             }
         }
         *slot = None;
@@ -240,9 +275,10 @@ impl Inner {
                 why: format!("no connection within {:?}", self.cfg.connect_timeout),
             })??;
         *slot = Some(conn.clone());
-        Ok(conn)
+        Ok((conn, true))
     }
 
+    /// A new connection to `to`, with the membership proofs exchanged (ours first).
     async fn connect(&self, to: &str) -> Result<Connection, TransportError> {
         let addr = resolve(to).await?;
         let conn = self
@@ -251,42 +287,35 @@ impl Inner {
             .map_err(|e| TransportError::peer_unreachable(to, e))?
             .await
             .map_err(|e| TransportError::peer_unreachable(to, e))?;
-        let refused = |why: String| {
-            conn.close(VarInt::from_u32(REFUSED), b"bad cluster secret");
-            TransportError::Refused {
-                peer: to.to_owned(),
-                why,
+        // Any step of the exchange fails the same way when the peer closed the
+        // connection because it did not accept our proof.
+        let lost = |e: &dyn std::fmt::Display| match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c))
+                if c.error_code == VarInt::from_u32(REFUSED) =>
+            {
+                TransportError::Refused {
+                    peer: to.to_owned(),
+                    why: format!(
+                        "refused our proof of membership ({}): the cluster secrets differ",
+                        String::from_utf8_lossy(&c.reason)
+                    ),
+                }
             }
+            _ => TransportError::peer_unreachable(to, e),
         };
-        let mine = proof(&self.secret, &conn, CLIENT_ROLE)
-            .map_err(|e| TransportError::peer_unreachable(to, e))?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| TransportError::peer_unreachable(to, e))?;
-        send.write_all(&mine)
-            .await
-            .map_err(|e| TransportError::peer_unreachable(to, e))?;
+        let mine = proof(&self.secret, &conn, CLIENT_ROLE).map_err(|e| lost(&e))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        send.write_all(&mine).await.map_err(|e| lost(&e))?;
         let _ = send.finish();
         let mut theirs = [0u8; PROOF_LEN];
-        if let Err(e) = recv.read_exact(&mut theirs).await {
-            return Err(match conn.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(c))
-                    if c.error_code == VarInt::from_u32(REFUSED) =>
-                {
-                    TransportError::Refused {
-                        peer: to.to_owned(),
-                        why: "refused our proof of membership: the cluster secrets differ".into(),
-                    }
-                }
-                _ => TransportError::peer_unreachable(to, e),
-            });
-        }
+        recv.read_exact(&mut theirs).await.map_err(|e| lost(&e))?;
         if !verify(&self.secret, &conn, SERVER_ROLE, &theirs) {
-            tracing::warn!(peer = %to, "a peer failed to prove membership (wrong cluster secret?); refused");
-            return Err(refused(
-                "did not prove membership: the cluster secrets differ".into(),
-            ));
+            tracing::warn!(peer = %to, remote = %addr, "a peer failed to prove cluster membership (wrong cluster secret?); refused");
+            conn.close(VarInt::from_u32(REFUSED), b"bad cluster secret");
+            return Err(TransportError::Refused {
+                peer: to.to_owned(),
+                why: "it did not prove membership: the cluster secrets differ".into(),
+            });
         }
         Ok(conn)
     }
@@ -298,16 +327,32 @@ impl Inner {
             .remove(to);
     }
 
+    /// One call: the request on a new stream of the peer's connection, then its answer.
     async fn round_trip(&self, to: &str, frame: &[u8]) -> Result<Vec<u8>, TransportError> {
         check_len(frame.len())?;
-        let conn = self.connection(to).await?;
+        let (mut conn, fresh) = self.connection(to).await?;
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(stream) => stream,
+            // The cached connection died since it was last checked. Nothing of this
+            // call was sent, so it is safe to try once more on a new connection.
+            Err(_) if !fresh => {
+                self.forget(to);
+                conn = self.connection(to).await?.0;
+                conn.open_bi()
+                    .await
+                    .map_err(|e| TransportError::peer_unreachable(to, e))?
+            }
+            Err(e) => {
+                self.forget(to);
+                return Err(TransportError::peer_unreachable(to, e));
+            }
+        };
         let lost = |e: &dyn std::fmt::Display| {
             if conn.close_reason().is_some() {
                 self.forget(to);
             }
             TransportError::peer_unreachable(to, e)
         };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
         send.write_all(&(frame.len() as u32).to_be_bytes())
             .await
             .map_err(|e| lost(&e))?;
@@ -315,7 +360,18 @@ impl Inner {
         let _ = send.finish();
         read_frame(&mut recv).await.map_err(|e| match e {
             FrameError::Lost(e) => lost(&e),
-            FrameError::TooLarge(n) => TransportError::Frame(format!("{to} answered {n} bytes")),
+            FrameError::Reset(code) if code == VarInt::from_u32(FRAME_TOO_LARGE) => {
+                TransportError::Frame(format!(
+                    "{to} refused to send or receive a frame over the {MAX_FRAME}-byte limit"
+                ))
+            }
+            FrameError::Reset(code) => TransportError::peer_unreachable(
+                to,
+                format!("the peer dropped the call (stream reset, code {code})"),
+            ),
+            FrameError::TooLarge(n) => TransportError::Frame(format!(
+                "{to} answered {n} bytes, over the {MAX_FRAME}-byte limit"
+            )),
         })
     }
 }
@@ -365,9 +421,14 @@ async fn accept_loop(
                 };
             match tokio::time::timeout(handshake_timeout, prove(&secret, &conn)).await {
                 Ok(Ok(())) => serve_connection(conn, service).await,
-                Ok(Err(why)) => {
-                    tracing::warn!(%peer, why, "refused a peer that did not prove cluster membership");
+                Ok(Err(ProofError::Wrong)) => {
+                    tracing::warn!(%peer, "refused a peer whose proof of cluster membership is wrong (another cluster secret?)");
                     conn.close(VarInt::from_u32(REFUSED), b"bad cluster secret");
+                }
+                Ok(Err(ProofError::Lost(why))) => {
+                    // Gone before proving anything: not served, but no sign of an intruder.
+                    tracing::debug!(%peer, why, "an incoming cluster connection broke before its proof");
+                    conn.close(VarInt::from_u32(REFUSED), b"no proof of membership");
                 }
                 Err(_) => {
                     tracing::warn!(%peer, "refused a peer that sent no proof of cluster membership");
@@ -378,23 +439,38 @@ async fn accept_loop(
     }
 }
 
-/// Server side of the membership proof: the client's proof first, then ours.
-async fn prove(secret: &[u8], conn: &Connection) -> Result<(), String> {
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+enum ProofError {
+    /// The peer's proof does not check out.
+    Wrong,
+    /// The connection broke before a whole proof arrived, or ours could not be sent.
+    Lost(String),
+}
+
+/// Server side of the membership proof: the client's proof (the connection's first
+/// stream) first, then ours. No other stream of the connection is accepted before this
+/// returns `Ok`.
+async fn prove(secret: &[u8], conn: &Connection) -> Result<(), ProofError> {
+    let lost = |e: &dyn std::fmt::Display| ProofError::Lost(e.to_string());
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| lost(&e))?;
     let mut theirs = [0u8; PROOF_LEN];
-    recv.read_exact(&mut theirs)
-        .await
-        .map_err(|e| e.to_string())?;
+    recv.read_exact(&mut theirs).await.map_err(|e| match e {
+        // A stream finished short of a proof is a wrong one.
+        quinn::ReadExactError::FinishedEarly(_) => ProofError::Wrong,
+        e => lost(&e),
+    })?;
     if !verify(secret, conn, CLIENT_ROLE, &theirs) {
-        return Err("wrong cluster secret".into());
+        return Err(ProofError::Wrong);
     }
-    let mine = proof(secret, conn, SERVER_ROLE)?;
-    send.write_all(&mine).await.map_err(|e| e.to_string())?;
+    let mine = proof(secret, conn, SERVER_ROLE).map_err(|e| lost(&e))?;
+    send.write_all(&mine).await.map_err(|e| lost(&e))?;
     let _ = send.finish();
     Ok(())
 }
 
+/// Serves the calls of one authenticated connection, each stream in its own task, until
+/// the connection closes.
 async fn serve_connection(conn: Connection, service: Arc<dyn Service>) {
+    let peer = conn.remote_address();
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
@@ -405,21 +481,30 @@ async fn serve_connection(conn: Connection, service: Arc<dyn Service>) {
             let frame = match read_frame(&mut recv).await {
                 Ok(f) => f,
                 Err(e) => {
-                    if let FrameError::TooLarge(n) = e {
-                        tracing::warn!(bytes = n, "refused a cluster frame over the size limit");
-                    }
-                    let _ = recv.stop(VarInt::from_u32(1));
-                    let _ = send.reset(VarInt::from_u32(1));
+                    let code = match e {
+                        FrameError::TooLarge(n) => {
+                            tracing::warn!(%peer, bytes = n, "refused a cluster frame over the size limit");
+                            FRAME_TOO_LARGE
+                        }
+                        FrameError::Lost(why) => {
+                            tracing::debug!(%peer, why, "a cluster request was not read");
+                            BAD_REQUEST
+                        }
+                        FrameError::Reset(_) => BAD_REQUEST,
+                    };
+                    let _ = recv.stop(VarInt::from_u32(code));
+                    let _ = send.reset(VarInt::from_u32(code));
                     return;
                 }
             };
             let answer = service.serve(frame).await;
             if check_len(answer.len()).is_err() {
                 tracing::error!(
+                    %peer,
                     bytes = answer.len(),
                     "an answer over the frame limit was not sent"
                 );
-                let _ = send.reset(VarInt::from_u32(1));
+                let _ = send.reset(VarInt::from_u32(FRAME_TOO_LARGE));
                 return;
             }
             if send
@@ -435,23 +520,35 @@ async fn serve_connection(conn: Connection, service: Arc<dyn Service>) {
 }
 
 enum FrameError {
+    /// The stream or its connection broke, or the frame was cut short.
     Lost(String),
+    /// The other side reset the stream with this code.
+    Reset(VarInt),
+    /// The length prefix announced more than [`MAX_FRAME`].
     TooLarge(usize),
 }
 
+impl From<quinn::ReadExactError> for FrameError {
+    fn from(e: quinn::ReadExactError) -> Self {
+        match e {
+            quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)) => {
+                FrameError::Reset(code)
+            }
+            e => FrameError::Lost(e.to_string()),
+        }
+    }
+}
+
+/// Reads one length-prefixed frame, refusing (before allocating) one over [`MAX_FRAME`].
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameError> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len)
-        .await
-        .map_err(|e| FrameError::Lost(e.to_string()))?;
+    recv.read_exact(&mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| FrameError::Lost(e.to_string()))?;
+    recv.read_exact(&mut body).await?;
     Ok(body)
 }
 
@@ -478,32 +575,29 @@ async fn resolve(to: &str) -> Result<SocketAddr, TransportError> {
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// HMAC(secret, role || keying material of this TLS session).
-fn proof(secret: &[u8], conn: &Connection, role: &[u8]) -> Result<[u8; PROOF_LEN], String> {
+/// HMAC-SHA256(secret, ekm(role) || role), ekm being keying material exported from
+/// this connection's TLS session with `role` as context. `None` if the session cannot
+/// export (it is not established) or the secret cannot key an HMAC (any length can).
+fn keyed_proof(secret: &[u8], conn: &Connection, role: &[u8]) -> Option<HmacSha256> {
     let mut ekm = [0u8; 32];
-    conn.export_keying_material(&mut ekm, PROOF_LABEL, b"")
-        .map_err(|e| format!("exporting keying material: {e:?}"))?;
-    let mut mac = HmacSha256::new_from_slice(secret).map_err(|e| e.to_string())?;
-    mac.update(role);
+    conn.export_keying_material(&mut ekm, PROOF_LABEL, role)
+        .ok()?;
+    let mut mac = HmacSha256::new_from_slice(secret).ok()?;
     mac.update(&ekm);
-    Ok(mac.finalize().into_bytes().into())
+    mac.update(role);
+    Some(mac)
 }
 
-/// Constant-time check of a peer's proof.
+/// Our proof of membership on `conn`, in `role`.
+fn proof(secret: &[u8], conn: &Connection, role: &[u8]) -> Result<[u8; PROOF_LEN], String> {
+    keyed_proof(secret, conn, role)
+        .map(|mac| mac.finalize().into_bytes().into())
+        .ok_or_else(|| "cannot export keying material from the TLS session".to_owned())
+}
+
+/// Checks a peer's proof of membership in `role`, in constant time.
 fn verify(secret: &[u8], conn: &Connection, role: &[u8], theirs: &[u8; PROOF_LEN]) -> bool {
-    let mut ekm = [0u8; 32];
-    if conn
-        .export_keying_material(&mut ekm, PROOF_LABEL, b"")
-        .is_err()
-    {
-        return false;
-    }
-    let Ok(mut mac) = HmacSha256::new_from_slice(secret) else {
-        return false;
-    };
-    mac.update(role);
-    mac.update(&ekm);
-    mac.verify_slice(theirs).is_ok()
+    keyed_proof(secret, conn, role).is_some_and(|mac| mac.verify_slice(theirs).is_ok())
 }
 
 /// Accepts any certificate (membership is proven with the cluster secret), but checks

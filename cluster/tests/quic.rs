@@ -9,7 +9,8 @@ use shardmall_cluster::quic::{check_len, QuicConfig, QuicTransport, TlsIdentity}
 use shardmall_cluster::transport::MAX_FRAME;
 use shardmall_cluster::{BoxFuture, Service, Transport, TransportError};
 
-/// Answers every frame with "echo:" + the frame, counting calls.
+/// Answers every frame with "echo:" + the frame, counting calls; a frame "huge" gets
+/// an answer over the frame limit.
 #[derive(Default)]
 struct Echo(AtomicUsize);
 
@@ -17,6 +18,10 @@ impl Service for Echo {
     fn serve(&self, frame: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
         self.0.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
+            if frame == b"huge" {
+                // Zeroed pages are mapped lazily: this costs no real memory.
+                return vec![0; MAX_FRAME + 1];
+            }
             let mut out = b"echo:".to_vec();
             out.extend_from_slice(&frame);
             out
@@ -30,6 +35,8 @@ fn quick() -> QuicConfig {
     QuicConfig {
         call_timeout: Duration::from_secs(3),
         connect_timeout: Duration::from_millis(700),
+        idle_timeout: Duration::from_secs(3),
+        keep_alive: Duration::from_secs(1),
         ..QuicConfig::default()
     }
 }
@@ -50,6 +57,29 @@ async fn node(
     .await
     .expect("bind");
     (t, dir)
+}
+
+/// Binds again at `addr`, with the identity kept in `dir`, as a restarted node does.
+/// The old endpoint's socket is released by a background task once its connections are
+/// gone. That can take up to the idle timeout (3 s in [`quick`]): a connection attempt
+/// the caller gave up while the port was dead can still reach the next endpoint there,
+/// and quinn keeps the connection it makes until it idles out.
+async fn rebind(addr: SocketAddr, dir: &std::path::Path) -> Arc<QuicTransport> {
+    for _ in 0..250 {
+        let bound = QuicTransport::bind(
+            addr,
+            TlsIdentity::load_or_create(dir).unwrap(),
+            SECRET.to_vec(),
+            Arc::new(Echo::default()),
+            quick(),
+        )
+        .await;
+        match bound {
+            Ok(t) => return t,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("{addr} did not come free");
 }
 
 async fn bounded<F: std::future::Future>(f: F) -> F::Output {
@@ -100,6 +130,7 @@ async fn a_peer_with_another_secret_is_refused_and_never_served() {
             .unwrap_err();
         assert!(matches!(err, TransportError::Refused { .. }), "{err:?}");
         assert!(err.to_string().contains("refused"), "{err}");
+        assert!(err.to_string().contains("secret"), "{err}");
         // Trying again changes nothing.
         let again = intruder
             .call(&server.local_addr().to_string(), b"steal".to_vec())
@@ -135,7 +166,12 @@ async fn nobody_listening_is_unreachable_within_the_connect_timeout() {
             ),
             "{err:?}"
         );
-        assert!(started.elapsed() < Duration::from_secs(3));
+        // Within the connect timeout (700 ms), with room for a slow machine.
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
         let err = a.call("not an address", b"x".to_vec()).await.unwrap_err();
         assert!(matches!(err, TransportError::Unreachable { .. }), "{err:?}");
     })
@@ -148,29 +184,35 @@ async fn a_restarted_peer_is_reached_again() {
         let (a, _da) = node("127.0.0.1:0", SECRET, Arc::default()).await;
         let (b, db) = node("127.0.0.1:0", SECRET, Arc::default()).await;
         let addr = b.local_addr();
-        assert!(a.call(&addr.to_string(), b"1".to_vec()).await.is_ok());
+        let to = addr.to_string();
+        assert_eq!(a.call(&to, b"1".to_vec()).await.unwrap(), b"echo:1");
+
+        // Restarted between two calls: the first call after it reconnects.
         b.close().await;
         drop(b);
-        assert!(a.call(&addr.to_string(), b"2".to_vec()).await.is_err());
-        let b = QuicTransport::bind(
-            addr,
-            TlsIdentity::load_or_create(db.path()).unwrap(),
-            SECRET.to_vec(),
-            Arc::new(Echo::default()),
-            quick(),
-        )
-        .await
-        .expect("rebind the same port");
-        let mut answer = Err(TransportError::Frame("not tried".into()));
-        for _ in 0..20 {
-            answer = a.call(&addr.to_string(), b"3".to_vec()).await;
-            if answer.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert_eq!(answer.unwrap(), b"echo:3");
+        let b = rebind(addr, db.path()).await;
+        assert_eq!(a.call(&to, b"2".to_vec()).await.unwrap(), b"echo:2");
+
+        // Down for a while: calls fail meanwhile, and succeed once it is back.
         b.close().await;
+        drop(b);
+        let err = a.call(&to, b"3".to_vec()).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::Unreachable { .. } | TransportError::Timeout { .. }
+            ),
+            "{err:?}"
+        );
+        let b = rebind(addr, db.path()).await;
+        assert_eq!(a.call(&to, b"4".to_vec()).await.unwrap(), b"echo:4");
+
+        // Dropped without `close` (an error path): the port still comes free.
+        drop(b);
+        let b = rebind(addr, db.path()).await;
+        assert_eq!(a.call(&to, b"5".to_vec()).await.unwrap(), b"echo:5");
+        b.close().await;
+        a.close().await;
     })
     .await;
 }
@@ -178,31 +220,53 @@ async fn a_restarted_peer_is_reached_again() {
 #[test]
 fn the_identity_is_made_once_and_its_key_is_private() {
     let dir = tempfile::tempdir().unwrap();
-    TlsIdentity::load_or_create(dir.path()).unwrap();
-    let crt = std::fs::read(dir.path().join("cluster.crt")).unwrap();
-    let key = std::fs::read(dir.path().join("cluster.key")).unwrap();
+    let dir = dir.path().join("not-yet-made");
+    let first = TlsIdentity::load_or_create(&dir).unwrap();
+    let crt = std::fs::read(dir.join("cluster.crt")).unwrap();
+    let key = std::fs::read(dir.join("cluster.key")).unwrap();
     assert!(String::from_utf8_lossy(&crt).contains("BEGIN CERTIFICATE"));
-    TlsIdentity::load_or_create(dir.path()).unwrap();
-    assert_eq!(std::fs::read(dir.path().join("cluster.crt")).unwrap(), crt);
-    assert_eq!(std::fs::read(dir.path().join("cluster.key")).unwrap(), key);
+    let second = TlsIdentity::load_or_create(&dir).unwrap();
+    assert_eq!(second.cert_der(), first.cert_der());
+    assert_eq!(std::fs::read(dir.join("cluster.crt")).unwrap(), crt);
+    assert_eq!(std::fs::read(dir.join("cluster.key")).unwrap(), key);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("cluster.key"))
+        let mode = std::fs::metadata(dir.join("cluster.key"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    std::fs::write(dir.path().join("cluster.key"), b"garbage").unwrap();
-    assert!(TlsIdentity::load_or_create(dir.path()).is_err());
+    std::fs::write(dir.join("cluster.key"), b"garbage").unwrap();
+    let err = TlsIdentity::load_or_create(&dir).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
 }
 
-#[test]
-fn frames_over_the_limit_are_refused() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_over_the_limit_are_refused() {
     assert!(check_len(MAX_FRAME).is_ok());
     assert!(matches!(
         check_len(MAX_FRAME + 1),
         Err(TransportError::Frame(_))
     ));
+    bounded(async {
+        let served = Arc::new(Echo::default());
+        let (a, _da) = node("127.0.0.1:0", SECRET, Arc::default()).await;
+        let (b, _db) = node("127.0.0.1:0", SECRET, served.clone()).await;
+        let to = b.local_addr().to_string();
+        // A request over the limit never leaves (zeroed pages: no real memory).
+        let err = a.call(&to, vec![0; MAX_FRAME + 1]).await.unwrap_err();
+        assert!(matches!(err, TransportError::Frame(_)), "{err:?}");
+        assert_eq!(served.0.load(Ordering::Relaxed), 0);
+        // An answer over the limit is not sent; the caller learns why.
+        let err = a.call(&to, b"huge".to_vec()).await.unwrap_err();
+        assert!(matches!(err, TransportError::Frame(_)), "{err:?}");
+        assert_eq!(served.0.load(Ordering::Relaxed), 1);
+        // The connection is still good.
+        assert_eq!(a.call(&to, b"ok".to_vec()).await.unwrap(), b"echo:ok");
+        a.close().await;
+        b.close().await;
+    })
+    .await;
 }
