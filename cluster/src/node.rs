@@ -38,6 +38,10 @@ use crate::transport::{BoxFuture, Service, Transport, TransportError};
 const CATCH_UP: Duration = Duration::from_secs(1);
 /// How long a handoff keeps trying to commit its `Move` before giving up.
 const COMMIT_MOVE_FOR: Duration = Duration::from_secs(15);
+/// How long a partition's install may take on the receiving node (a large partition is
+/// one large frame, written in one batch). A move asked of another node waits for
+/// fencing, shipping and committing: three times that.
+const HANDOFF_CALL: Duration = Duration::from_secs(60);
 /// Partitions moved at once by a rebalance.
 const PARALLEL_MOVES: usize = 4;
 /// How long a liveness probe of a member may take.
@@ -557,7 +561,11 @@ impl ClusterNode {
             epoch,
             entities,
         }));
-        match inner.transport.call(&target.cluster_addr, frame).await {
+        match inner
+            .transport
+            .call_for(&target.cluster_addr, frame, HANDOFF_CALL)
+            .await
+        {
             Ok(answer) => match proto::decode::<Response>(&answer) {
                 Ok(Response::Installed) => {}
                 Ok(Response::Error(e)) => {
@@ -803,7 +811,7 @@ impl ClusterNode {
         let answer = self
             .inner
             .transport
-            .call(&owner.cluster_addr, frame)
+            .call_for(&owner.cluster_addr, frame, HANDOFF_CALL * 3)
             .await
             .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
         match proto::decode::<Response>(&answer) {

@@ -382,11 +382,19 @@ impl Transport for QuicTransport {
         to: &str,
         frame: Vec<u8>,
     ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
+        self.call_for(to, frame, self.inner.cfg.call_timeout)
+    }
+
+    fn call_for(
+        &self,
+        to: &str,
+        frame: Vec<u8>,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
         let inner = self.inner.clone();
         let to = to.to_owned();
         Box::pin(async move {
-            match tokio::time::timeout(inner.cfg.call_timeout, inner.round_trip(&to, &frame)).await
-            {
+            match tokio::time::timeout(timeout, inner.round_trip(&to, &frame)).await {
                 Ok(result) => result,
                 Err(_) => Err(TransportError::Timeout { peer: to }),
             }

@@ -47,6 +47,19 @@ impl TransportError {
 pub trait Transport: Send + Sync + 'static {
     fn call(&self, to: &str, frame: Vec<u8>)
         -> BoxFuture<'static, Result<Vec<u8>, TransportError>>;
+
+    /// Like [`Transport::call`], for a request that legitimately runs long (a partition
+    /// handoff): waits up to `timeout` instead of the transport's usual call timeout. A
+    /// transport without a timeout of its own just calls.
+    fn call_for(
+        &self,
+        to: &str,
+        frame: Vec<u8>,
+        timeout: std::time::Duration,
+    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
+        let _ = timeout;
+        self.call(to, frame)
+    }
 }
 
 /// What answers the frames a node receives.
@@ -61,5 +74,14 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         frame: Vec<u8>,
     ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
         (**self).call(to, frame)
+    }
+
+    fn call_for(
+        &self,
+        to: &str,
+        frame: Vec<u8>,
+        timeout: std::time::Duration,
+    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
+        (**self).call_for(to, frame, timeout)
     }
 }
