@@ -71,6 +71,11 @@ pub struct ClusterMap {
     pub members: BTreeMap<NodeId, Member>,
     /// `owners[p]` owns partition `p`. Empty until the cluster is initialised.
     pub owners: Vec<NodeId>,
+    /// Partitions handed out without their data by `ForgetMember`, with the epoch of
+    /// that command: their new owner starts them empty, once. A `Move` clears the entry
+    /// (the partition's data then travels with it).
+    #[serde(default)]
+    pub emptied: BTreeMap<u16, u64>,
 }
 
 /// A change to the map. Variants are only ever appended (they are replicated and
@@ -265,6 +270,7 @@ impl ClusterMap {
                     Some(_) => {}
                 }
                 self.owners[usize::from(*partition)] = *to;
+                self.emptied.remove(partition);
             }
             MapCommand::RemoveMember { node } => {
                 self.initialised()?;
@@ -299,6 +305,7 @@ impl ClusterMap {
                 }
                 for (i, p) in owned.into_iter().enumerate() {
                     self.owners[usize::from(p)] = targets[i % targets.len()];
+                    self.emptied.insert(p, self.epoch + 1);
                 }
                 self.members.remove(node);
             }
@@ -592,6 +599,40 @@ mod tests {
         m.apply(&MapCommand::Barrier).unwrap();
         assert_eq!(m.epoch, before.epoch + 1);
         assert_eq!(m.owners, before.owners);
+    }
+
+    #[test]
+    fn forgotten_partitions_are_marked_empty_until_they_move() {
+        let mut m = cluster(6, 3);
+        for p in 0..6 {
+            m.apply(&MapCommand::Move {
+                partition: p,
+                from: 1,
+                to: 1 + u64::from(p) % 3,
+            })
+            .unwrap();
+        }
+        let lost = m.owned_by(3);
+        m.apply(&MapCommand::ForgetMember {
+            node: 3,
+            to: vec![1, 2],
+        })
+        .unwrap();
+        let epoch = m.epoch;
+        assert_eq!(m.emptied.keys().copied().collect::<Vec<_>>(), lost);
+        assert!(m.emptied.values().all(|e| *e == epoch));
+        let p = lost[0];
+        let owner = m.owner(p).unwrap();
+        m.apply(&MapCommand::Move {
+            partition: p,
+            from: owner,
+            to: if owner == 1 { 2 } else { 1 },
+        })
+        .unwrap();
+        assert!(
+            !m.emptied.contains_key(&p),
+            "a moved partition carries its data"
+        );
     }
 
     #[test]

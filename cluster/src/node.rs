@@ -113,10 +113,6 @@ struct Inner {
     handing_off: Mutex<HashSet<u16>>,
     /// The epoch at which this node last handed each partition over.
     given_away: Mutex<HashMap<u16, u64>>,
-    /// Which partitions the map gave this node at the last reconcile.
-    owned_last: Mutex<Vec<bool>>,
-    /// Partitions installed here by a handoff and not yet served.
-    installed: Mutex<HashSet<u16>>,
     /// Serialises changes of `serving` (map watcher and handoffs).
     fence_lock: tokio::sync::Mutex<()>,
     /// Nodes that just failed to answer, until when they are not tried.
@@ -183,8 +179,6 @@ impl ClusterNode {
                 serving: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
                 handing_off: Mutex::new(HashSet::new()),
                 given_away: Mutex::new(HashMap::new()),
-                owned_last: Mutex::new(Vec::new()),
-                installed: Mutex::new(HashSet::new()),
                 fence_lock: tokio::sync::Mutex::new(()),
                 suspects: Mutex::new(std::collections::HashMap::new()),
                 reconciled: AtomicBool::new(false),
@@ -271,12 +265,8 @@ impl ClusterNode {
         if !map.is_initialised() {
             return;
         }
-        let first = !inner.reconciled.load(Ordering::Acquire);
-        let owned_before = std::mem::take(&mut *lock(&inner.owned_last));
-        let mut owned_now = vec![false; usize::from(map.partitions)];
         for p in 0..map.partitions {
             let owned = map.owner(p) == Some(inner.me.node_id);
-            owned_now[usize::from(p)] = owned;
             let serving = inner.serving[usize::from(p)].load(Ordering::Acquire);
             if owned && !serving {
                 if lock(&inner.handing_off).contains(&p) {
@@ -290,18 +280,8 @@ impl ClusterNode {
                 {
                     continue;
                 }
-                let installed = lock(&inner.installed).remove(&p);
-                let was_mine = owned_before.get(usize::from(p)).copied().unwrap_or(false);
-                if !first && !installed && !was_mine {
-                    // Given to this node without its data (a lost node was forgotten):
-                    // start it empty rather than from a stale copy an earlier owner
-                    // left here. (A partition this node owned all along, fenced for a
-                    // move that did not happen, keeps its data.)
-                    tracing::warn!(
-                        partition = p,
-                        "partition assigned without its data; starting it empty"
-                    );
-                    if let Err(e) = inner.shop.install_partition(p, Vec::new()).await {
+                if let Some(&epoch) = map.emptied.get(&p) {
+                    if let Err(e) = self.start_empty(p, epoch).await {
                         tracing::error!(partition = p, error = %e, "cannot clear the partition; it stays fenced");
                         continue;
                     }
@@ -321,8 +301,34 @@ impl ClusterNode {
                 }
             }
         }
-        *lock(&inner.owned_last) = owned_now;
         inner.reconciled.store(true, Ordering::Release);
+    }
+
+    /// A partition the map handed to this node without its data (its owner was lost and
+    /// forgotten at `epoch`) starts empty: whatever copy an earlier owner left here is
+    /// cleared, once per such assignment (recorded in the log's metadata, so a restart
+    /// does not clear what was written since).
+    async fn start_empty(&self, partition: u16, epoch: u64) -> Result<(), String> {
+        let wal = self.inner.shop.wal().clone();
+        let key = format!("emptied/{partition}");
+        let done = wal.meta_get(&key).map_err(|e| e.to_string())?;
+        if done.as_deref() == Some(&epoch.to_be_bytes()[..]) {
+            return Ok(());
+        }
+        tracing::warn!(
+            partition,
+            epoch,
+            "partition assigned without its data (its owner was forgotten); starting it empty"
+        );
+        self.inner
+            .shop
+            .install_partition(partition, Vec::new())
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || wal.meta_put(&key, &epoch.to_be_bytes()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     // ---- serving other nodes ------------------------------------------------------
@@ -665,7 +671,6 @@ impl ClusterNode {
             .install_partition(p, install.entities)
             .await
             .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
-        lock(&inner.installed).insert(p);
         tracing::info!(partition = p, entities = count, "partition installed");
         Ok(())
     }

@@ -679,6 +679,49 @@ async fn forgetting_a_lost_node_restarts_its_partitions_empty_elsewhere() {
         given_up + lost_orders > 0 && lost_orders < c.acked.len(),
         "the lost node held some of the data ({given_up} SKUs, {lost_orders} orders), not all"
     );
+
+    // What is written to a partition that restarted empty stays through a restart of
+    // its new owner: the partition is cleared once per assignment, not at every start.
+    let (p, &heir_id) = map
+        .emptied
+        .keys()
+        .map(|p| (*p, map.owners.get(usize::from(*p)).expect("an owner")))
+        .next()
+        .expect("a partition was handed out empty");
+    let heir = map.members[&heir_id].name.clone();
+    let fresh = (0..10_000)
+        .map(|i| format!("fresh-{i}"))
+        .find(|id| shop.partitioner().catalog(Kind::Sku, id) == p)
+        .expect("an id in that partition");
+    read(|| {
+        shop.create_product(NewProduct {
+            product_id: format!("{fresh}-product"),
+            title: "t".into(),
+            category: "c".into(),
+            brand: "b".into(),
+            description: String::new(),
+            status: ProductStatus::OnShelf,
+            skus: vec![NewSku {
+                sku_id: fresh.clone(),
+                name: fresh.clone(),
+                specs: BTreeMap::new(),
+                price: money(100),
+                market_price: None,
+                stock: 9,
+                low_stock_threshold: 0,
+            }],
+        })
+    })
+    .await;
+    let gone = c.live.remove(&heir).expect("the heir is live");
+    c.net.unregister(&heir);
+    gone.shop.shutdown().await;
+    gone.control.shutdown().await;
+    drop(gone);
+    c.start(&heir).await;
+    let reader = c.live.values().next().expect("a live node").shop.clone();
+    let view = read(|| reader.get_sku(&fresh)).await;
+    assert_eq!(view.available, 9, "{fresh} survived its owner's restart");
 }
 
 /// Retries a read while the cluster settles, until it fails with something other than
