@@ -52,17 +52,18 @@ impl Wal {
             .map_err(|e| Error::Corrupt(format!("exporting partition {partition}: {e}")))?
     }
 
-    fn fold_partition(&self, partition: u16, mut fold: Fold) -> Result<PartitionData> {
+    /// Every entity of the partition this node holds anything of: a snapshot (or
+    /// tombstone) or unfolded records. The caller holds the checkpoint lock.
+    fn partition_entities(&self, partition: u16) -> Result<BTreeSet<Vec<u8>>> {
         let shared = self.shared();
-        // No checkpoint moves records from the tails to snapshots under our feet.
-        let _serial = shared
-            .checkpoint_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut entities: BTreeSet<Vec<u8>> = BTreeSet::new();
+        let mut entities = BTreeSet::new();
         for item in shared.tree.scan_prefix(partition_prefix(partition)) {
             let (key, _) = item?;
-            entities.insert(key[5..].to_vec());
+            // `S` + partition (2) + entity length (2) + entity.
+            let entity = key
+                .get(5..)
+                .ok_or_else(|| Error::Corrupt(format!("short snapshot key {key:02x?}")))?;
+            entities.insert(entity.to_vec());
         }
         entities.extend(
             shared
@@ -71,6 +72,17 @@ impl Wal {
                 .into_iter()
                 .map(|(e, _)| e),
         );
+        Ok(entities)
+    }
+
+    fn fold_partition(&self, partition: u16, mut fold: Fold) -> Result<PartitionData> {
+        let shared = self.shared();
+        // No checkpoint moves records from the tails to snapshots under our feet.
+        let _serial = shared
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let entities = self.partition_entities(partition)?;
         let mut out = Vec::with_capacity(entities.len());
         for entity in entities {
             let skey = keys::snapshot_key(partition, &entity);
@@ -136,18 +148,7 @@ impl Wal {
         let lsn: Lsn = shared.applied_lsn.load(Ordering::Acquire);
         let mut batch = sled::Batch::default();
         let keep: BTreeSet<&[u8]> = entities.iter().map(|(e, _)| e.as_slice()).collect();
-        let mut old: BTreeSet<Vec<u8>> = BTreeSet::new();
-        for item in shared.tree.scan_prefix(partition_prefix(partition)) {
-            let (key, _) = item?;
-            old.insert(key[5..].to_vec());
-        }
-        old.extend(
-            shared
-                .tails
-                .partition(partition)
-                .into_iter()
-                .map(|(e, _)| e),
-        );
+        let old = self.partition_entities(partition)?;
         for entity in old.iter().filter(|e| !keep.contains(e.as_slice())) {
             batch.insert(
                 keys::snapshot_key(partition, entity),
