@@ -103,12 +103,23 @@ impl Cluster {
         let dispatcher = Dispatcher::new();
         self.net.register(name, dispatcher.clone());
         let transport = Arc::new(self.net.endpoint(name));
-        let control = ControlPlane::open(
-            ControlConfig::new(me.clone(), dir.join("cluster")),
-            transport.clone(),
-        )
-        .await
-        .expect("open control plane");
+        // A stopped node's last tasks let go of its consensus store shortly after.
+        let opened = Instant::now();
+        let control = loop {
+            match ControlPlane::open(
+                ControlConfig::new(me.clone(), dir.join("cluster")),
+                transport.clone(),
+            )
+            .await
+            {
+                Ok(c) => break c,
+                Err(e) if opened.elapsed() < Duration::from_secs(10) => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("open control plane: {e:?}"),
+            }
+        };
         dispatcher.set_control(control.clone());
         if !control.is_initialised() {
             match self.live.keys().next() {
