@@ -54,9 +54,11 @@ impl Caller {
     }
 }
 
+/// The signing key, keyed once: HMAC's inner and outer pads are computed at start-up and
+/// each verification clones the keyed state (a copy, no allocation).
 #[derive(Clone)]
 pub struct JwtKeys {
-    secret: Vec<u8>,
+    keyed: HmacSha256,
 }
 
 impl std::fmt::Debug for JwtKeys {
@@ -75,13 +77,13 @@ struct Header {
 impl JwtKeys {
     pub fn new(secret: impl Into<Vec<u8>>) -> Self {
         Self {
-            secret: secret.into(),
+            // HMAC accepts keys of any length; this cannot fail.
+            keyed: HmacSha256::new_from_slice(&secret.into()).expect("HMAC takes any key length"),
         }
     }
 
     fn mac(&self) -> HmacSha256 {
-        // HMAC accepts keys of any length; this cannot fail.
-        HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length")
+        self.keyed.clone()
     }
 
     pub fn sign(&self, claims: &Claims) -> String {

@@ -19,7 +19,7 @@ use shardmall_cluster::node::{ClusterError, ClusterNode, Dispatcher, SharedSecre
 use shardmall_cluster::proto::Joined;
 use shardmall_cluster::quic::{QuicConfig, QuicTransport, TlsIdentity};
 use shardmall_cluster::raft::{ControlConfig, ControlPlane};
-use shardmall_http_edge::{AppState, Claims, JwtKeys, Role};
+use shardmall_http_edge::{AppState, Claims, Edge, JwtKeys, Role};
 use shardmall_persistence::{Wal, WalConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -265,7 +265,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     println!("listening on http://{local}");
 
     let shutting_down = CancellationToken::new();
-    let state = AppState {
+    let state = AppState::from(Edge {
         shop: shop.clone(),
         jwt: JwtKeys::new(jwt),
         payment_secret: Some(Arc::new(payment)),
@@ -273,7 +273,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         shutting_down: shutting_down.clone(),
         admission: Arc::new(tokio::sync::Semaphore::new(config.max_inflight)),
         cluster: node,
-    };
+    });
     tokio::spawn(watch_signals(shutting_down.clone()));
     shardmall_http_edge::serve(listener, state, config.drain_timeout).await?;
     tracing::info!("stopped accepting; stopping actors and flushing the log");
