@@ -13,17 +13,90 @@
 
 use std::time::Duration;
 
+use crate::board::Verdict;
 use crate::domain::campaign::{
-    CampaignCommand, CampaignState, CampaignStatus, CampaignTerms, CampaignView,
+    BoughtOrder, CampaignCommand, CampaignError, CampaignState, CampaignStatus, CampaignTerms,
+    CampaignView, IdemTag,
 };
-use crate::domain::order::{Line, Order, OrderCommand};
+use crate::domain::order::{Line, Order, OrderCommand, OrderError, OrderState};
 use crate::domain::sku::SkuCommand;
+use crate::domain::Entity;
 use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
-use crate::errors_map::{campaign_err, sku_err};
+use crate::errors_map::{campaign_err, order_err, sku_err};
 use crate::host::{now_ms, Refusal};
 use crate::route::{IndexFilter, ScanRequest};
 use crate::shop::{millis, Page, Shop};
+
+/// What a buy answers: the order, and whether this repeats an earlier keyed buy.
+#[derive(Debug, Clone)]
+pub struct Bought {
+    pub order: Order,
+    pub replayed: bool,
+}
+
+/// Finishes a buy whose caller went away between the claim and the placement of its
+/// order: places the order (idempotent by order id), or gives the claim back.
+struct FinishBuy {
+    shop: Shop,
+    campaign_id: String,
+    /// `None` once the buy's own task has placed the order (or failed to).
+    place: Option<OrderCommand>,
+}
+
+impl Drop for FinishBuy {
+    fn drop(&mut self) {
+        let Some(place) = self.place.take() else {
+            return;
+        };
+        let (shop, campaign_id) = (self.shop.clone(), std::mem::take(&mut self.campaign_id));
+        tokio::spawn(async move {
+            let OrderCommand::Place { order_id, .. } = &place else {
+                return;
+            };
+            let order_id = order_id.clone();
+            match shop.order(&order_id, place).await {
+                Ok(_) | Err(Refusal::Domain(OrderError::AlreadyExists)) => {}
+                Err(r) => {
+                    tracing::warn!(order = %order_id, error = ?r, "an abandoned buy's order could not be placed; giving its claim back");
+                    shop.release_claim(&campaign_id, &order_id).await;
+                }
+            }
+        });
+    }
+}
+
+/// The order a campaign's buy opens, as the buyer's partition is asked to place it.
+fn place_command(terms: &CampaignTerms, bought: &BoughtOrder) -> OrderCommand {
+    OrderCommand::Place {
+        order_id: bought.order_id.clone(),
+        buyer: bought.buyer.clone(),
+        lines: vec![Line {
+            sku_id: terms.sku_id.clone(),
+            name: terms.sku_name.clone(),
+            unit_price: terms.price.clone(),
+            quantity: bought.quantity,
+        }],
+        shipping_address: bought.shipping_address.clone(),
+        payment_deadline: bought.payment_deadline,
+        campaign_id: Some(terms.campaign_id.clone()),
+        placed_at: Some(bought.at),
+    }
+}
+
+/// The order exactly as `place` opens it: a buy's first answer, rebuilt for a repeat.
+fn opening(place: OrderCommand) -> Result<Order> {
+    let mut state = OrderState::default();
+    let events = state
+        .decide(&place, 0)
+        .map_err(|e| ShopError::Internal(format!("a bought order does not place: {e:?}")))?;
+    for event in &events {
+        state.apply(event);
+    }
+    state
+        .view()
+        .ok_or_else(|| ShopError::Internal("a bought order has no state".into()))
+}
 
 /// A campaign as the admin creates it.
 #[derive(Debug, Clone)]
@@ -41,10 +114,32 @@ pub struct NewCampaign {
 impl Shop {
     async fn campaign(&self, id: &str, cmd: CampaignCommand) -> Result<CampaignView> {
         let p = self.inner.partitioner.catalog(Kind::Campaign, id);
-        self.ask::<CampaignState>(p, id, cmd)
-            .await
-            .map_err(|r| campaign_err(r, id))?
-            .ok_or_else(|| ShopError::NotFound(format!("campaign {id}")))
+        let answer = self.ask::<CampaignState>(p, id, cmd).await;
+        self.saw_campaign(id, answer)
+    }
+
+    /// Maps a campaign's answer, and keeps the board's figures of it up to date.
+    fn saw_campaign(
+        &self,
+        id: &str,
+        answer: std::result::Result<Option<CampaignView>, Refusal<CampaignError>>,
+    ) -> Result<CampaignView> {
+        let board = &self.inner.board;
+        match answer {
+            Ok(Some(view)) => {
+                board.saw(&view, now_ms());
+                Ok(view)
+            }
+            Ok(None) => {
+                board.forget(id);
+                Err(ShopError::NotFound(format!("campaign {id}")))
+            }
+            Err(Refusal::Domain(CampaignError::SoldOut)) => {
+                board.saw_sold_out(id);
+                Err(ShopError::SoldOut(id.to_owned()))
+            }
+            Err(r) => Err(campaign_err(r, id)),
+        }
     }
 
     pub async fn create_campaign(&self, input: NewCampaign) -> Result<CampaignView> {
@@ -153,9 +248,7 @@ impl Shop {
         Ok(view)
     }
 
-    /// A flash-sale buy: claim on the campaign, then place the order. Answered once both
-    /// are durable.
-    // PerformanceCriticalPath: the flash-sale hot path.
+    /// A flash-sale buy without an idempotency key: see [`Shop::buy_keyed`].
     pub async fn buy(
         &self,
         campaign_id: &str,
@@ -163,39 +256,107 @@ impl Shop {
         quantity: u64,
         shipping_address: Option<Address>,
     ) -> Result<Order> {
+        self.buy_keyed(campaign_id, buyer, quantity, shipping_address, None)
+            .await
+            .map(|b| b.order)
+    }
+
+    /// A flash-sale buy. The campaign decides it in one event that carries the claim,
+    /// the order's opening and the idempotency key (ADR 0012). While that record is being
+    /// flushed the order is placed in the buyer's partition (by the partition itself, no
+    /// actor is started for it), so both usually share one group commit. Answered once
+    /// both are durable; refusals write nothing. A repeat of a keyed buy is answered from
+    /// the campaign with the order as it was first answered (`replayed`).
+    // PerformanceCriticalPath: the flash-sale hot path.
+    pub async fn buy_keyed(
+        &self,
+        campaign_id: &str,
+        buyer: &str,
+        quantity: u64,
+        shipping_address: Option<Address>,
+        idem: Option<IdemTag>,
+    ) -> Result<Bought> {
         if quantity == 0 {
             return Err(ShopError::BadRequest("quantity must be at least 1".into()));
         }
-        let now = now_ms();
+        // A buy the campaign could only refuse is refused here: no message, no write.
+        match self.inner.board.verdict(campaign_id, now_ms()) {
+            Verdict::SoldOut => return Err(ShopError::SoldOut(campaign_id.to_owned())),
+            Verdict::NotStarted => {
+                return Err(ShopError::CampaignNotStarted(campaign_id.to_owned()))
+            }
+            Verdict::Ended => return Err(ShopError::CampaignEnded(campaign_id.to_owned())),
+            Verdict::Ask => {}
+        }
         let partition = self.inner.partitioner.buyer(buyer);
-        let order_id = self.inner.ids.next(now, partition).to_string();
-        let claim = CampaignCommand::Claim {
+        let order_id = self.inner.ids.next(now_ms(), partition).to_string();
+        let cmd = CampaignCommand::Buy {
             order_id: order_id.clone(),
             buyer: buyer.to_owned(),
             quantity,
             grace_ms: millis(self.inner.cfg.reservation_grace),
-        };
-        let view = self.campaign(campaign_id, claim).await?;
-        // The claim expires at the campaign's clock plus timeout plus grace, which is never
-        // before this deadline plus grace.
-        let terms = &view.terms;
-        let place = OrderCommand::Place {
-            order_id: order_id.clone(),
-            buyer: buyer.to_owned(),
-            lines: vec![Line {
-                sku_id: terms.sku_id.clone(),
-                name: terms.sku_name.clone(),
-                unit_price: terms.price.clone(),
-                quantity,
-            }],
             shipping_address,
-            payment_deadline: now + terms.payment_timeout_ms,
-            campaign_id: Some(campaign_id.to_owned()),
+            idem,
         };
-        let failure = match self.order(&order_id, place).await {
-            Ok(Some(order)) => return Ok(order),
-            Ok(None) => ShopError::Internal("placed order has no state".into()),
-            Err(r) => self.place_failed(r, &order_id).await,
+        let p = self.inner.partitioner.catalog(Kind::Campaign, campaign_id);
+        let (answer, durable) = self.ask_early::<CampaignState>(p, campaign_id, cmd).await;
+        let view = self.saw_campaign(campaign_id, answer)?;
+        let claim_durable = async move {
+            match durable {
+                None => Ok(()),
+                Some(rx) => match rx.await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(why)) => Err(ShopError::Unavailable(why)),
+                    Err(_) => Err(ShopError::Unavailable(
+                        "the campaign stopped before its write was durable".into(),
+                    )),
+                },
+            }
+        };
+        let bought = view
+            .order
+            .clone()
+            .ok_or_else(|| ShopError::Internal("a buy answered without its order".into()))?;
+        let place = place_command(&view.terms, &bought);
+        if bought.replayed {
+            claim_durable.await?;
+            if bought.held {
+                // Delivery is idempotent by order id: if the first attempt never placed
+                // its order (its caller went away, or the node crashed before answering),
+                // the repeat places it now.
+                match self.order(&bought.order_id, place.clone()).await {
+                    Ok(_) | Err(Refusal::Domain(OrderError::AlreadyExists)) => {}
+                    Err(r) => return Err(order_err(r, &bought.order_id)),
+                }
+            }
+            return Ok(Bought {
+                order: opening(place)?,
+                replayed: true,
+            });
+        }
+        // From here the claim exists: if this future is dropped (the client went away),
+        // the guard finishes the buy in a task of its own, so a claim is never left
+        // without its order until it expires.
+        let mut guard = FinishBuy {
+            shop: self.clone(),
+            campaign_id: campaign_id.to_owned(),
+            place: Some(place.clone()),
+        };
+        let placed = self.order(&order_id, place).await;
+        guard.place = None;
+        let claimed = claim_durable.await;
+        let failure = match (placed, claimed) {
+            (Ok(Some(order)), Ok(())) => {
+                return Ok(Bought {
+                    order,
+                    replayed: false,
+                })
+            }
+            // The claim is not durable: the log has failed and refuses everything; after
+            // a restart the order finds no claim and cannot be paid (it expires).
+            (_, Err(e)) => return Err(e),
+            (Ok(None), Ok(())) => ShopError::Internal("placed order has no state".into()),
+            (Err(r), Ok(())) => self.place_failed(r, &order_id).await,
         };
         self.release_claim(campaign_id, &order_id).await;
         Err(failure)

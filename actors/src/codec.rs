@@ -41,13 +41,26 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     Ok(value)
 }
 
+/// Decodes an entity's snapshot, in the current layout or an earlier one the entity still
+/// reads ([`Entity::legacy_snapshot`]).
+pub fn decode_state<E: Entity>(bytes: &[u8]) -> Result<E, CodecError> {
+    match decode(bytes) {
+        Ok(state) => Ok(state),
+        Err(e) => bytes
+            .get(1..)
+            .filter(|_| bytes.first() == Some(&FORMAT_V1))
+            .and_then(E::legacy_snapshot)
+            .ok_or(e),
+    }
+}
+
 /// Rebuilds an entity from its snapshot (if any) and the events logged after it.
 pub fn rebuild<E: Entity>(
     snapshot: Option<&[u8]>,
     tail: impl IntoIterator<Item = impl AsRef<[u8]>>,
 ) -> Result<E, CodecError> {
     let mut state: E = match snapshot {
-        Some(bytes) => decode(bytes)?,
+        Some(bytes) => decode_state(bytes)?,
         None => E::default(),
     };
     for record in tail {

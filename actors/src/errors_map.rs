@@ -37,6 +37,7 @@ pub fn campaign_err(r: Refusal<CampaignError>, id: &str) -> ShopError {
             ShopError::InvalidStateMsg(format!("campaign {id}: {msg}"))
         }
         CampaignError::BadRequest(msg) => ShopError::BadRequest(msg),
+        CampaignError::IdempotencyConflict => ShopError::IdempotencyConflict,
     })
 }
 

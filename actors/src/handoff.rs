@@ -81,7 +81,7 @@ impl Shop {
 /// The aux entries (index entries and the deadline key) an entity's state implies.
 fn derived(partition: u16, key: &[u8], snapshot: &[u8]) -> std::result::Result<AuxEntries, String> {
     fn of<E: Entity>(snapshot: &[u8]) -> std::result::Result<(AuxEntries, Option<Millis>), String> {
-        let state: E = crate::codec::decode(snapshot).map_err(|e| e.to_string())?;
+        let state: E = crate::codec::decode_state(snapshot).map_err(|e| e.to_string())?;
         Ok((state.index_entries(), state.next_deadline()))
     }
     let entity = EntityKey::from_bytes(key).ok_or("unknown entity key")?;

@@ -12,13 +12,16 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use shardmall_persistence::{AuxOp, Record, Wal};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::codec;
 use crate::domain::{Entity, Kind, Millis};
 use crate::keys::EntityKey;
 use crate::metrics::ActorMetrics;
 use crate::partition::PartitionMsg;
+
+/// Told once a command's record is durable (or failed), for a caller answered early.
+type OnDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// What a caller of an entity gets back.
 pub type Reply<E> = Result<<E as Entity>::View, Refusal<<E as Entity>::Error>>;
@@ -41,6 +44,21 @@ pub enum Refusal<Err> {
 pub struct Request<E: Entity> {
     pub cmd: E::Command,
     pub reply: RpcReplyPort<Reply<E>>,
+    /// When set, the answer leaves as soon as the command's record is queued for the log
+    /// (not yet durable), and this is told when it is durable (or failed). Only a caller
+    /// that itself waits for `durable` before acknowledging anything to a client may ask
+    /// for it: the shop uses it to place a buy's order while the claim is being flushed.
+    pub durable: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+impl<E: Entity> Request<E> {
+    pub fn new(cmd: E::Command, reply: RpcReplyPort<Reply<E>>) -> Self {
+        Request {
+            cmd,
+            reply,
+            durable: None,
+        }
+    }
 }
 
 pub enum EntityMsg<E: Entity> {
@@ -68,6 +86,9 @@ pub struct EntityArgs {
     pub flush_first: bool,
     /// Commands in this actor's mailbox, counted by the partition for admission.
     pub queued: Arc<AtomicUsize>,
+    /// A write made for this entity by its partition while no actor was active (see
+    /// [`Hosted::load`]): the activation MUST wait until it is durable before reading.
+    pub pending_write: Option<watch::Receiver<bool>>,
 }
 
 pub struct EntityActor<E>(PhantomData<fn() -> E>);
@@ -133,35 +154,22 @@ impl<E: Entity> Actor for EntityActor<E> {
         _myself: ActorRef<Self::Msg>,
         args: EntityArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let key_bytes = args.key.to_bytes();
         if args.flush_first {
             args.ctx.wal.flush().await?;
         }
-        let log = args.ctx.wal.load_entity(args.partition, &key_bytes)?;
-        let state: E = codec::rebuild(log.snapshot.as_deref(), log.tail.iter().map(|(_, r)| r))?;
-        let index = state.index_entries().into_iter().collect();
-        let deadline = state.next_deadline();
-        if let Some(at) = deadline {
-            // The persisted deadline index already holds it; arming again is harmless and
-            // covers a deadline that was armed in memory only before a passivation.
-            let _ = args.owner.cast(PartitionMsg::Arm(args.key.clone(), at));
+        if let Some(mut rx) = args.pending_write {
+            if rx.wait_for(|durable| *durable).await.is_err() {
+                // The write failed and the log refuses work; a flush reports it.
+                args.ctx.wal.flush().await?;
+            }
         }
-        args.ctx
+        let hosted = Hosted::load(args.key, args.partition, args.owner, args.ctx, args.queued)?;
+        hosted
+            .ctx
             .metrics
             .active_actors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Hosted {
-            key: args.key,
-            key_bytes,
-            partition: args.partition,
-            owner: args.owner,
-            ctx: args.ctx,
-            state,
-            deadline,
-            index,
-            last_write: None,
-            queued: args.queued,
-        })
+        Ok(hosted)
     }
 
     async fn post_stop(
@@ -208,24 +216,100 @@ impl<E: Entity> Actor for EntityActor<E> {
 }
 
 impl<E: Entity> Hosted<E> {
-    async fn handle_command(&mut self, req: Request<E>) -> Result<(), ActorProcessingErr> {
+    /// The entity's state from its snapshot and log tail: what an activation starts from,
+    /// and what a partition decides on when it serves a command without an actor.
+    pub(crate) fn load(
+        key: EntityKey,
+        partition: u16,
+        owner: ActorRef<PartitionMsg>,
+        ctx: Arc<HostContext>,
+        queued: Arc<AtomicUsize>,
+    ) -> Result<Self, ActorProcessingErr> {
+        let key_bytes = key.to_bytes();
+        let log = ctx.wal.load_entity(partition, &key_bytes)?;
+        let state: E = codec::rebuild(log.snapshot.as_deref(), log.tail.iter().map(|(_, r)| r))?;
+        let index = state.index_entries().into_iter().collect();
+        let deadline = state.next_deadline();
+        if let Some(at) = deadline {
+            // The persisted deadline index already holds it; arming again is harmless and
+            // covers a deadline that was armed in memory only before a passivation.
+            let _ = owner.cast(PartitionMsg::Arm(key.clone(), at));
+        }
+        Ok(Hosted {
+            key,
+            key_bytes,
+            partition,
+            owner,
+            ctx,
+            state,
+            deadline,
+            index,
+            last_write: None,
+            queued,
+        })
+    }
+
+    /// Becomes true once this entity's latest write is durable; `None` if it wrote
+    /// nothing (or everything it wrote is durable).
+    pub(crate) fn last_write(&self) -> Option<watch::Receiver<bool>> {
+        self.last_write.clone().filter(|rx| !*rx.borrow())
+    }
+
+    pub(crate) async fn handle_command(
+        &mut self,
+        req: Request<E>,
+    ) -> Result<(), ActorProcessingErr> {
+        let Request {
+            cmd,
+            reply,
+            durable,
+        } = req;
+        if let Some(durable) = durable {
+            // Nothing of this command is queued yet: the log's position is the last write.
+            let notify = move |outcome: Result<(), String>| {
+                let _ = durable.send(outcome);
+            };
+            return self
+                .decide_and_write(cmd, reply, Some(Box::new(notify)))
+                .await;
+        }
+        self.decide_and_write(cmd, reply, None).await
+    }
+
+    // PerformanceCriticalPath: every write of the engine passes here.
+    async fn decide_and_write(
+        &mut self,
+        cmd: E::Command,
+        reply: RpcReplyPort<Reply<E>>,
+        early: Option<OnDurable>,
+    ) -> Result<(), ActorProcessingErr> {
         let now = now_ms();
-        let events = match self.state.decide(&req.cmd, now) {
+        let events = match self.state.decide(&cmd, now) {
             Ok(events) => events,
             Err(refusal) => {
-                self.answer_after_last_write(req.reply, Err(Refusal::Domain(refusal)));
+                if let Some(early) = early {
+                    early(Ok(()));
+                }
+                self.answer_after_last_write(reply, Err(Refusal::Domain(refusal)));
                 return Ok(());
             }
         };
         if events.is_empty() {
-            let view = self.state.view();
-            self.answer_after_last_write(req.reply, Ok(view));
+            if let Some(early) = early {
+                // The answer itself waits for the last write, so it is durable when seen.
+                early(Ok(()));
+            }
+            let view = self.state.answer(&cmd);
+            self.answer_after_last_write(reply, Ok(view));
             return Ok(());
         }
         let payload = match codec::encode(&events) {
             Ok(p) => p,
             Err(e) => {
-                let _ = req.reply.send(Err(Refusal::Unavailable(e.to_string())));
+                if let Some(early) = early {
+                    early(Err(e.to_string()));
+                }
+                let _ = reply.send(Err(Refusal::Unavailable(e.to_string())));
                 return Ok(());
             }
         };
@@ -233,35 +317,51 @@ impl<E: Entity> Hosted<E> {
             self.state.apply(event);
         }
         let aux = self.derived_changes();
-        let view = self.state.view();
+        let view = self.state.answer(&cmd);
         // The answer leaves from the log's own thread the moment the record is durable:
         // no task waits for it. If the append fails the in-memory state is ahead of the
         // log: failing the actor discards it, and the next activation reloads what is
         // durable (the callback has answered the caller with the error).
         let (durable_tx, durable_rx) = watch::channel(false);
         self.last_write = Some(durable_rx);
-        let reply = req.reply;
-        self.ctx
-            .wal
-            .append_then(
-                Record {
-                    partition: self.partition,
-                    entity: self.key_bytes.clone(),
-                    payload,
-                    aux,
-                },
-                move |outcome| {
-                    let answer = match outcome {
+        let record = Record {
+            partition: self.partition,
+            entity: self.key_bytes.clone(),
+            payload,
+            aux,
+        };
+        match early {
+            None => {
+                self.ctx
+                    .wal
+                    .append_then(record, move |outcome| {
+                        let answer = match outcome {
+                            Ok(_) => {
+                                let _ = durable_tx.send(true);
+                                Ok(view)
+                            }
+                            Err(e) => Err(Refusal::Unavailable(format!("log: {e}"))),
+                        };
+                        let _ = reply.send(answer);
+                    })
+                    .await?;
+            }
+            Some(early) => {
+                // The caller is answered now and told of durability separately; it
+                // acknowledges nothing before that (see `Request::durable`).
+                self.ctx
+                    .wal
+                    .append_then(record, move |outcome| match outcome {
                         Ok(_) => {
                             let _ = durable_tx.send(true);
-                            Ok(view)
+                            early(Ok(()));
                         }
-                        Err(e) => Err(Refusal::Unavailable(format!("log: {e}"))),
-                    };
-                    let _ = reply.send(answer);
-                },
-            )
-            .await?;
+                        Err(e) => early(Err(format!("log: {e}"))),
+                    })
+                    .await?;
+                let _ = reply.send(Ok(view));
+            }
+        }
         Ok(())
     }
 

@@ -13,6 +13,7 @@
 //! A request flows: edge -> [`Shop`] -> the entity's partition actor -> the entity actor
 //! -> the write-ahead log (group commit) -> answer.
 
+pub mod board;
 pub mod campaigns;
 pub mod codec;
 pub mod domain;
@@ -27,6 +28,6 @@ pub mod partition;
 pub mod route;
 pub mod shop;
 
-pub use campaigns::NewCampaign;
+pub use campaigns::{Bought, NewCampaign};
 pub use error::{Result, ShopError};
 pub use shop::{CartLine, IdemStart, NewProduct, NewSku, Page, ProductDetail, Shop, ShopConfig};

@@ -17,13 +17,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use crate::domain::order::OrderCommand;
 use crate::domain::{
     campaign::CampaignState, cart::CartState, idempotency::IdemState, order::OrderState,
     payment::PaymentState, product::ProductState, sku::SkuState, Entity, Kind, Millis,
 };
-use crate::host::{self, EntityActor, EntityArgs, EntityMsg, HostContext, Refusal, Request};
+use crate::host::{
+    self, EntityActor, EntityArgs, EntityMsg, HostContext, Hosted, Refusal, Request,
+};
 use crate::keys::EntityKey;
 
 /// A command for one entity of any kind.
@@ -244,6 +247,9 @@ pub struct PartitionState {
     by_actor: HashMap<ActorId, EntityKey>,
     /// Entities whose last actor died without passivating (see `EntityArgs::flush_first`).
     failed: HashSet<EntityKey>,
+    /// Writes this partition made for entities without an actor ([`Self::serve_inline`])
+    /// that may not be durable yet: an activation of one waits for its write first.
+    inline_writes: HashMap<EntityKey, watch::Receiver<bool>>,
     wheel: BTreeSet<(Millis, EntityKey)>,
     /// Slots that are `Active`.
     active: usize,
@@ -280,6 +286,7 @@ impl Actor for PartitionActor {
             slots: HashMap::new(),
             by_actor: HashMap::new(),
             failed: HashSet::new(),
+            inline_writes: HashMap::new(),
             wheel,
             active: 0,
             fenced: args.fenced,
@@ -436,7 +443,20 @@ impl PartitionState {
                     }
                 }
             }
-            None => env,
+            None => match *env {
+                // An order being placed: its id was just minted, so there is nothing to
+                // keep in memory after the write. Deciding it here saves spawning an
+                // actor that would only be passivated again (the flash-sale hot path).
+                Envelope::Order(_, req)
+                    if matches!(req.cmd, OrderCommand::Place { .. })
+                        && !self.failed.contains(&key)
+                        && self.inline_writes.get(&key).is_none_or(|rx| *rx.borrow()) =>
+                {
+                    self.serve_inline::<OrderState>(myself, key, req).await;
+                    return;
+                }
+                other => Box::new(other),
+            },
         };
         // Not active (or its actor just died): activate and send.
         match self.activate(myself, &key).await {
@@ -447,6 +467,43 @@ impl PartitionState {
                 }
             }
             Err(why) => env.refuse(why),
+        }
+    }
+
+    /// Decides one command of an entity that has no actor, writes its record and forgets
+    /// the state: the next command activates an actor, which reads the record back (after
+    /// waiting for it to be durable, see `EntityArgs::pending_write`).
+    // PerformanceCriticalPath: every flash-sale buy places its order here.
+    async fn serve_inline<E: Entity>(
+        &mut self,
+        myself: &ActorRef<PartitionMsg>,
+        key: EntityKey,
+        req: Request<E>,
+    ) {
+        let queued = Arc::new(AtomicUsize::new(0));
+        let mut hosted = match Hosted::<E>::load(
+            key.clone(),
+            self.index,
+            myself.clone(),
+            self.ctx.clone(),
+            queued,
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = req
+                    .reply
+                    .send(Err(Refusal::Unavailable(format!("loading failed: {e}"))));
+                return;
+            }
+        };
+        if let Err(e) = hosted.handle_command(req).await {
+            // The record may be in the log's queue: the next activation flushes first.
+            tracing::error!(partition = self.index, entity = ?key, error = %e, "writing an entity without an actor failed");
+            self.failed.insert(key);
+            return;
+        }
+        if let Some(rx) = hosted.last_write() {
+            self.inline_writes.insert(key, rx);
         }
     }
 
@@ -471,6 +528,7 @@ impl PartitionState {
             ctx: self.ctx.clone(),
             flush_first: self.failed.remove(key),
             queued: Arc::new(AtomicUsize::new(0)),
+            pending_write: self.inline_writes.remove(key).filter(|rx| !*rx.borrow()),
         };
         let queued = args.queued.clone();
         let sup = myself.get_cell();
@@ -549,6 +607,7 @@ impl PartitionState {
     }
 
     fn sweep(&mut self) {
+        self.inline_writes.retain(|_, rx| !*rx.borrow());
         let idle = self.config.idle_timeout;
         for slot in self.slots.values_mut() {
             if let Slot::Active {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorRef};
 use shardmall_persistence::Wal;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::campaign::CampaignState;
@@ -155,6 +155,8 @@ pub(crate) struct Inner {
     pub(crate) cfg: ShopConfig,
     pub(crate) ids: OrderIdGen,
     pub(crate) metrics: Arc<ActorMetrics>,
+    /// Campaign figures for refusing buys without asking (see [`crate::board`]).
+    pub(crate) board: crate::board::Board,
     ready: AtomicBool,
     /// Where partitions are served; unset on a node that serves every partition itself.
     router: OnceLock<Arc<dyn Router>>,
@@ -202,6 +204,7 @@ impl Shop {
                 ids: OrderIdGen::new(cfg.node_tag),
                 cfg,
                 metrics,
+                board: Default::default(),
                 ready: AtomicBool::new(false),
                 router: OnceLock::new(),
                 stop: CancellationToken::new(),
@@ -346,12 +349,50 @@ impl Shop {
         Err(Refusal::Unavailable(MOVING.into()))
     }
 
+    /// Like [`Shop::ask`], but when the entity is served here its answer comes as soon as
+    /// its record is queued for the log, and the receiver tells when it is durable (see
+    /// `Request::durable`). The caller MUST wait for it before acknowledging anything.
+    /// Served elsewhere, the answer comes once durable and there is no receiver.
+    pub(crate) async fn ask_early<E: Routed>(
+        &self,
+        partition: u16,
+        id: &str,
+        cmd: E::Command,
+    ) -> (
+        std::result::Result<E::View, Refusal<E::Error>>,
+        Option<oneshot::Receiver<std::result::Result<(), String>>>,
+    ) {
+        if self.route(partition) == Route::Local {
+            let (tx, rx) = oneshot::channel();
+            match self
+                .ask_local_with::<E>(partition, id, cmd.clone(), Some(tx))
+                .await
+            {
+                // Moving: route it like any command.
+                Err(Refusal::Moved) => {}
+                answer => return (answer, Some(rx)),
+            }
+        }
+        (self.ask::<E>(partition, id, cmd).await, None)
+    }
+
     /// Sends one command to this node's partition actor.
     async fn ask_local<E: Routed>(
         &self,
         partition: u16,
         id: &str,
         cmd: E::Command,
+    ) -> std::result::Result<E::View, Refusal<E::Error>> {
+        self.ask_local_with::<E>(partition, id, cmd, None).await
+    }
+
+    // PerformanceCriticalPath: every local entity command passes here.
+    async fn ask_local_with<E: Routed>(
+        &self,
+        partition: u16,
+        id: &str,
+        cmd: E::Command,
+        durable: Option<oneshot::Sender<std::result::Result<(), String>>>,
     ) -> std::result::Result<E::View, Refusal<E::Error>> {
         let Some(actor) = self.inner.partitions.get(usize::from(partition)) else {
             return Err(Refusal::Unavailable(format!(
@@ -361,7 +402,14 @@ impl Shop {
         let id = id.to_owned();
         let res = actor
             .call(
-                move |reply| PartitionMsg::Deliver(Box::new(E::wrap(id, Request { cmd, reply }))),
+                move |reply| {
+                    let req = Request {
+                        cmd,
+                        reply,
+                        durable,
+                    };
+                    PartitionMsg::Deliver(Box::new(E::wrap(id, req)))
+                },
                 Some(self.inner.cfg.call_timeout),
             )
             .await;
@@ -807,6 +855,7 @@ impl Shop {
                 shipping_address,
                 payment_deadline: deadline,
                 campaign_id: None,
+                placed_at: None,
             };
             match self.order(&order_id, cmd).await {
                 Ok(Some(order)) => {

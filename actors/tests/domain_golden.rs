@@ -239,6 +239,22 @@ fn campaign_events_layout() {
     for (ev, golden) in rest.iter().zip(goldens) {
         assert_golden(ev, golden);
     }
+    let bought = CampaignEvent::Bought {
+        order_id: "o1".into(),
+        buyer: "b1".into(),
+        quantity: 1,
+        expires_at: AT + 900_000,
+        at: AT,
+        shipping_address: None,
+        idem: Some(shardmall_actors::domain::campaign::IdemTag {
+            key: 0x0102,
+            body: 7,
+        }),
+    };
+    assert_golden(
+        &bought,
+        "08026f3102623101fda023f3cf8b010000fd0068e5cf8b0100000001fb020107",
+    );
 }
 
 #[test]

@@ -438,6 +438,7 @@ fn check_order(ops: &[OrderOp]) -> Result<BTreeSet<(OrderStatus, OrderStatus)>, 
         shipping_address: Some(address()),
         payment_deadline: START + DEADLINE_AFTER,
         campaign_id: None,
+        placed_at: None,
     };
     let mut log = step(&mut state, &place, now).expect("a valid order is placed");
     let mut seen: BTreeSet<(OrderStatus, OrderStatus)> = BTreeSet::new();

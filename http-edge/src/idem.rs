@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
+use shardmall_actors::domain::campaign::IdemTag;
 use shardmall_actors::domain::idempotency::StoredResponse;
 use shardmall_actors::IdemStart;
 
@@ -33,18 +34,12 @@ pub async fn run<Fut>(
 where
     Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>> + Send + 'static,
 {
-    let key = match headers.get(HEADER).map(|v| v.to_str()) {
-        None => {
+    let key = match key_of(headers) {
+        Ok(Some(k)) => k.to_owned(),
+        Ok(None) => {
             return ApiError::bad_request("the Idempotency-Key header is required").into_response()
         }
-        Some(Err(_)) => {
-            return ApiError::bad_request("Idempotency-Key must be visible ASCII").into_response()
-        }
-        Some(Ok(k)) if k.is_empty() || k.len() > 128 => {
-            return ApiError::bad_request("Idempotency-Key must be 1 to 128 characters")
-                .into_response()
-        }
-        Some(Ok(k)) => k.to_owned(),
+        Err(e) => return e.into_response(),
     };
     let scope = format!("{route}\n{key}");
     let digest = Sha256::digest(body);
@@ -89,6 +84,45 @@ where
     })
 }
 
+/// The request's `Idempotency-Key`, checked: `None` when it has none.
+pub fn key_of(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    match headers.get(HEADER).map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Err(_)) => Err(ApiError::bad_request(
+            "Idempotency-Key must be visible ASCII",
+        )),
+        Some(Ok(k)) if k.is_empty() || k.len() > 128 => Err(ApiError::bad_request(
+            "Idempotency-Key must be 1 to 128 characters",
+        )),
+        Some(Ok(k)) => Ok(Some(k)),
+    }
+}
+
+/// An idempotency key as an entity that decides the request itself keeps it (a
+/// campaign's buy, ADR 0012): a 128-bit hash of (subject, route, key) and a 64-bit hash
+/// of the body. Keys are scoped by (subject, route) as everywhere else.
+pub fn tag(caller: &Caller, route: &str, key: &str, body: &[u8]) -> IdemTag {
+    use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+    let mut scope = Vec::with_capacity(caller.sub.len() + route.len() + key.len() + 2);
+    scope.extend_from_slice(caller.sub.as_bytes());
+    scope.push(b'\n');
+    scope.extend_from_slice(route.as_bytes());
+    scope.push(b'\n');
+    scope.extend_from_slice(key.as_bytes());
+    IdemTag {
+        key: xxh3_128(&scope),
+        body: xxh3_64(body),
+    }
+}
+
+/// Marks an answer as the replay of an earlier one.
+pub fn mark_replayed(resp: &mut Response) {
+    resp.headers_mut().insert(
+        "idempotent-replay",
+        axum::http::HeaderValue::from_static("true"),
+    );
+}
+
 async fn store(state: &AppState, caller: &Caller, scope: &str, status: StatusCode, body: Vec<u8>) {
     let response = StoredResponse {
         status: status.as_u16(),
@@ -107,10 +141,7 @@ async fn store(state: &AppState, caller: &Caller, scope: &str, status: StatusCod
 fn replay(stored: StoredResponse) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let mut resp = json_response(status, stored.body);
-    resp.headers_mut().insert(
-        "idempotent-replay",
-        axum::http::HeaderValue::from_static("true"),
-    );
+    mark_replayed(&mut resp);
     resp
 }
 

@@ -349,6 +349,102 @@ async fn an_idempotent_buy_is_answered_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_buy_replays_its_first_answer_and_refuses_another_body() {
+    let node = Node::start().await;
+    node.create_product(&admin(), "kr", &[("kr-s", 1000, 10)])
+        .await;
+    create_campaign(&node, &campaign_body("keyed", "kr-s", 5, 2)).await;
+    let (k, path) = (key(), "/v1/campaigns/keyed/buy");
+    let auth = format!("Bearer {}", customer("kim"));
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("idempotency-key", k.as_str()),
+    ];
+    let body = br#"{"quantity":1}"#.to_vec();
+    let first = node
+        .raw(reqwest::Method::POST, path, &headers, Some(body.clone()))
+        .await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert!(first.headers.get("idempotent-replay").is_none());
+    let id = first.body["order_id"].as_str().unwrap().to_owned();
+    // Readable, and cancellable, at once.
+    let o = node.order(&customer("kim"), &id).await;
+    assert_eq!(o["status"], "pending_payment");
+    let (st, v) = node
+        .post(
+            &format!("/v1/orders/{id}/cancel"),
+            &customer("kim"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // The repeat answers the first answer, even after the cancel, and buys nothing.
+    let again = node
+        .raw(reqwest::Method::POST, path, &headers, Some(body))
+        .await;
+    assert_eq!((again.status, &again.body), (201, &first.body));
+    assert_eq!(
+        again.headers.get("idempotent-replay").map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    assert_eq!(n(&campaign(&node, "keyed").await, "reserved"), 0);
+    // The same key with another body is a conflict.
+    let other = node
+        .raw(
+            reqwest::Method::POST,
+            path,
+            &headers,
+            Some(br#"{"quantity":2}"#.to_vec()),
+        )
+        .await;
+    assert_eq!(
+        (other.status, other.body["error"]["code"].as_str()),
+        (409, Some("idempotency_conflict")),
+        "{}",
+        other.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sold_out_campaign_sells_again_soon_after_a_unit_comes_back() {
+    let node = Node::start().await;
+    node.create_product(&admin(), "sb", &[("sb-s", 1000, 10)])
+        .await;
+    create_campaign(&node, &campaign_body("back", "sb-s", 1, 1)).await;
+    let (st, order) = buy(&node, "back", "ann", 1).await;
+    assert_eq!(st, 201, "{order}");
+    for _ in 0..3 {
+        let (st, v) = buy(&node, "back", "bob", 1).await;
+        assert_eq!((st, v["error"]["code"].as_str()), (409, Some("sold_out")));
+    }
+    let id = order["order_id"].as_str().unwrap();
+    let (st, v) = node
+        .post(
+            &format!("/v1/orders/{id}/cancel"),
+            &customer("ann"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // The edge may answer from figures it saw a moment ago, but not for long.
+    let started = Instant::now();
+    loop {
+        match buy(&node, "back", "bob", 1).await {
+            (201, _) => break,
+            (409, v) if v["error"]["code"] == "sold_out" => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "still sold out 5 s after a unit came back"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (st, v) => panic!("unexpected {st}: {v}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_campaign_past_its_queue_bound_answers_429() {
     let node = Node::config().args(&["--entity-queue", "1"]).start().await;
     node.create_product(&admin(), "hp", &[("hp-s", 1000, 10_000)])
@@ -463,17 +559,42 @@ async fn kill9_in_the_middle_of_a_flash_sale_loses_no_acknowledged_buy() {
     );
 
     let node = Node::config().dir(dir.path()).start().await;
-    for (buyer, id) in &acked {
+    let mut cancelled = 0;
+    for (i, (buyer, id)) in acked.iter().enumerate() {
         let o = node.order(&customer(buyer), id).await;
         assert_eq!(o["status"], "pending_payment", "acknowledged order {id}");
         assert_eq!(o["campaign_id"], "crash");
+        // Every acknowledged buy's order can be paid or cancelled after the restart.
+        if i % 2 == 0 {
+            let (st, v) = node.pay(&customer(buyer), &o, &key()).await;
+            assert_eq!(
+                (st, v["status"].as_str()),
+                (200, Some("paid")),
+                "pay {id}: {v}"
+            );
+        } else {
+            let (st, v) = node
+                .post(
+                    &format!("/v1/orders/{id}/cancel"),
+                    &customer(buyer),
+                    &json!({}),
+                )
+                .await;
+            assert_eq!(
+                (st, v["status"].as_str()),
+                (200, Some("cancelled")),
+                "cancel {id}: {v}"
+            );
+            cancelled += 1;
+        }
     }
     let c = campaign(&node, "crash").await;
     let held = n(&c, "reserved") + n(&c, "sold");
+    let paid = (acked.len() - cancelled) as i64;
+    assert!(n(&c, "sold") == paid, "{paid} paid: {c}");
     assert!(
-        held >= acked.len() as i64 && held <= UNITS,
-        "campaign holds {held} for {} acknowledged buys: {c}",
-        acked.len()
+        held >= paid && held <= UNITS,
+        "campaign holds {held} for {paid} acknowledged buys still open: {c}"
     );
     // Selling on after the restart still stops at the quantity.
     let mut more = 0;

@@ -127,9 +127,15 @@ impl Wal {
                 .map(|s| s.path.clone())
                 .collect()
         };
-        if done.is_empty() && shared.stable_lsn.load(Ordering::Acquire) == applied {
+        if done.is_empty()
+            && shared.stable_lsn.load(Ordering::Acquire) == applied
+            && shared.overlay.is_empty()
+        {
             return Ok(0);
         }
+        // Every aux change of a record up to `applied` was put in the overlay before
+        // `applied_lsn` moved: into the store with them.
+        shared.overlay.write_to(&shared.tree)?;
         // After this flush every record up to `applied` has its index changes on disk
         // (they are applied before `applied_lsn` moves), so a restart replays only the
         // records above it; and the next lsn stays above every lsn ever used.

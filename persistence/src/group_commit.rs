@@ -89,6 +89,8 @@ pub(crate) struct Shared {
     pub segments: Mutex<Segments>,
     /// Size past which the writer starts a new segment.
     pub segment_bytes: u64,
+    /// Aux changes applied but not yet written to the store ([`crate::overlay`]).
+    pub overlay: crate::overlay::Overlay,
 }
 
 impl Shared {
@@ -364,27 +366,18 @@ fn apply(shared: &Shared, written: Vec<Written>) -> Result<()> {
     let Some(last) = written.last().map(|w| w.lsn) else {
         return Ok(());
     };
-    let mut batch = sled::Batch::default();
-    let mut any = false;
-    for w in &written {
-        for (k, v) in &w.rec.aux {
-            any = true;
-            match v {
-                Some(v) => batch.insert(k.clone(), v.clone()),
-                None => batch.remove(k.clone()),
-            }
-        }
-    }
-    if any {
-        shared
-            .tree
-            .apply_batch(batch)
-            .map_err(|e| Error::Failed(shared.fail("applying index changes", &e)))?;
-    }
+    // In memory until the next checkpoint writes them to the store in one batch.
+    let mut tails = Vec::with_capacity(written.len());
+    let mut aux = Vec::new();
     for w in written {
-        shared
-            .tails
-            .push(w.rec.partition, w.rec.entity, w.lsn, w.rec.payload);
+        aux.extend(w.rec.aux);
+        tails.push((w.rec.partition, w.rec.entity, w.lsn, w.rec.payload));
+    }
+    if !aux.is_empty() {
+        shared.overlay.apply(aux);
+    }
+    for (partition, entity, lsn, payload) in tails {
+        shared.tails.push(partition, entity, lsn, payload);
     }
     // Release: a reader that sees `last` also sees the tails and aux changes.
     shared.applied_lsn.store(last, Ordering::Release);

@@ -161,6 +161,9 @@ impl Wal {
                 keys::encode_snapshot(lsn, Some(state)),
             );
         }
+        // The store becomes the whole truth for the aux keys first: the partition is
+        // fenced, so no change of it arrives meanwhile.
+        shared.overlay.write_to(&shared.tree)?;
         let mut gone: BTreeSet<Vec<u8>> = BTreeSet::new();
         for prefix in &clear_prefixes {
             for item in shared.tree.scan_prefix(keys::aux_key(prefix)) {

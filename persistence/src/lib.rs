@@ -12,7 +12,8 @@
 //!   appends the whole group to the current log segment with one write ([`group_commit`],
 //!   frames as in [`segment`]).
 //! * The flusher thread makes written groups durable with one `fdatasync` for many
-//!   records, applies their auxiliary changes to the store ([`keys`] layout), adds them
+//!   records, records their auxiliary changes in memory ([`overlay`]; the next checkpoint
+//!   writes them to the store, [`keys`] layout), adds them
 //!   to the in-memory log tails ([`tails`]), publishes the durable position and resolves
 //!   the waiting [`Ack`]s. In [`Durability::Sync`] an ack resolves only after its sync;
 //!   in [`Durability::Relaxed`] right after the write, with a sync every few
@@ -29,6 +30,7 @@ mod group_commit;
 mod handoff;
 mod keys;
 mod metrics;
+mod overlay;
 mod record;
 mod segment;
 mod tails;

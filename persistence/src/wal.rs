@@ -90,6 +90,7 @@ impl Wal {
             log_dir,
             segments: Mutex::new(Segments { list, current }),
             segment_bytes: cfg.segment_bytes,
+            overlay: Default::default(),
         });
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         let (stopped_tx, stopped_rx) = watch::channel(false);
@@ -217,11 +218,11 @@ impl Wal {
 
     /// Value of an auxiliary key.
     pub fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .shared()
-            .tree
-            .get(keys::aux_key(key))?
-            .map(|v| v.to_vec()))
+        let key = keys::aux_key(key);
+        if let Some(change) = self.shared().overlay.get(&key) {
+            return Ok(change.map(|v| v.to_vec()));
+        }
+        Ok(self.shared().tree.get(key)?.map(|v| v.to_vec()))
     }
 
     /// Auxiliary keys starting with `prefix`, strictly after `after` (strictly before it
@@ -257,15 +258,66 @@ impl Wal {
                 }
             }
         }
-        let iter = self.shared().tree.range::<Vec<u8>, _>((lo, hi));
-        let strip = |kv: sled::Result<(sled::IVec, sled::IVec)>| -> Result<(Vec<u8>, Vec<u8>)> {
-            let (k, v) = kv?;
-            Ok((k[1..].to_vec(), v.to_vec()))
-        };
-        if reverse {
-            iter.rev().take(limit).map(strip).collect()
-        } else {
-            iter.take(limit).map(strip).collect()
+        let shared = self.shared();
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        // The changes not yet in the store win over it. They are taken a page at a time:
+        // the store is read up to the last key of a full page, then the next page follows.
+        loop {
+            let page = shared.overlay.page(&lo, &hi, reverse, limit);
+            let boundary = (page.len() == limit)
+                .then(|| page.last().map(|(k, _)| k.clone()))
+                .flatten();
+            let (slo, shi) = match (&boundary, reverse) {
+                (Some(b), false) => (lo.clone(), Bound::Included(b.clone())),
+                (Some(b), true) => (Bound::Included(b.clone()), hi.clone()),
+                (None, _) => (lo.clone(), hi.clone()),
+            };
+            let range = shared.tree.range::<Vec<u8>, _>((slo, shi));
+            let mut store: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+                if reverse {
+                    Box::new(range.rev())
+                } else {
+                    Box::new(range)
+                };
+            let mut page = page.into_iter().peekable();
+            let mut next_store = store.next().transpose()?;
+            loop {
+                if out.len() == limit {
+                    return Ok(out);
+                }
+                let take_page = match (page.peek(), &next_store) {
+                    (None, None) => break,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (Some((pk, _)), Some((sk, _))) => {
+                        let order = pk.as_slice().cmp(sk.as_ref());
+                        if order == std::cmp::Ordering::Equal {
+                            // The overlay's change replaces the stored value.
+                            next_store = store.next().transpose()?;
+                            true
+                        } else {
+                            (order == std::cmp::Ordering::Less) != reverse
+                        }
+                    }
+                };
+                if take_page {
+                    // A deletion hides the stored value and lists nothing.
+                    if let Some((k, Some(v))) = page.next() {
+                        out.push((k[1..].to_vec(), v.to_vec()));
+                    }
+                } else if let Some((k, v)) = next_store.take() {
+                    out.push((k[1..].to_vec(), v.to_vec()));
+                    next_store = store.next().transpose()?;
+                }
+            }
+            match boundary {
+                None => return Ok(out),
+                Some(b) if reverse => hi = Bound::Excluded(b),
+                Some(b) => lo = Bound::Excluded(b),
+            }
         }
     }
 

@@ -17,12 +17,16 @@
 //! - each buyer's count equals the sum of their held and sold claims, and is at most the
 //!   per-buyer limit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{Millis, Money};
+use super::common::{Address, Millis, Money};
 use super::{Entity, Kind};
+
+/// How long the idempotency key of a settled (released or expired) keyed buy is kept,
+/// so a late retry still gets the first answer (API.md: keys are kept 24 hours).
+pub const KEY_RETENTION_MS: Millis = 24 * 3600 * 1000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CampaignState {
@@ -44,6 +48,12 @@ pub struct Campaign {
     /// Bumped by every event; orders the figures sent to the SKU.
     pub version: u64,
     pub updated_at: Millis,
+    /// Idempotency keys of keyed buys -> their order id (the claim holds the body hash).
+    pub keys: HashMap<u128, String>,
+    /// Settled claims kept only for their idempotency key, oldest first: (settled at,
+    /// order id). Dropped [`KEY_RETENTION_MS`] later; a settled claim without a key is
+    /// dropped at once, so a buyer looping buy and cancel does not grow the campaign.
+    pub settled: VecDeque<(Millis, String)>,
 }
 
 /// What the admin set when creating the campaign; never changes.
@@ -78,6 +88,36 @@ pub struct Claim {
     pub quantity: u64,
     pub expires_at: Millis,
     pub state: ClaimState,
+    /// When the buy was decided: the order's creation time.
+    pub at: Millis,
+    /// The address the buy named (boxed: most flash-sale buys name none).
+    pub address: Option<Box<Address>>,
+    /// The buy's idempotency key and request body hash, if it had a key.
+    pub idem: Option<IdemTag>,
+}
+
+/// An `Idempotency-Key` as the campaign keeps it: a 128-bit hash of (subject, route,
+/// key) and a 64-bit hash of the request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct IdemTag {
+    pub key: u128,
+    pub body: u64,
+}
+
+/// The order a buy opened, as the campaign decided it: everything the buyer's order is
+/// placed from, and everything its first answer shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoughtOrder {
+    pub order_id: String,
+    pub buyer: String,
+    pub quantity: u64,
+    pub at: Millis,
+    pub payment_deadline: Millis,
+    pub shipping_address: Option<Address>,
+    /// True when this answers a repeat of a keyed buy (nothing new was decided).
+    pub replayed: bool,
+    /// The claim still holds its units (neither paid nor given back).
+    pub held: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +172,18 @@ pub enum CampaignCommand {
         quantity: u64,
         grace_ms: Millis,
     },
+    /// A buy decided in one step: claims `quantity` units for `order_id` and records
+    /// what the order opens with and the request's idempotency key, in one event.
+    /// Idempotent per order id and per key (a repeat with the key gets the first
+    /// answer; with another body, `IdempotencyConflict`). Refusals write nothing.
+    Buy {
+        order_id: String,
+        buyer: String,
+        quantity: u64,
+        grace_ms: Millis,
+        shipping_address: Option<Address>,
+        idem: Option<IdemTag>,
+    },
     /// The order was paid: its held units become sold. Idempotent.
     Commit {
         order_id: String,
@@ -180,6 +232,17 @@ pub enum CampaignEvent {
     Ended {
         at: Millis,
     },
+    /// A buy: the claim, the order's opening (its creation time is `at`, its payment
+    /// deadline `at` + the terms' payment timeout) and the idempotency key, together.
+    Bought {
+        order_id: String,
+        buyer: String,
+        quantity: u64,
+        expires_at: Millis,
+        at: Millis,
+        shipping_address: Option<Address>,
+        idem: Option<IdemTag>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -203,6 +266,8 @@ pub enum CampaignError {
     InvalidState(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("this Idempotency-Key was used with another request body")]
+    IdempotencyConflict,
 }
 
 /// What callers get back: the terms and the live figures, without the bookkeeping.
@@ -214,6 +279,8 @@ pub struct CampaignView {
     pub reserved: u64,
     pub version: u64,
     pub updated_at: Millis,
+    /// The order a `Buy` opened (or, for a repeated key, opened the first time).
+    pub order: Option<BoughtOrder>,
 }
 
 impl CampaignView {
@@ -266,7 +333,85 @@ impl Campaign {
             reserved: self.reserved,
             version: self.version,
             updated_at: self.updated_at,
+            order: None,
         }
+    }
+
+    /// The order opened by the claim of `order_id`, if the claim is still kept.
+    pub fn bought(&self, order_id: &str, replayed: bool) -> Option<BoughtOrder> {
+        let claim = self.claims.get(order_id)?;
+        Some(BoughtOrder {
+            order_id: order_id.to_owned(),
+            buyer: claim.buyer.clone(),
+            quantity: claim.quantity,
+            at: claim.at,
+            payment_deadline: claim.at + self.terms.payment_timeout_ms,
+            shipping_address: claim.address.as_deref().cloned(),
+            replayed,
+            held: claim.state == ClaimState::Held,
+        })
+    }
+
+    /// The checks of a buy, in the order clients see their refusals: window, stock, then
+    /// the buyer's limit. Returns the claim's expiry.
+    // PerformanceCriticalPath: every buy of a flash sale is decided here.
+    fn admit(
+        &self,
+        buyer: &str,
+        quantity: u64,
+        grace_ms: Millis,
+        now: Millis,
+    ) -> Result<Millis, CampaignError> {
+        if quantity == 0 {
+            return Err(bad("quantity must be at least 1"));
+        }
+        if self.ended(now) {
+            return Err(CampaignError::Ended);
+        }
+        if self.phase == Phase::Draft || now < self.terms.starts_at {
+            return Err(CampaignError::NotStarted);
+        }
+        let remaining = self.terms.quantity - self.sold - self.reserved;
+        if remaining < quantity {
+            return Err(CampaignError::SoldOut);
+        }
+        let held = self.buyers.get(buyer).copied().unwrap_or(0);
+        if held + quantity > self.terms.per_buyer_limit {
+            return Err(CampaignError::LimitExceeded {
+                limit: self.terms.per_buyer_limit,
+                held,
+            });
+        }
+        Ok(now + self.terms.payment_timeout_ms + grace_ms)
+    }
+
+    /// Forgets settled claims whose key has been kept long enough.
+    fn prune_settled(&mut self, now: Millis) {
+        while let Some((at, _)) = self.settled.front() {
+            if at.saturating_add(KEY_RETENTION_MS) > now {
+                break;
+            }
+            if let Some((_, order_id)) = self.settled.pop_front() {
+                if let Some(claim) = self.claims.remove(&order_id) {
+                    if let Some(tag) = claim.idem {
+                        self.keys.remove(&tag.key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn claim(&mut self, order_id: &str, claim: Claim) {
+        self.updated_at = claim.at;
+        self.reserved += claim.quantity;
+        *self.buyers.entry(claim.buyer.clone()).or_default() += claim.quantity;
+        *self.expiries.entry(claim.expires_at).or_default() += 1;
+        if let Some(tag) = claim.idem {
+            self.keys.insert(tag.key, order_id.to_owned());
+        }
+        let now = claim.at;
+        self.claims.insert(order_id.to_owned(), claim);
+        self.prune_settled(now);
     }
 
     fn ended(&self, now: Millis) -> bool {
@@ -314,6 +459,24 @@ impl Campaign {
         if self.expiries.values().sum::<u64>() != open {
             return Err("expiry index is off".into());
         }
+        for (key, order_id) in &self.keys {
+            if self
+                .claims
+                .get(order_id)
+                .and_then(|c| c.idem)
+                .map(|t| t.key)
+                != Some(*key)
+            {
+                return Err(format!("key of order {order_id} has no claim"));
+            }
+        }
+        if self
+            .claims
+            .values()
+            .any(|c| c.state == ClaimState::Released && c.idem.is_none())
+        {
+            return Err("a settled claim without a key is kept".into());
+        }
         Ok(())
     }
 
@@ -326,7 +489,20 @@ impl Campaign {
             return;
         }
         claim.state = to;
-        let (q, at, buyer) = (claim.quantity, claim.expires_at, claim.buyer.clone());
+        let (q, at, buyer, keyed) = (
+            claim.quantity,
+            claim.expires_at,
+            claim.buyer.clone(),
+            claim.idem.is_some(),
+        );
+        if to == ClaimState::Released {
+            if keyed {
+                self.settled
+                    .push_back((self.updated_at, order_id.to_owned()));
+            } else {
+                self.claims.remove(order_id);
+            }
+        }
         if let Some(n) = self.expiries.get_mut(&at) {
             *n -= 1;
             if *n == 0 {
@@ -342,6 +518,7 @@ impl Campaign {
                 self.buyers.remove(&buyer);
             }
         }
+        self.prune_settled(self.updated_at);
     }
 }
 
@@ -418,32 +595,50 @@ impl Entity for CampaignState {
                 if c.claims.contains_key(order_id) {
                     return Ok(vec![]);
                 }
-                if *quantity == 0 {
-                    return Err(bad("quantity must be at least 1"));
-                }
-                if c.ended(now) {
-                    return Err(CampaignError::Ended);
-                }
-                if c.phase == Phase::Draft || now < c.terms.starts_at {
-                    return Err(CampaignError::NotStarted);
-                }
-                let remaining = c.terms.quantity - c.sold - c.reserved;
-                if remaining < *quantity {
-                    return Err(CampaignError::SoldOut);
-                }
-                let held = c.buyers.get(buyer).copied().unwrap_or(0);
-                if held + quantity > c.terms.per_buyer_limit {
-                    return Err(CampaignError::LimitExceeded {
-                        limit: c.terms.per_buyer_limit,
-                        held,
-                    });
-                }
+                let expires_at = c.admit(buyer, *quantity, *grace_ms, now)?;
                 Ok(vec![CampaignEvent::Claimed {
                     order_id: order_id.clone(),
                     buyer: buyer.clone(),
                     quantity: *quantity,
-                    expires_at: now + c.terms.payment_timeout_ms + grace_ms,
+                    expires_at,
                     at: now,
+                }])
+            }
+            CampaignCommand::Buy {
+                order_id,
+                buyer,
+                quantity,
+                grace_ms,
+                shipping_address,
+                idem,
+            } => {
+                let c = self.existing()?;
+                if c.claims.contains_key(order_id) {
+                    return Ok(vec![]);
+                }
+                if let Some(tag) = idem {
+                    if let Some(first) = c.keys.get(&tag.key) {
+                        let same = c
+                            .claims
+                            .get(first)
+                            .and_then(|cl| cl.idem)
+                            .is_some_and(|t| t.body == tag.body);
+                        return if same {
+                            Ok(vec![])
+                        } else {
+                            Err(CampaignError::IdempotencyConflict)
+                        };
+                    }
+                }
+                let expires_at = c.admit(buyer, *quantity, *grace_ms, now)?;
+                Ok(vec![CampaignEvent::Bought {
+                    order_id: order_id.clone(),
+                    buyer: buyer.clone(),
+                    quantity: *quantity,
+                    expires_at,
+                    at: now,
+                    shipping_address: shipping_address.clone(),
+                    idem: *idem,
                 }])
             }
             CampaignCommand::Commit { order_id } => {
@@ -516,6 +711,8 @@ impl Entity for CampaignState {
                 expiries: BTreeMap::new(),
                 version: 1,
                 updated_at: terms.created_at,
+                keys: HashMap::new(),
+                settled: VecDeque::new(),
             });
             return;
         }
@@ -541,21 +738,38 @@ impl Entity for CampaignState {
                 quantity,
                 expires_at,
                 at,
-            } => {
-                c.updated_at = *at;
-                c.reserved += quantity;
-                *c.buyers.entry(buyer.clone()).or_default() += quantity;
-                *c.expiries.entry(*expires_at).or_default() += 1;
-                c.claims.insert(
-                    order_id.clone(),
-                    Claim {
-                        buyer: buyer.clone(),
-                        quantity: *quantity,
-                        expires_at: *expires_at,
-                        state: ClaimState::Held,
-                    },
-                );
-            }
+            } => c.claim(
+                order_id,
+                Claim {
+                    buyer: buyer.clone(),
+                    quantity: *quantity,
+                    expires_at: *expires_at,
+                    state: ClaimState::Held,
+                    at: *at,
+                    address: None,
+                    idem: None,
+                },
+            ),
+            CampaignEvent::Bought {
+                order_id,
+                buyer,
+                quantity,
+                expires_at,
+                at,
+                shipping_address,
+                idem,
+            } => c.claim(
+                order_id,
+                Claim {
+                    buyer: buyer.clone(),
+                    quantity: *quantity,
+                    expires_at: *expires_at,
+                    state: ClaimState::Held,
+                    at: *at,
+                    address: shipping_address.clone().map(Box::new),
+                    idem: *idem,
+                },
+            ),
             CampaignEvent::Committed { order_id, at } => {
                 c.updated_at = *at;
                 c.unhold(order_id, ClaimState::Sold);
@@ -575,6 +789,27 @@ impl Entity for CampaignState {
 
     fn view(&self) -> Option<CampaignView> {
         self.campaign.as_ref().map(Campaign::view)
+    }
+
+    /// A buy's answer carries the order it opened: the new one, or for a repeated key
+    /// the first one.
+    fn answer(&self, cmd: &CampaignCommand) -> Option<CampaignView> {
+        let c = self.campaign.as_ref()?;
+        let mut view = c.view();
+        if let CampaignCommand::Buy { order_id, idem, .. } = cmd {
+            let first = idem
+                .and_then(|t| c.keys.get(&t.key))
+                .filter(|first| *first != order_id);
+            view.order = match first {
+                Some(first) => c.bought(first, true),
+                None => c.bought(order_id, false),
+            };
+        }
+        Some(view)
+    }
+
+    fn legacy_snapshot(body: &[u8]) -> Option<Self> {
+        legacy::decode(body)
     }
 
     fn next_deadline(&self) -> Option<Millis> {
@@ -598,6 +833,75 @@ impl Entity for CampaignState {
             )],
             None => Vec::new(),
         }
+    }
+}
+
+/// Snapshots written before buys carried their order's opening and idempotency key.
+mod legacy {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct StateV1 {
+        campaign: Option<CampaignV1>,
+    }
+
+    #[derive(Deserialize)]
+    struct CampaignV1 {
+        terms: CampaignTerms,
+        phase: Phase,
+        sold: u64,
+        reserved: u64,
+        buyers: HashMap<String, u64>,
+        claims: HashMap<String, ClaimV1>,
+        expiries: BTreeMap<Millis, u64>,
+        version: u64,
+        updated_at: Millis,
+    }
+
+    #[derive(Deserialize)]
+    struct ClaimV1 {
+        buyer: String,
+        quantity: u64,
+        expires_at: Millis,
+        state: ClaimState,
+    }
+
+    /// Decodes a snapshot body (after the format byte) of the first layout.
+    pub(super) fn decode(body: &[u8]) -> Option<CampaignState> {
+        let (v1, _): (StateV1, usize) =
+            bincode::serde::decode_from_slice(body, bincode::config::standard()).ok()?;
+        let campaign = v1.campaign.map(|c| Campaign {
+            terms: c.terms.clone(),
+            phase: c.phase,
+            sold: c.sold,
+            reserved: c.reserved,
+            buyers: c.buyers,
+            claims: c
+                .claims
+                .into_iter()
+                // Settled claims are no longer kept without a key.
+                .filter(|(_, cl)| cl.state != ClaimState::Released)
+                .map(|(id, cl)| {
+                    let at = cl.expires_at.saturating_sub(c.terms.payment_timeout_ms);
+                    let claim = Claim {
+                        buyer: cl.buyer,
+                        quantity: cl.quantity,
+                        expires_at: cl.expires_at,
+                        state: cl.state,
+                        at,
+                        address: None,
+                        idem: None,
+                    };
+                    (id, claim)
+                })
+                .collect(),
+            expiries: c.expiries,
+            version: c.version,
+            updated_at: c.updated_at,
+            keys: HashMap::new(),
+            settled: VecDeque::new(),
+        });
+        Some(CampaignState { campaign })
     }
 }
 
@@ -776,9 +1080,142 @@ mod tests {
         );
     }
 
+    fn buy(order: &str, buyer: &str, key: Option<(u128, u64)>) -> CampaignCommand {
+        CampaignCommand::Buy {
+            order_id: order.into(),
+            buyer: buyer.into(),
+            quantity: 1,
+            grace_ms: 1000,
+            shipping_address: None,
+            idem: key.map(|(key, body)| IdemTag { key, body }),
+        }
+    }
+
+    fn answer_order(s: &CampaignState, cmd: &CampaignCommand) -> BoughtOrder {
+        s.answer(cmd)
+            .unwrap()
+            .order
+            .expect("a buy answers with its order")
+    }
+
+    #[test]
+    fn a_keyed_buy_is_decided_once_and_answered_the_same_way_again() {
+        let mut s = open(5, 2);
+        let first = buy("o1", "b1", Some((7, 70)));
+        run(&mut s, first.clone(), T0).unwrap();
+        let opened = answer_order(&s, &first);
+        assert_eq!((opened.order_id.as_str(), opened.replayed), ("o1", false));
+        assert_eq!(opened.payment_deadline, T0 + 60_000);
+        // The repeat mints another order id: nothing is written, the first order answers.
+        let again = buy("o2", "b1", Some((7, 70)));
+        assert_eq!(s.decide(&again, T0 + 5), Ok(vec![]));
+        let replayed = answer_order(&s, &again);
+        assert_eq!(replayed.order_id, "o1");
+        assert!(replayed.replayed && replayed.held);
+        assert_eq!(s.view().unwrap().reserved, 1);
+        // The same key with another body is refused.
+        assert_eq!(
+            s.decide(&buy("o3", "b1", Some((7, 71))), T0 + 6),
+            Err(CampaignError::IdempotencyConflict)
+        );
+        // Refusals write nothing: a sold-out keyed buy leaves no key behind.
+        let mut small = open(1, 1);
+        run(&mut small, buy("o1", "b1", None), T0).unwrap();
+        assert_eq!(
+            small.decide(&buy("o2", "b2", Some((9, 90))), T0),
+            Err(CampaignError::SoldOut)
+        );
+        assert!(small.campaign.as_ref().unwrap().keys.is_empty());
+    }
+
+    #[test]
+    fn settled_claims_are_dropped_and_keys_kept_for_a_day() {
+        let mut s = open(1, 1);
+        if let Some(c) = s.campaign.as_mut() {
+            c.terms.ends_at = T0 + 2 * KEY_RETENTION_MS;
+        }
+        // A buyer looping buy and cancel without keys leaves nothing behind.
+        for i in 0..50 {
+            let order = format!("o{i}");
+            run(&mut s, buy(&order, "b1", None), T0 + i).unwrap();
+            run(&mut s, CampaignCommand::Release { order_id: order }, T0 + i).unwrap();
+        }
+        let c = s.campaign.as_ref().unwrap();
+        assert!(c.claims.is_empty() && c.buyers.is_empty() && c.settled.is_empty());
+        // A keyed buy's settled claim stays for its key, then goes after the retention.
+        run(&mut s, buy("k1", "b1", Some((1, 1))), T0 + 100).unwrap();
+        run(
+            &mut s,
+            CampaignCommand::Release {
+                order_id: "k1".into(),
+            },
+            T0 + 200,
+        )
+        .unwrap();
+        let replay = answer_order(&s, &buy("k2", "b1", Some((1, 1))));
+        assert_eq!((replay.order_id.as_str(), replay.held), ("k1", false));
+        run(&mut s, buy("o99", "b2", None), T0 + 200 + KEY_RETENTION_MS).unwrap();
+        let c = s.campaign.as_ref().unwrap();
+        assert!(c.keys.is_empty() && !c.claims.contains_key("k1"));
+    }
+
+    #[test]
+    fn snapshots_of_the_first_layout_still_load() {
+        #[derive(Serialize)]
+        struct ClaimV1 {
+            buyer: String,
+            quantity: u64,
+            expires_at: Millis,
+            state: ClaimState,
+        }
+        #[derive(Serialize)]
+        struct CampaignV1 {
+            terms: CampaignTerms,
+            phase: Phase,
+            sold: u64,
+            reserved: u64,
+            buyers: HashMap<String, u64>,
+            claims: HashMap<String, ClaimV1>,
+            expiries: BTreeMap<Millis, u64>,
+            version: u64,
+            updated_at: Millis,
+        }
+        let held = ClaimV1 {
+            buyer: "b1".into(),
+            quantity: 1,
+            expires_at: T0 + 61_000,
+            state: ClaimState::Held,
+        };
+        let released = ClaimV1 {
+            buyer: "b2".into(),
+            quantity: 1,
+            expires_at: T0 + 61_000,
+            state: ClaimState::Released,
+        };
+        let v1 = Some(CampaignV1 {
+            terms: terms(5, 1),
+            phase: Phase::Open,
+            sold: 0,
+            reserved: 1,
+            buyers: [("b1".to_string(), 1)].into(),
+            claims: [("o1".to_string(), held), ("o2".to_string(), released)].into(),
+            expiries: [(T0 + 61_000, 1)].into(),
+            version: 4,
+            updated_at: T0,
+        });
+        let bytes = crate::codec::encode(&(v1,)).unwrap();
+        let state: CampaignState = crate::codec::decode_state(&bytes).unwrap();
+        let c = state.campaign.as_ref().unwrap();
+        c.check().unwrap();
+        assert_eq!(c.claims.len(), 1);
+        // The claim time is estimated from its expiry (the grace is not known).
+        assert_eq!(c.claims["o1"].at, T0 + 1000);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Claim(u8, u8, u8),
+        Buy(u8, u8, Option<u8>),
         Commit(u8),
         Release(u8),
         Tick(u32),
@@ -788,6 +1225,7 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             4 => (0u8..40, 0u8..8, 1u8..4).prop_map(|(o, b, q)| Op::Claim(o, b, q)),
+            4 => (40u8..80, 0u8..8, proptest::option::of(0u8..6)).prop_map(|(o, b, k)| Op::Buy(o, b, k)),
             2 => (0u8..40).prop_map(Op::Commit),
             2 => (0u8..40).prop_map(Op::Release),
             1 => (0u32..200_000).prop_map(Op::Tick),
@@ -808,8 +1246,13 @@ mod tests {
                 now += 500;
                 let cmd = match op {
                     Op::Claim(o, b, q) => claim(&format!("o{o}"), &format!("b{b}"), u64::from(q)),
-                    Op::Commit(o) => CampaignCommand::Commit { order_id: format!("o{o}") },
-                    Op::Release(o) => CampaignCommand::Release { order_id: format!("o{o}") },
+                    Op::Buy(o, b, k) => buy(
+                        &format!("o{o}"),
+                        &format!("b{b}"),
+                        k.map(|k| (u128::from(k) << 8 | u128::from(b), 1)),
+                    ),
+                    Op::Commit(o) => CampaignCommand::Commit { order_id: format!("o{}", o * 2) },
+                    Op::Release(o) => CampaignCommand::Release { order_id: format!("o{}", o * 2) },
                     Op::Tick(dt) => { now += u64::from(dt); CampaignCommand::Tick }
                     Op::End => CampaignCommand::End,
                 };

@@ -54,6 +54,18 @@ pub trait Entity: Default + Clone + Send + Sync + Serialize + DeserializeOwned +
     /// The compact copy returned to callers.
     fn view(&self) -> Self::View;
 
+    /// The answer to `cmd` once it is applied: [`view`](Self::view) unless the command
+    /// asks for more (a campaign buy answers with the order it opened).
+    fn answer(&self, _cmd: &Self::Command) -> Self::View {
+        self.view()
+    }
+
+    /// Decodes a snapshot body (after the format byte) written in an earlier layout of
+    /// this state, for kinds whose state layout has changed; `None` if it is not one.
+    fn legacy_snapshot(_body: &[u8]) -> Option<Self> {
+        None
+    }
+
     /// The earliest instant this entity wants its timer command, derived from state.
     fn next_deadline(&self) -> Option<Millis> {
         None

@@ -206,6 +206,9 @@ pub enum OrderCommand {
         shipping_address: Option<Address>,
         payment_deadline: Millis,
         campaign_id: Option<String>,
+        /// The creation time, when another entity decided it (a campaign buy, so that
+        /// the order and the buy's first answer agree); otherwise the order's clock.
+        placed_at: Option<Millis>,
     },
     BeginPayment {
         payment_id: String,
@@ -584,6 +587,7 @@ impl Entity for OrderState {
                     shipping_address,
                     payment_deadline,
                     campaign_id,
+                    placed_at,
                 },
             ) => {
                 let total = total_of(lines)?;
@@ -595,7 +599,7 @@ impl Entity for OrderState {
                     shipping_address: shipping_address.clone(),
                     payment_deadline: *payment_deadline,
                     campaign_id: campaign_id.clone(),
-                    at: now,
+                    at: placed_at.unwrap_or(now),
                 })])
             }
             // A timer or a read for an order that does not exist changes nothing.
@@ -775,6 +779,7 @@ mod tests {
             shipping_address: None,
             payment_deadline: DEADLINE,
             campaign_id: None,
+            placed_at: None,
         }
     }
 

@@ -156,19 +156,27 @@ pub async fn buy(
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    let (shop, buyer, campaign) = (st.shop.clone(), caller.sub.clone(), id.clone());
-    let op = async move {
-        let order = shop.buy(&campaign, &buyer, quantity, address).await?;
-        let json = serde_json::to_value(OrderBody::from(&order)).unwrap_or_default();
-        Ok((StatusCode::CREATED, json))
-    };
-    if headers.contains_key(idem::HEADER) {
-        let route = format!("POST /v1/campaigns/{id}/buy");
-        idem::run(&st, &caller, &route, &headers, &raw, op).await
-    } else {
-        match op.await {
-            Ok((status, json)) => (status, Json(json)).into_response(),
-            Err(e) => e.into_response(),
+    // The campaign keeps the key with the buy itself: one durable record answers both
+    // (ADR 0012). A refused buy writes nothing, so a repeat of it is decided afresh.
+    let idem = match idem::key_of(&headers) {
+        Ok(key) => {
+            key.map(|k| idem::tag(&caller, &format!("POST /v1/campaigns/{id}/buy"), k, &raw))
         }
+        Err(e) => return e.into_response(),
+    };
+    match st
+        .shop
+        .buy_keyed(&id, &caller.sub, quantity, address, idem)
+        .await
+    {
+        Ok(bought) => {
+            let mut resp =
+                (StatusCode::CREATED, Json(OrderBody::from(&bought.order))).into_response();
+            if bought.replayed {
+                idem::mark_replayed(&mut resp);
+            }
+            resp
+        }
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
