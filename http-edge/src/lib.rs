@@ -290,7 +290,8 @@ async fn edge(
     } else {
         let (method, path) = (req.method().clone(), req.uri().path().to_owned());
         let resp = admit(&state, req, next).await;
-        if resp.status().is_server_error() {
+        // A 503 of `/readyz` is an answer, not a failure.
+        if resp.status().is_server_error() && path != "/readyz" {
             tracing::warn!(request_id = ?request_id, %method, %path, status = resp.status().as_u16(), "request failed");
         }
         resp

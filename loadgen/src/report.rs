@@ -115,6 +115,14 @@ impl Outcome<'_> {
                 }
             }
         }
+        if let Some(at) = s.first_seen.get("sold_out") {
+            let _ = writeln!(
+                out,
+                "  sold out   after {:.3} s (first sold_out answer); last ok answer after {:.3} s",
+                secs(*at),
+                s.last_ok.map_or(0.0, secs)
+            );
+        }
         if let Some(c) = self.campaign {
             let _ = writeln!(
                 out,
@@ -210,6 +218,8 @@ impl Outcome<'_> {
                 "uncertain_units": self.uncertain_units,
             },
             "timeline": timeline,
+            "sold_out_after_secs": s.first_seen.get("sold_out").map(|d| secs(*d)),
+            "last_ok_after_secs": s.last_ok.map(secs),
         });
         if let (Some(d), Some(m)) = (&self.durability, report.as_object_mut()) {
             m.insert("durability".into(), json!(d));

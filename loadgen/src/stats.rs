@@ -44,6 +44,11 @@ pub struct Stats {
     pub by_op: BTreeMap<&'static str, Op>,
     pub outcomes: BTreeMap<String, u64>,
     pub timeline: Vec<Second>,
+    /// When each outcome was first seen, from the start (a sale's `sold_out` tells when
+    /// it sold out).
+    pub first_seen: BTreeMap<String, Duration>,
+    /// When the last `ok` answer arrived, from the start.
+    pub last_ok: Option<Duration>,
 }
 
 fn count(map: &mut BTreeMap<String, u64>, outcome: &str) {
@@ -63,6 +68,8 @@ impl Stats {
             by_op: BTreeMap::new(),
             outcomes: BTreeMap::new(),
             timeline: Vec::new(),
+            first_seen: BTreeMap::new(),
+            last_ok: None,
         }
     }
 
@@ -78,7 +85,14 @@ impl Stats {
         o.latency.saturating_record(us);
         count(&mut o.outcomes, outcome);
         count(&mut self.outcomes, outcome);
-        let sec = done.saturating_duration_since(self.start).as_secs() as usize;
+        let at = done.saturating_duration_since(self.start);
+        if !self.first_seen.contains_key(outcome) {
+            self.first_seen.insert(outcome.to_owned(), at);
+        }
+        if outcome == "ok" {
+            self.last_ok = Some(self.last_ok.map_or(at, |l| l.max(at)));
+        }
+        let sec = at.as_secs() as usize;
         while self.timeline.len() <= sec {
             self.timeline.push(Second {
                 requests: 0,

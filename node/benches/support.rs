@@ -22,7 +22,7 @@ impl Node {
             .arg("serve")
             .arg("--data-dir")
             .arg(dir)
-            .args(["--http", "127.0.0.1:0"])
+            .args(["--http", "127.0.0.1:0", "--cluster-addr", "127.0.0.1:0"])
             .args(extra)
             .env("SHARDMALL_JWT_SECRET", SECRET)
             .env("SHARDMALL_LOG", "warn")
@@ -31,15 +31,18 @@ impl Node {
             .spawn()
             .expect("start shardmall");
         let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read the listening line");
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect("listening line")
-            .to_owned();
+        let mut stdout = BufReader::new(stdout);
+        // The node prints its cluster address, then its HTTP address.
+        let base = loop {
+            let mut line = String::new();
+            let n = stdout
+                .read_line(&mut line)
+                .expect("read the node's start-up lines");
+            assert!(n > 0, "the node exited before listening");
+            if let Some(base) = line.trim().strip_prefix("listening on ") {
+                break base.to_owned();
+            }
+        };
         Node { child, base }
     }
 
