@@ -840,30 +840,31 @@ impl Entity for CampaignState {
 mod legacy {
     use super::*;
 
-    #[derive(Deserialize)]
-    struct StateV1 {
-        campaign: Option<CampaignV1>,
+    // Serialize too: the tests write snapshots of this layout.
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct StateV1 {
+        pub campaign: Option<CampaignV1>,
     }
 
-    #[derive(Deserialize)]
-    struct CampaignV1 {
-        terms: CampaignTerms,
-        phase: Phase,
-        sold: u64,
-        reserved: u64,
-        buyers: HashMap<String, u64>,
-        claims: HashMap<String, ClaimV1>,
-        expiries: BTreeMap<Millis, u64>,
-        version: u64,
-        updated_at: Millis,
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct CampaignV1 {
+        pub terms: CampaignTerms,
+        pub phase: Phase,
+        pub sold: u64,
+        pub reserved: u64,
+        pub buyers: HashMap<String, u64>,
+        pub claims: HashMap<String, ClaimV1>,
+        pub expiries: BTreeMap<Millis, u64>,
+        pub version: u64,
+        pub updated_at: Millis,
     }
 
-    #[derive(Deserialize)]
-    struct ClaimV1 {
-        buyer: String,
-        quantity: u64,
-        expires_at: Millis,
-        state: ClaimState,
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct ClaimV1 {
+        pub buyer: String,
+        pub quantity: u64,
+        pub expires_at: Millis,
+        pub state: ClaimState,
     }
 
     /// Decodes a snapshot body (after the format byte) of the first layout.
@@ -1161,25 +1162,7 @@ mod tests {
 
     #[test]
     fn snapshots_of_the_first_layout_still_load() {
-        #[derive(Serialize)]
-        struct ClaimV1 {
-            buyer: String,
-            quantity: u64,
-            expires_at: Millis,
-            state: ClaimState,
-        }
-        #[derive(Serialize)]
-        struct CampaignV1 {
-            terms: CampaignTerms,
-            phase: Phase,
-            sold: u64,
-            reserved: u64,
-            buyers: HashMap<String, u64>,
-            claims: HashMap<String, ClaimV1>,
-            expiries: BTreeMap<Millis, u64>,
-            version: u64,
-            updated_at: Millis,
-        }
+        use super::legacy::{CampaignV1, ClaimV1, StateV1};
         let held = ClaimV1 {
             buyer: "b1".into(),
             quantity: 1,
@@ -1192,18 +1175,20 @@ mod tests {
             expires_at: T0 + 61_000,
             state: ClaimState::Released,
         };
-        let v1 = Some(CampaignV1 {
-            terms: terms(5, 1),
-            phase: Phase::Open,
-            sold: 0,
-            reserved: 1,
-            buyers: [("b1".to_string(), 1)].into(),
-            claims: [("o1".to_string(), held), ("o2".to_string(), released)].into(),
-            expiries: [(T0 + 61_000, 1)].into(),
-            version: 4,
-            updated_at: T0,
-        });
-        let bytes = crate::codec::encode(&(v1,)).unwrap();
+        let v1 = StateV1 {
+            campaign: Some(CampaignV1 {
+                terms: terms(5, 1),
+                phase: Phase::Open,
+                sold: 0,
+                reserved: 1,
+                buyers: [("b1".to_string(), 1)].into(),
+                claims: [("o1".to_string(), held), ("o2".to_string(), released)].into(),
+                expiries: [(T0 + 61_000, 1)].into(),
+                version: 4,
+                updated_at: T0,
+            }),
+        };
+        let bytes = crate::codec::encode(&v1).unwrap();
         let state: CampaignState = crate::codec::decode_state(&bytes).unwrap();
         let c = state.campaign.as_ref().unwrap();
         c.check().unwrap();
