@@ -67,7 +67,7 @@ impl Drop for FinishBuy {
 }
 
 /// The order a campaign's buy opens, as the buyer's partition is asked to place it.
-fn place_command(terms: &CampaignTerms, bought: &BoughtOrder) -> OrderCommand {
+fn place_command(terms: &CampaignTerms, bought: &BoughtOrder, fresh: bool) -> OrderCommand {
     OrderCommand::Place {
         order_id: bought.order_id.clone(),
         buyer: bought.buyer.clone(),
@@ -81,6 +81,7 @@ fn place_command(terms: &CampaignTerms, bought: &BoughtOrder) -> OrderCommand {
         payment_deadline: bought.payment_deadline,
         campaign_id: Some(terms.campaign_id.clone()),
         placed_at: Some(bought.at),
+        fresh,
     }
 }
 
@@ -317,7 +318,7 @@ impl Shop {
             .order
             .clone()
             .ok_or_else(|| ShopError::Internal("a buy answered without its order".into()))?;
-        let place = place_command(&view.terms, &bought);
+        let place = place_command(&view.terms, &bought, false);
         if bought.replayed {
             claim_durable.await?;
             if bought.held {
@@ -342,7 +343,8 @@ impl Shop {
             campaign_id: campaign_id.to_owned(),
             place: Some(place.clone()),
         };
-        let placed = self.order(&order_id, place).await;
+        let first = place_command(&view.terms, &bought, true);
+        let placed = self.order(&order_id, first).await;
         guard.place = None;
         let claimed = claim_durable.await;
         let failure = match (placed, claimed) {

@@ -225,8 +225,25 @@ impl<E: Entity> Hosted<E> {
         ctx: Arc<HostContext>,
         queued: Arc<AtomicUsize>,
     ) -> Result<Self, ActorProcessingErr> {
+        Self::load_from(key, partition, owner, ctx, queued, false)
+    }
+
+    /// [`Hosted::load`], or with `fresh` for an entity whose id was just minted for this
+    /// command: from the log's tail alone (see `Wal::load_new_entity`).
+    pub(crate) fn load_from(
+        key: EntityKey,
+        partition: u16,
+        owner: ActorRef<PartitionMsg>,
+        ctx: Arc<HostContext>,
+        queued: Arc<AtomicUsize>,
+        fresh: bool,
+    ) -> Result<Self, ActorProcessingErr> {
         let key_bytes = key.to_bytes();
-        let log = ctx.wal.load_entity(partition, &key_bytes)?;
+        let log = if fresh {
+            ctx.wal.load_new_entity(partition, &key_bytes)?
+        } else {
+            ctx.wal.load_entity(partition, &key_bytes)?
+        };
         let state: E = codec::rebuild(log.snapshot.as_deref(), log.tail.iter().map(|(_, r)| r))?;
         let index = state.index_entries().into_iter().collect();
         let deadline = state.next_deadline();

@@ -452,7 +452,9 @@ impl PartitionState {
                         && !self.failed.contains(&key)
                         && self.inline_writes.get(&key).is_none_or(|rx| *rx.borrow()) =>
                 {
-                    self.serve_inline::<OrderState>(myself, key, req).await;
+                    let fresh = matches!(req.cmd, OrderCommand::Place { fresh: true, .. });
+                    self.serve_inline::<OrderState>(myself, key, req, fresh)
+                        .await;
                     return;
                 }
                 other => Box::new(other),
@@ -479,14 +481,16 @@ impl PartitionState {
         myself: &ActorRef<PartitionMsg>,
         key: EntityKey,
         req: Request<E>,
+        fresh: bool,
     ) {
         let queued = Arc::new(AtomicUsize::new(0));
-        let mut hosted = match Hosted::<E>::load(
+        let mut hosted = match Hosted::<E>::load_from(
             key.clone(),
             self.index,
             myself.clone(),
             self.ctx.clone(),
             queued,
+            fresh,
         ) {
             Ok(h) => h,
             Err(e) => {

@@ -856,6 +856,7 @@ impl Shop {
                 payment_deadline: deadline,
                 campaign_id: None,
                 placed_at: None,
+                fresh: false,
             };
             match self.order(&order_id, cmd).await {
                 Ok(Some(order)) => {

@@ -439,6 +439,7 @@ fn check_order(ops: &[OrderOp]) -> Result<BTreeSet<(OrderStatus, OrderStatus)>, 
         payment_deadline: START + DEADLINE_AFTER,
         campaign_id: None,
         placed_at: None,
+        fresh: false,
     };
     let mut log = step(&mut state, &place, now).expect("a valid order is placed");
     let mut seen: BTreeSet<(OrderStatus, OrderStatus)> = BTreeSet::new();

@@ -216,6 +216,17 @@ impl Wal {
         })
     }
 
+    /// Like [`Wal::load_entity`] for an entity that has never been checkpointed, such as
+    /// one whose id its caller has just minted: its log tail only, without reading the
+    /// store (whose batches can hold a reader up while a checkpoint writes).
+    pub fn load_new_entity(&self, partition: u16, entity: &[u8]) -> Result<EntityLog> {
+        keys::check_entity(entity)?;
+        Ok(EntityLog {
+            snapshot: None,
+            tail: self.shared().tails.get(partition, entity, 0),
+        })
+    }
+
     /// Value of an auxiliary key.
     pub fn aux_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let key = keys::aux_key(key);

@@ -377,3 +377,59 @@ async fn append_then_calls_back_once_durable_and_once_refused() {
     assert!(matches!(queued, Err(Error::Closed)));
     assert!(rx.await.unwrap(), "the callback hears the refusal too");
 }
+
+/// Aux changes not yet in the store (the overlay) are read over the stored ones: a
+/// deletion hides a stored key, pages merge both in order, in both directions.
+#[tokio::test]
+async fn aux_scans_merge_unstored_changes_over_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let put = |k: &str| AuxOp::Put(k.as_bytes().to_vec(), k.as_bytes().to_vec());
+    let append = |aux: Vec<AuxOp>| {
+        let wal = wal.clone();
+        async move {
+            let rec = Record {
+                partition: 0,
+                entity: b"e".to_vec(),
+                payload: b"p".to_vec(),
+                aux,
+            };
+            wal.append(rec).await.unwrap().durable().await.unwrap();
+        }
+    };
+    append(vec![put("x/a"), put("x/b"), put("x/c")]).await;
+    // Into the store.
+    wal.checkpoint_partition(0, &mut |_, _, _| Ok(Some(b"s".to_vec())))
+        .unwrap();
+    wal.release_log().unwrap();
+    append(vec![AuxOp::Delete(b"x/b".to_vec()), put("x/d"), put("x/0")]).await;
+    let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| {
+        v.into_iter()
+            .map(|(k, _)| String::from_utf8(k).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        keys(wal.aux_scan(b"x/", None, false, 10).unwrap()),
+        ["x/0", "x/a", "x/c", "x/d"]
+    );
+    assert_eq!(
+        keys(wal.aux_scan(b"x/", None, true, 10).unwrap()),
+        ["x/d", "x/c", "x/a", "x/0"]
+    );
+    // One at a time, as a list pages through them.
+    let mut seen = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = wal.aux_scan(b"x/", after.as_deref(), false, 1).unwrap();
+        let Some((k, _)) = page.last() else { break };
+        after = Some(k.clone());
+        seen.extend(keys(page));
+    }
+    assert_eq!(seen, ["x/0", "x/a", "x/c", "x/d"]);
+    assert_eq!(wal.aux_get(b"x/b").unwrap(), None);
+    assert_eq!(wal.aux_get(b"x/a").unwrap(), Some(b"x/a".to_vec()));
+    // A fresh entity's log is its tail alone.
+    let fresh = wal.load_new_entity(0, b"e").unwrap();
+    assert_eq!((fresh.snapshot, fresh.tail.len()), (None, 1));
+    wal.shutdown().await.unwrap();
+}

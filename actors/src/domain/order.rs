@@ -209,6 +209,9 @@ pub enum OrderCommand {
         /// The creation time, when another entity decided it (a campaign buy, so that
         /// the order and the buy's first answer agree); otherwise the order's clock.
         placed_at: Option<Millis>,
+        /// The caller minted the id for this very command: nothing of the order can have
+        /// been checkpointed, so it is loaded from the log's tail alone.
+        fresh: bool,
     },
     BeginPayment {
         payment_id: String,
@@ -588,6 +591,7 @@ impl Entity for OrderState {
                     payment_deadline,
                     campaign_id,
                     placed_at,
+                    ..
                 },
             ) => {
                 let total = total_of(lines)?;
@@ -780,6 +784,7 @@ mod tests {
             payment_deadline: DEADLINE,
             campaign_id: None,
             placed_at: None,
+            fresh: false,
         }
     }
 
