@@ -104,3 +104,58 @@ impl Board {
             .retain(|_, f| now < f.ends_at.saturating_add(DAY));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::campaign::{CampaignTerms, Phase};
+    use crate::domain::Money;
+
+    fn view(quantity: u64, reserved: u64, phase: Phase) -> CampaignView {
+        CampaignView {
+            terms: CampaignTerms {
+                campaign_id: "c1".into(),
+                sku_id: "s1".into(),
+                product_id: "p1".into(),
+                sku_name: "n".into(),
+                price: Money::new(1, "CNY"),
+                quantity,
+                starts_at: 1_000,
+                ends_at: 10_000,
+                per_buyer_limit: 1,
+                payment_timeout_ms: 1,
+                created_at: 0,
+            },
+            phase,
+            sold: 0,
+            reserved,
+            version: 1,
+            updated_at: 0,
+            order: None,
+        }
+    }
+
+    #[test]
+    fn refusals_are_trusted_for_a_moment_and_an_end_for_good() {
+        let board = Board::default();
+        assert_eq!(board.verdict("c1", 2_000), Verdict::Ask);
+        board.saw(&view(1, 0, Phase::Open), 500);
+        assert_eq!(board.verdict("c1", 500), Verdict::NotStarted);
+        board.saw(&view(1, 1, Phase::Open), 2_000);
+        assert_eq!(board.verdict("c1", 2_000), Verdict::SoldOut);
+        board.saw(&view(1, 0, Phase::Open), 2_000);
+        assert_eq!(board.verdict("c1", 2_000), Verdict::Ask);
+        board.saw_sold_out("c1");
+        assert_eq!(board.verdict("c1", 2_000), Verdict::SoldOut);
+        // A stale sold-out figure sends the next buy to the campaign.
+        std::thread::sleep(TRUST + Duration::from_millis(20));
+        assert_eq!(board.verdict("c1", 2_000), Verdict::Ask);
+        // Past the end, for good.
+        assert_eq!(board.verdict("c1", 10_000), Verdict::Ended);
+        board.saw(&view(1, 0, Phase::Ended { at: 3_000 }), 3_000);
+        std::thread::sleep(TRUST + Duration::from_millis(20));
+        assert_eq!(board.verdict("c1", 3_000), Verdict::Ended);
+        board.forget("c1");
+        assert_eq!(board.verdict("c1", 3_000), Verdict::Ask);
+    }
+}

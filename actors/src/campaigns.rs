@@ -338,12 +338,15 @@ impl Shop {
         // From here the claim exists: if this future is dropped (the client went away),
         // the guard finishes the buy in a task of its own, so a claim is never left
         // without its order until it expires.
+        let mut first = place.clone();
+        if let OrderCommand::Place { fresh, .. } = &mut first {
+            *fresh = true;
+        }
         let mut guard = FinishBuy {
             shop: self.clone(),
             campaign_id: campaign_id.to_owned(),
-            place: Some(place.clone()),
+            place: Some(place),
         };
-        let first = place_command(&view.terms, &bought, true);
         let placed = self.order(&order_id, first).await;
         guard.place = None;
         let claimed = claim_durable.await;

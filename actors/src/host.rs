@@ -20,9 +20,6 @@ use crate::keys::EntityKey;
 use crate::metrics::ActorMetrics;
 use crate::partition::PartitionMsg;
 
-/// Told once a command's record is durable (or failed), for a caller answered early.
-type OnDurable = Box<dyn FnOnce(Result<(), String>) + Send>;
-
 /// What a caller of an entity gets back.
 pub type Reply<E> = Result<<E as Entity>::View, Refusal<<E as Entity>::Error>>;
 
@@ -276,36 +273,19 @@ impl<E: Entity> Hosted<E> {
         &mut self,
         req: Request<E>,
     ) -> Result<(), ActorProcessingErr> {
+        // With `early` the caller is answered once the record is queued and told of its
+        // durability separately (see `Request::durable`).
         let Request {
             cmd,
             reply,
-            durable,
+            durable: early,
         } = req;
-        if let Some(durable) = durable {
-            // Nothing of this command is queued yet: the log's position is the last write.
-            let notify = move |outcome: Result<(), String>| {
-                let _ = durable.send(outcome);
-            };
-            return self
-                .decide_and_write(cmd, reply, Some(Box::new(notify)))
-                .await;
-        }
-        self.decide_and_write(cmd, reply, None).await
-    }
-
-    // PerformanceCriticalPath: every write of the engine passes here.
-    async fn decide_and_write(
-        &mut self,
-        cmd: E::Command,
-        reply: RpcReplyPort<Reply<E>>,
-        early: Option<OnDurable>,
-    ) -> Result<(), ActorProcessingErr> {
         let now = now_ms();
         let events = match self.state.decide(&cmd, now) {
             Ok(events) => events,
             Err(refusal) => {
                 if let Some(early) = early {
-                    early(Ok(()));
+                    let _ = early.send(Ok(()));
                 }
                 self.answer_after_last_write(reply, Err(Refusal::Domain(refusal)));
                 return Ok(());
@@ -314,7 +294,7 @@ impl<E: Entity> Hosted<E> {
         if events.is_empty() {
             if let Some(early) = early {
                 // The answer itself waits for the last write, so it is durable when seen.
-                early(Ok(()));
+                let _ = early.send(Ok(()));
             }
             let view = self.state.answer(&cmd);
             self.answer_after_last_write(reply, Ok(view));
@@ -324,7 +304,7 @@ impl<E: Entity> Hosted<E> {
             Ok(p) => p,
             Err(e) => {
                 if let Some(early) = early {
-                    early(Err(e.to_string()));
+                    let _ = early.send(Err(e.to_string()));
                 }
                 let _ = reply.send(Err(Refusal::Unavailable(e.to_string())));
                 return Ok(());
@@ -371,9 +351,11 @@ impl<E: Entity> Hosted<E> {
                     .append_then(record, move |outcome| match outcome {
                         Ok(_) => {
                             let _ = durable_tx.send(true);
-                            early(Ok(()));
+                            let _ = early.send(Ok(()));
                         }
-                        Err(e) => early(Err(format!("log: {e}"))),
+                        Err(e) => {
+                            let _ = early.send(Err(format!("log: {e}")));
+                        }
                     })
                     .await?;
                 let _ = reply.send(Ok(view));

@@ -207,41 +207,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Every route template of [`router`], for the per-route metrics (a test checks the
-/// list against the router's OpenAPI paths).
-pub const ROUTES: &[&str] = &[
-    "/v1/products",
-    "/v1/products/{product_id}",
-    "/v1/skus/{sku_id}",
-    "/v1/skus/{sku_id}/stock",
-    "/v1/skus/{sku_id}/price",
-    "/v1/cart",
-    "/v1/cart/items/{sku_id}",
-    "/v1/orders",
-    "/v1/orders/{order_id}",
-    "/v1/orders/{order_id}/pay",
-    "/v1/orders/{order_id}/cancel",
-    "/v1/orders/{order_id}/ship",
-    "/v1/orders/{order_id}/confirm-receipt",
-    "/v1/orders/{order_id}/refund",
-    "/v1/orders/{order_id}/refund/approve",
-    "/v1/orders/{order_id}/refund/reject",
-    "/v1/admin/orders",
-    "/v1/payments/callback",
-    "/v1/campaigns",
-    "/v1/campaigns/{campaign_id}",
-    "/v1/campaigns/{campaign_id}/end",
-    "/v1/campaigns/{campaign_id}/buy",
-    "/healthz",
-    "/readyz",
-    "/metrics",
-    "/openapi.json",
-    "/dashboard",
-    "/v1/cluster",
-    "/v1/cluster/rebalance",
-    "/v1/cluster/nodes/{node_id}/leave",
-    "/v1/cluster/nodes/{node_id}",
-];
+/// Every route template the router serves, for the per-route metrics: the OpenAPI
+/// document's paths, and the document itself.
+pub fn route_templates() -> Vec<String> {
+    let mut routes: Vec<String> = ApiDoc::openapi().paths.paths.into_keys().collect();
+    routes.push("/openapi.json".to_owned());
+    routes
+}
 
 /// The edge's one middleware, in the order it applies: header size limit, request id
 /// (the caller's `x-request-id`, or a fresh one), admission, the handler, metrics, and
@@ -393,15 +365,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-
-    /// The metrics' route list MUST name every route the router serves.
-    #[test]
-    fn metrics_know_every_route() {
-        let doc = ApiDoc::openapi();
-        for p in doc.paths.paths.keys() {
-            assert!(ROUTES.contains(&p.as_str()), "{p} missing from ROUTES");
         }
     }
 

@@ -164,14 +164,6 @@ pub enum CampaignCommand {
     Open,
     /// Saga rollback of `Create` when the SKU refused the units. Only in `Draft`.
     Discard,
-    /// A buy: claims `quantity` units for `order_id`, held until the order's payment
-    /// deadline plus `grace_ms`. Idempotent per order id.
-    Claim {
-        order_id: String,
-        buyer: String,
-        quantity: u64,
-        grace_ms: Millis,
-    },
     /// A buy decided in one step: claims `quantity` units for `order_id` and records
     /// what the order opens with and the request's idempotency key, in one event.
     /// Idempotent per order id and per key (a repeat with the key gets the first
@@ -585,25 +577,6 @@ impl Entity for CampaignState {
                     "only a campaign being created can be discarded".into(),
                 )),
             },
-            CampaignCommand::Claim {
-                order_id,
-                buyer,
-                quantity,
-                grace_ms,
-            } => {
-                let c = self.existing()?;
-                if c.claims.contains_key(order_id) {
-                    return Ok(vec![]);
-                }
-                let expires_at = c.admit(buyer, *quantity, *grace_ms, now)?;
-                Ok(vec![CampaignEvent::Claimed {
-                    order_id: order_id.clone(),
-                    buyer: buyer.clone(),
-                    quantity: *quantity,
-                    expires_at,
-                    at: now,
-                }])
-            }
             CampaignCommand::Buy {
                 order_id,
                 buyer,
@@ -955,13 +928,20 @@ mod tests {
         s
     }
 
-    fn claim(order: &str, buyer: &str, q: u64) -> CampaignCommand {
-        CampaignCommand::Claim {
+    /// A buy of `q` units, with an idempotency key (key, body hash) or not.
+    fn keyed(order: &str, buyer: &str, q: u64, key: Option<(u128, u64)>) -> CampaignCommand {
+        CampaignCommand::Buy {
             order_id: order.into(),
             buyer: buyer.into(),
             quantity: q,
             grace_ms: 1000,
+            shipping_address: None,
+            idem: key.map(|(key, body)| IdemTag { key, body }),
         }
+    }
+
+    fn claim(order: &str, buyer: &str, q: u64) -> CampaignCommand {
+        keyed(order, buyer, q, None)
     }
 
     #[test]
@@ -1082,14 +1062,7 @@ mod tests {
     }
 
     fn buy(order: &str, buyer: &str, key: Option<(u128, u64)>) -> CampaignCommand {
-        CampaignCommand::Buy {
-            order_id: order.into(),
-            buyer: buyer.into(),
-            quantity: 1,
-            grace_ms: 1000,
-            shipping_address: None,
-            idem: key.map(|(key, body)| IdemTag { key, body }),
-        }
+        keyed(order, buyer, 1, key)
     }
 
     fn answer_order(s: &CampaignState, cmd: &CampaignCommand) -> BoughtOrder {
