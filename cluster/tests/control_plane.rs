@@ -40,12 +40,24 @@ impl Service for RaftOnly {
 async fn open(net: &MemoryNet, root: &std::path::Path, name: &str) -> ControlPlane {
     let service = Arc::new(RaftOnly::default());
     net.register(name, service.clone());
-    let control = ControlPlane::open(
-        ControlConfig::new(member(name), root.join(name)),
-        Arc::new(net.endpoint(name)),
-    )
-    .await
-    .expect("open");
+    // A stopped control plane's last tasks let go of its store shortly after: a reopen
+    // right after a shutdown may find it still locked (as in the scenarios' restarts).
+    let opened = Instant::now();
+    let control = loop {
+        match ControlPlane::open(
+            ControlConfig::new(member(name), root.join(name)),
+            Arc::new(net.endpoint(name)),
+        )
+        .await
+        {
+            Ok(c) => break c,
+            Err(e) if opened.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("open: {e:?}"),
+        }
+    };
     let _ = service.0.set(control.clone());
     control
 }
