@@ -5,13 +5,20 @@
 //!   campaign opens. A draft left behind by a crash ends at `ends_at` like any campaign,
 //!   and the SKU gets back whatever it carved.
 //! - A buy claims units on the campaign (one actor, arithmetic only; refusals write
-//!   nothing), then places the order in the buyer's partition. It is answered once both
+//!   nothing). When the buyer's partition is served on the same node, the order is a
+//!   second record in the campaign's own log frame (ADR 0013); otherwise it is placed in
+//!   the buyer's partition beside the claim. Either way the buy is answered once both
 //!   are durable. If the order cannot be placed, the claim is released.
 //! - Payment commits the claim; cancel and expiry release it. The SKU is told the
 //!   campaign's absolute figures afterwards ([`CampaignView::sku_hold`]): versioned, so a
 //!   report that is late, lost or repeated is harmless, and the next one catches up.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use shardmall_persistence::{AuxOp, Part};
+use tokio::sync::oneshot;
 
 use crate::board::Verdict;
 use crate::domain::campaign::{
@@ -24,7 +31,9 @@ use crate::domain::Entity;
 use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{campaign_err, order_err, sku_err};
-use crate::host::{now_ms, Refusal};
+use crate::host::{deadline_key, now_ms, Companion, MakeCompanion, Refusal};
+use crate::keys::EntityKey;
+use crate::partition::PartitionMsg;
 use crate::route::{IndexFilter, ScanRequest};
 use crate::shop::{millis, Page, Shop};
 
@@ -83,6 +92,12 @@ fn place_command(terms: &CampaignTerms, bought: &BoughtOrder, fresh: bool) -> Or
         placed_at: Some(bought.at),
         fresh,
     }
+}
+
+fn bought_of(view: &CampaignView) -> Result<BoughtOrder> {
+    view.order
+        .clone()
+        .ok_or_else(|| ShopError::Internal("a buy answered without its order".into()))
 }
 
 /// The order exactly as `place` opens it: a buy's first answer, rebuilt for a repeat.
@@ -263,11 +278,13 @@ impl Shop {
     }
 
     /// A flash-sale buy. The campaign decides it in one event that carries the claim,
-    /// the order's opening and the idempotency key (ADR 0012). While that record is being
-    /// flushed the order is placed in the buyer's partition (by the partition itself, no
-    /// actor is started for it), so both usually share one group commit. Answered once
-    /// both are durable; refusals write nothing. A repeat of a keyed buy is answered from
-    /// the campaign with the order as it was first answered (`replayed`).
+    /// the order's opening and the idempotency key (ADR 0012). When the buyer's
+    /// partition is served here, the order's record is written in the campaign's frame
+    /// (ADR 0013): one durable write. Otherwise, while the claim is being flushed, the
+    /// order is placed in the buyer's partition (by the partition itself, no actor is
+    /// started for it), so both usually share one group commit. Answered once both are
+    /// durable; refusals write nothing. A repeat of a keyed buy is answered from the
+    /// campaign with the order as it was first answered (`replayed`).
     // PerformanceCriticalPath: the flash-sale hot path.
     pub async fn buy_keyed(
         &self,
@@ -300,8 +317,98 @@ impl Shop {
             idem,
         };
         let p = self.inner.partitioner.catalog(Kind::Campaign, campaign_id);
+        // The buyer's partition served here too: the order rides in the claim's frame.
+        if self.serves_partition(partition) {
+            let written = Arc::new(AtomicBool::new(false));
+            let also = self.order_companion(partition, written.clone());
+            if let Some(answer) = self
+                .ask_here_with::<CampaignState>(p, campaign_id, cmd.clone(), also)
+                .await
+            {
+                let view = self.saw_campaign(campaign_id, answer)?;
+                if written.load(Ordering::Acquire) {
+                    let bought = bought_of(&view)?;
+                    return Ok(Bought {
+                        order: opening(place_command(&view.terms, &bought, false))?,
+                        replayed: false,
+                    });
+                }
+                // A repeat, or the buyer's partition started moving: the claim is
+                // durable (the answer waited for it); the order goes on its own.
+                return self.place_bought(campaign_id, view, None).await;
+            }
+        }
         let (answer, durable) = self.ask_early::<CampaignState>(p, campaign_id, cmd).await;
         let view = self.saw_campaign(campaign_id, answer)?;
+        self.place_bought(campaign_id, view, durable).await
+    }
+
+    /// The buy's order as a record in the campaign's own frame (ADR 0013), built from
+    /// the campaign's answer, when the buyer's `partition` is open to it. Sets `written`
+    /// when it is part of the frame.
+    fn order_companion(
+        &self,
+        partition: u16,
+        written: Arc<AtomicBool>,
+    ) -> MakeCompanion<CampaignState> {
+        let gate = self.inner.gates[usize::from(partition)].clone();
+        let target = self.inner.partitions[usize::from(partition)].clone();
+        let metrics = self.inner.metrics.clone();
+        Box::new(move |view: &Option<CampaignView>| {
+            let view = view.as_ref()?;
+            let bought = view.order.as_ref().filter(|b| !b.replayed)?;
+            let inside = gate.enter()?;
+            let place = place_command(&view.terms, bought, true);
+            let mut order = OrderState::default();
+            let events = match order.decide(&place, bought.at) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(order = %bought.order_id, error = ?e, "a bought order does not place; placing it apart");
+                    return None;
+                }
+            };
+            for event in &events {
+                order.apply(event);
+            }
+            let payload = crate::codec::encode(&events).ok()?;
+            let key = EntityKey::new(Kind::Order, bought.order_id.clone());
+            let entity = key.to_bytes();
+            let deadline = order.next_deadline();
+            let mut aux: Vec<AuxOp> = order
+                .index_entries()
+                .into_iter()
+                .map(|(k, v)| AuxOp::Put(k, v))
+                .collect();
+            if let Some(at) = deadline {
+                aux.push(AuxOp::Put(deadline_key(partition, at, &entity), Vec::new()));
+            }
+            let status = order.view().map(|o| o.status.as_str());
+            written.store(true, Ordering::Release);
+            Some(Companion {
+                part: Part {
+                    partition,
+                    entity,
+                    payload,
+                },
+                aux,
+                on_durable: Box::new(move || {
+                    metrics.order_status_changed(None, status);
+                    let _ = target.cast(PartitionMsg::Delivered(key, deadline));
+                }),
+                hold: Box::new(inside),
+            })
+        })
+    }
+
+    /// After the claim: places the bought order in the buyer's partition, wherever it
+    /// is served, and answers once the claim (`durable`, when it was answered early) and
+    /// the order are both durable. A repeat of a keyed buy answers its first order.
+    async fn place_bought(
+        &self,
+        campaign_id: &str,
+        view: CampaignView,
+        durable: Option<oneshot::Receiver<std::result::Result<(), String>>>,
+    ) -> Result<Bought> {
         let claim_durable = async move {
             match durable {
                 None => Ok(()),
@@ -314,10 +421,8 @@ impl Shop {
                 },
             }
         };
-        let bought = view
-            .order
-            .clone()
-            .ok_or_else(|| ShopError::Internal("a buy answered without its order".into()))?;
+        let bought = bought_of(&view)?;
+        let order_id = bought.order_id.clone();
         let place = place_command(&view.terms, &bought, false);
         if bought.replayed {
             claim_durable.await?;

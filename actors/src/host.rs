@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use shardmall_persistence::{AuxOp, Record, Wal};
+use shardmall_persistence::{AuxOp, Part, Record, Wal};
 use tokio::sync::{oneshot, watch};
 
 use crate::codec;
@@ -46,6 +46,9 @@ pub struct Request<E: Entity> {
     /// that itself waits for `durable` before acknowledging anything to a client may ask
     /// for it: the shop uses it to place a buy's order while the claim is being flushed.
     pub durable: Option<oneshot::Sender<Result<(), String>>>,
+    /// Made from the command's answer when it writes: another entity's record, written
+    /// in the same log frame (see [`Companion`]).
+    pub also: Option<MakeCompanion<E>>,
 }
 
 impl<E: Entity> Request<E> {
@@ -54,9 +57,27 @@ impl<E: Entity> Request<E> {
             cmd,
             reply,
             durable: None,
+            also: None,
         }
     }
 }
+
+/// Another entity's record that a command writes in its own log frame, so one durable
+/// write carries both (ADR 0013: a flash-sale buy's claim and its order).
+pub struct Companion {
+    pub part: Part,
+    /// Its index and deadline changes, applied with the frame.
+    pub aux: Vec<AuxOp>,
+    /// Runs on the log's thread once the frame is durable, before the answer leaves:
+    /// tells the other entity's partition (arm its deadline, drop a stale activation).
+    pub on_durable: Box<dyn FnOnce() + Send>,
+    /// Held until the frame is queued: a fence of the other entity's partition waits for
+    /// it, so no frame reaches a partition after it was handed over.
+    pub hold: Box<dyn Send>,
+}
+
+/// Builds a command's [`Companion`] from its answer; `None` writes the command alone.
+pub type MakeCompanion<E> = Box<dyn FnOnce(&<E as Entity>::View) -> Option<Companion> + Send>;
 
 pub enum EntityMsg<E: Entity> {
     /// Boxed: a mailbox allocates room for several messages at a time, and some commands
@@ -279,6 +300,7 @@ impl<E: Entity> Hosted<E> {
             cmd,
             reply,
             durable: early,
+            also,
         } = req;
         let now = now_ms();
         let events = match self.state.decide(&cmd, now) {
@@ -313,8 +335,16 @@ impl<E: Entity> Hosted<E> {
         for event in &events {
             self.state.apply(event);
         }
-        let aux = self.derived_changes();
+        let mut aux = self.derived_changes();
         let view = self.state.answer(&cmd);
+        let companion = also.and_then(|make| make(&view));
+        let (also, on_durable, hold) = match companion {
+            Some(c) => {
+                aux.extend(c.aux);
+                (vec![c.part], Some(c.on_durable), Some(c.hold))
+            }
+            None => (Vec::new(), None, None),
+        };
         // The answer leaves from the log's own thread the moment the record is durable:
         // no task waits for it. If the append fails the in-memory state is ahead of the
         // log: failing the actor discards it, and the next activation reloads what is
@@ -326,6 +356,7 @@ impl<E: Entity> Hosted<E> {
             entity: self.key_bytes.clone(),
             payload,
             aux,
+            also,
         };
         match early {
             None => {
@@ -335,6 +366,9 @@ impl<E: Entity> Hosted<E> {
                         let answer = match outcome {
                             Ok(_) => {
                                 let _ = durable_tx.send(true);
+                                if let Some(f) = on_durable {
+                                    f();
+                                }
                                 Ok(view)
                             }
                             Err(e) => Err(Refusal::Unavailable(format!("log: {e}"))),
@@ -351,6 +385,9 @@ impl<E: Entity> Hosted<E> {
                     .append_then(record, move |outcome| match outcome {
                         Ok(_) => {
                             let _ = durable_tx.send(true);
+                            if let Some(f) = on_durable {
+                                f();
+                            }
                             let _ = early.send(Ok(()));
                         }
                         Err(e) => {
@@ -361,6 +398,8 @@ impl<E: Entity> Hosted<E> {
                 let _ = reply.send(Ok(view));
             }
         }
+        // Queued: a fence of the companion's partition may go on.
+        drop(hold);
         Ok(())
     }
 

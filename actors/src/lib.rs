@@ -19,6 +19,7 @@ pub mod codec;
 pub mod domain;
 pub mod error;
 mod errors_map;
+pub mod gate;
 pub mod handoff;
 pub mod host;
 pub mod ids;

@@ -130,6 +130,10 @@ pub enum PartitionMsg {
     Fence(ractor::RpcReplyPort<()>),
     /// Serve again: re-arm the timers from the persisted deadline index.
     Unfence(ractor::RpcReplyPort<()>),
+    /// Another entity's log frame wrote this entity's first record, now durable and
+    /// applied (see [`crate::host::Companion`]): arm its deadline, and drop an activation
+    /// that loaded before the record was there.
+    Delivered(EntityKey, Option<Millis>),
 }
 
 #[derive(Clone)]
@@ -325,6 +329,7 @@ impl Actor for PartitionActor {
                 }
                 let _ = reply.send(());
             }
+            PartitionMsg::Delivered(key, deadline) => state.delivered(key, deadline),
             PartitionMsg::Tick => state.fire_due(),
             PartitionMsg::Sweep => state.sweep(),
             PartitionMsg::ActiveCount(reply) => {
@@ -397,6 +402,28 @@ impl PartitionState {
         }
         self.draining.push(reply);
         self.drained();
+    }
+
+    fn delivered(&mut self, key: EntityKey, deadline: Option<Millis>) {
+        if self.fenced {
+            // The handoff carries the record; the new owner arms from its index.
+            return;
+        }
+        if let Some(slot) = self.slots.get_mut(&key) {
+            if let Slot::Active { actor, .. } = slot {
+                // Loaded before the record was applied (someone asked for the id before
+                // it existed): stale. Its commands wait for a fresh activation.
+                actor.passivate();
+                *slot = Slot::Stopping {
+                    actor_id: actor.id(),
+                    held: Vec::new(),
+                };
+                self.active -= 1;
+            }
+        }
+        if let Some(at) = deadline {
+            self.wheel.insert((at, key));
+        }
     }
 
     /// Answers the `Fence` callers once no entity is left.

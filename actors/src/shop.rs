@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
 use shardmall_persistence::Wal;
@@ -33,7 +33,8 @@ use crate::domain::sku::{SkuCommand, SkuState, SkuView};
 use crate::domain::{Address, Entity, Kind, Millis, Money, ProductStatus};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{cart_err, idem_err, order_err, product_err, sku_err, MOVING};
-use crate::host::{now_ms, HostContext, Refusal, Request};
+use crate::gate::Gate;
+use crate::host::{now_ms, HostContext, MakeCompanion, Refusal, Request};
 use crate::ids::OrderIdGen;
 use crate::keys::{EntityKey, Partitioner};
 use crate::metrics::ActorMetrics;
@@ -67,7 +68,13 @@ pub struct ShopConfig {
     /// Admission bound of one entity (commands waiting in its mailbox).
     pub max_entity_queue: usize,
     pub timer_tick: Duration,
+    /// Longest time between checkpoints while anything is unfolded: bounds the replay
+    /// after a crash in quiet hours.
     pub checkpoint_interval: Duration,
+    /// A checkpoint starts as soon as this many bytes were logged since the last one:
+    /// bounds the log and the unfolded records held in memory under load, while a burst
+    /// shorter than that pays nothing for checkpoints until it is over.
+    pub checkpoint_log_bytes: u64,
     pub call_timeout: Duration,
     /// Start every partition fenced: the cluster unfences those this node owns.
     pub start_fenced: bool,
@@ -86,7 +93,8 @@ impl Default for ShopConfig {
             max_active: 4096,
             max_entity_queue: 512,
             timer_tick: Duration::from_millis(250),
-            checkpoint_interval: Duration::from_secs(2),
+            checkpoint_interval: Duration::from_secs(30),
+            checkpoint_log_bytes: 64 * 1024 * 1024,
             call_timeout: Duration::from_secs(10),
             start_fenced: false,
         }
@@ -150,6 +158,9 @@ pub struct Shop {
 
 pub(crate) struct Inner {
     pub(crate) partitions: Vec<ActorRef<PartitionMsg>>,
+    /// Per partition: whether other partitions' entities may write into it now (see
+    /// [`crate::gate`]).
+    pub(crate) gates: Vec<Arc<Gate>>,
     pub(crate) partitioner: Partitioner,
     pub(crate) wal: Wal,
     pub(crate) cfg: ShopConfig,
@@ -196,9 +207,13 @@ impl Shop {
                 })?;
             partitions.push(actor);
         }
+        let gates = (0..cfg.partitions)
+            .map(|_| Gate::new(cfg.start_fenced))
+            .collect();
         let shop = Shop {
             inner: Arc::new(Inner {
                 partitions,
+                gates,
                 partitioner: Partitioner::new(cfg.partitions),
                 wal,
                 ids: OrderIdGen::new(cfg.node_tag),
@@ -289,12 +304,31 @@ impl Shop {
     /// dropped, and this returns once every active entity has stopped with its writes
     /// durable.
     pub async fn fence_partition(&self, partition: u16) -> Result<()> {
-        self.partition_call(partition, PartitionMsg::Fence).await
+        let gate = self.gate(partition)?;
+        gate.close();
+        self.partition_call(partition, PartitionMsg::Fence).await?;
+        // Writes into it from other partitions' entities: queued, then applied.
+        gate.drained().await;
+        self.inner
+            .wal
+            .flush()
+            .await
+            .map_err(|e| ShopError::Unavailable(format!("log: {e}")))
     }
 
     /// Serves `partition` here again, timers re-armed from the store.
     pub async fn unfence_partition(&self, partition: u16) -> Result<()> {
-        self.partition_call(partition, PartitionMsg::Unfence).await
+        self.partition_call(partition, PartitionMsg::Unfence)
+            .await?;
+        self.gate(partition)?.open();
+        Ok(())
+    }
+
+    fn gate(&self, partition: u16) -> Result<&Arc<Gate>> {
+        self.inner
+            .gates
+            .get(usize::from(partition))
+            .ok_or_else(|| ShopError::BadRequest(format!("partition {partition} does not exist")))
     }
 
     async fn partition_call(
@@ -365,7 +399,7 @@ impl Shop {
         if self.route(partition) == Route::Local {
             let (tx, rx) = oneshot::channel();
             match self
-                .ask_local_with::<E>(partition, id, cmd.clone(), Some(tx))
+                .ask_local_with::<E>(partition, id, cmd.clone(), Some(tx), None)
                 .await
             {
                 // Moving: route it like any command.
@@ -376,6 +410,33 @@ impl Shop {
         (self.ask::<E>(partition, id, cmd).await, None)
     }
 
+    /// Sends a command that may write a companion record (see
+    /// [`crate::host::Companion`]) to its partition, if that is served here; `None`
+    /// when it is not (or is moving), and nothing was sent.
+    pub(crate) async fn ask_here_with<E: Routed>(
+        &self,
+        partition: u16,
+        id: &str,
+        cmd: E::Command,
+        also: MakeCompanion<E>,
+    ) -> Option<std::result::Result<E::View, Refusal<E::Error>>> {
+        if self.route(partition) != Route::Local {
+            return None;
+        }
+        match self
+            .ask_local_with::<E>(partition, id, cmd, None, Some(also))
+            .await
+        {
+            Err(Refusal::Moved) => None,
+            answer => Some(answer),
+        }
+    }
+
+    /// True when `partition` is served by this node now.
+    pub(crate) fn serves_partition(&self, partition: u16) -> bool {
+        self.route(partition) == Route::Local
+    }
+
     /// Sends one command to this node's partition actor.
     async fn ask_local<E: Routed>(
         &self,
@@ -383,7 +444,8 @@ impl Shop {
         id: &str,
         cmd: E::Command,
     ) -> std::result::Result<E::View, Refusal<E::Error>> {
-        self.ask_local_with::<E>(partition, id, cmd, None).await
+        self.ask_local_with::<E>(partition, id, cmd, None, None)
+            .await
     }
 
     // PerformanceCriticalPath: every local entity command passes here.
@@ -393,6 +455,7 @@ impl Shop {
         id: &str,
         cmd: E::Command,
         durable: Option<oneshot::Sender<std::result::Result<(), String>>>,
+        also: Option<MakeCompanion<E>>,
     ) -> std::result::Result<E::View, Refusal<E::Error>> {
         let Some(actor) = self.inner.partitions.get(usize::from(partition)) else {
             return Err(Refusal::Unavailable(format!(
@@ -407,6 +470,7 @@ impl Shop {
                         cmd,
                         reply,
                         durable,
+                        also,
                     };
                     PartitionMsg::Deliver(Box::new(E::wrap(id, req)))
                 },
@@ -1484,11 +1548,33 @@ impl Shop {
         }
     }
 
+    /// Checkpoints when the log has grown by `checkpoint_log_bytes`, when it has been
+    /// quiet for [`CHECKPOINT_QUIET`] with something unfolded, or at the latest every
+    /// `checkpoint_interval`: a burst of writes pays for no checkpoint until it is over
+    /// or has logged that much, and a quiet node folds everything promptly.
     async fn checkpoint_loop(self) {
-        let mut every = tokio::time::interval(self.inner.cfg.checkpoint_interval);
+        let (interval, log_bytes) = (
+            self.inner.cfg.checkpoint_interval,
+            self.inner.cfg.checkpoint_log_bytes,
+        );
+        let mut every = tokio::time::interval(interval.min(CHECKPOINT_POLL));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop = self.inner.stop.clone();
+        let logged = |wal: &Wal| wal.metrics().appended_bytes;
+        let (mut folded_at, mut folded_upto) = (Instant::now(), logged(&self.inner.wal));
+        let (mut quiet_since, mut seen) = (Instant::now(), folded_upto);
         while stop.run_until_cancelled(every.tick()).await.is_some() {
+            let now = logged(&self.inner.wal);
+            if now != seen {
+                (quiet_since, seen) = (Instant::now(), now);
+            }
+            let due = now - folded_upto >= log_bytes
+                || (now != folded_upto && quiet_since.elapsed() >= CHECKPOINT_QUIET)
+                || folded_at.elapsed() >= interval;
+            if !due {
+                continue;
+            }
+            (folded_at, folded_upto) = (Instant::now(), now);
             let wal = self.inner.wal.clone();
             // sled calls block: run the fold off the async workers.
             let res = tokio::task::spawn_blocking(move || checkpoint_all(&wal)).await;
@@ -1500,6 +1586,12 @@ impl Shop {
         }
     }
 }
+
+/// A log with no new record for this long is folded (see [`Shop::checkpoint_loop`]).
+const CHECKPOINT_QUIET: Duration = Duration::from_secs(1);
+
+/// How often the checkpoint scheduler looks at the log's growth.
+const CHECKPOINT_POLL: Duration = Duration::from_millis(250);
 
 /// The first `limit` ids of several nodes' pages in index order (each page holds a
 /// node's first ids after the same cursor, so the merge is exact), and the cursor of the

@@ -130,6 +130,7 @@ async fn a_broken_entity_does_not_take_its_partition_down() {
             entity: key.to_bytes(),
             payload: vec![1, 250, 250, 250],
             aux: vec![],
+            also: vec![],
         })
         .await
         .unwrap();
@@ -304,6 +305,74 @@ async fn the_memory_budget_passivates_the_least_recently_used() {
     }
     for (sku, stock) in &skus {
         assert_eq!(shop.get_sku(sku).await.unwrap().available, stock + 1);
+    }
+    shop.shutdown().await;
+}
+
+/// ADR 0013: on one node a flash-sale buy is one log record (the campaign's, carrying
+/// the order), and the order is readable, payable and cancellable the moment the buy
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buy_is_one_log_record_and_its_order_is_there_when_it_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = open(dir.path(), config()).await;
+    shop.create_product(product("p", &[("s", 100)]))
+        .await
+        .unwrap();
+    let now = shardmall_actors::host::now_ms();
+    shop.create_campaign(shardmall_actors::NewCampaign {
+        campaign_id: "c".into(),
+        sku_id: "s".into(),
+        price: Money {
+            amount: 50,
+            currency: "CNY".into(),
+        },
+        quantity: 10,
+        starts_at: None,
+        ends_at: now + 3_600_000,
+        per_buyer_limit: 5,
+        payment_timeout: None,
+    })
+    .await
+    .unwrap();
+    let before = shop.wal().metrics().appended;
+    let mut orders = Vec::new();
+    for i in 0..6 {
+        let order = shop.buy("c", &format!("b{i}"), 1, None).await.unwrap();
+        let read = shop.get_order(&order.order_id).await.unwrap();
+        assert_eq!(read.status, OrderStatus::PendingPayment);
+        assert_eq!(read.total.amount, 50);
+        orders.push(order.order_id);
+    }
+    assert_eq!(
+        shop.wal().metrics().appended - before,
+        6,
+        "one record per buy (reads write nothing)"
+    );
+    let paid = shop
+        .pay(
+            &orders[0],
+            Money {
+                amount: 50,
+                currency: "CNY".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(paid.status, OrderStatus::Paid);
+    let cancelled = shop.cancel(&orders[1], false).await.unwrap();
+    assert_eq!(cancelled.status, OrderStatus::Cancelled);
+    let campaign = shop.get_campaign("c").await.unwrap();
+    assert_eq!((campaign.sold, campaign.reserved), (1, 4));
+    // A restart folds the frames into both entities' snapshots: the orders stay.
+    shop.shutdown().await;
+    drop(shop);
+    let shop = open(dir.path(), config()).await;
+    for id in &orders[2..] {
+        assert_eq!(
+            shop.get_order(id).await.unwrap().status,
+            OrderStatus::PendingPayment
+        );
     }
     shop.shutdown().await;
 }

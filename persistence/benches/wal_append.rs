@@ -70,6 +70,7 @@ async fn run(mode: Durability, appenders: usize, secs: f64) -> Run {
                     entity: entity.clone(),
                     payload: payload.clone(),
                     aux: Vec::new(),
+                    also: vec![],
                 };
                 let ack = wal.append(rec).await.expect("append");
                 ack.durable().await.expect("durable");

@@ -122,6 +122,7 @@ pub(crate) struct Prepared {
     entity: Vec<u8>,
     payload: sled::IVec,
     aux: Vec<(sled::IVec, Option<sled::IVec>)>,
+    also: Vec<(u16, Vec<u8>, sled::IVec)>,
 }
 
 impl Prepared {
@@ -139,6 +140,11 @@ impl Prepared {
             entity: rec.entity,
             payload: rec.payload.into(),
             aux,
+            also: rec
+                .also
+                .into_iter()
+                .map(|p| (p.partition, p.entity, p.payload.into()))
+                .collect(),
         }
     }
 }
@@ -264,6 +270,7 @@ fn run_writer(
                         &rec.entity,
                         &rec.payload,
                         &rec.aux,
+                        &rec.also,
                     );
                     written.push(Written { lsn, rec });
                     acks.push((lsn, ack));
@@ -288,7 +295,7 @@ fn run_writer(
                 }
                 written.clear();
             } else {
-                shared.counters.record_batch(acks.len());
+                shared.counters.record_batch(acks.len(), buf.len());
                 let full = {
                     let mut segs = shared.segments();
                     if let Some(seg) = segs.list.last_mut() {
@@ -372,6 +379,9 @@ fn apply(shared: &Shared, written: Vec<Written>) -> Result<()> {
     for w in written {
         aux.extend(w.rec.aux);
         tails.push((w.rec.partition, w.rec.entity, w.lsn, w.rec.payload));
+        for (partition, entity, payload) in w.rec.also {
+            tails.push((partition, entity, w.lsn, payload));
+        }
     }
     if !aux.is_empty() {
         shared.overlay.apply(aux);

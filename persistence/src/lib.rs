@@ -40,7 +40,7 @@ pub use config::{Durability, WalConfig};
 pub use group_commit::Ack;
 pub use handoff::{Fold, PartitionData};
 pub use metrics::WalMetrics;
-pub use record::{AuxOp, CheckpointStats, EntityLog, Lsn, Record};
+pub use record::{AuxOp, CheckpointStats, EntityLog, Lsn, Part, Record};
 pub use wal::Wal;
 
 /// Everything that can go wrong in the persistence layer.

@@ -26,6 +26,8 @@ const FLUSH_SECONDS_BOUNDS: [f64; 13] = [
 pub struct WalMetrics {
     /// Records applied to the storage engine.
     pub appended: u64,
+    /// Bytes written to the log since the node started (frames included).
+    pub appended_bytes: u64,
     /// Every record with an lsn up to this one is durable.
     pub durable_lsn: Lsn,
     /// Group-commit batches applied.
@@ -44,6 +46,7 @@ pub struct WalMetrics {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     appended: AtomicU64,
+    appended_bytes: AtomicU64,
     batches: AtomicU64,
     flushes: AtomicU64,
     batch_size_sum: AtomicU64,
@@ -53,9 +56,11 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn record_batch(&self, records: usize) {
+    pub(crate) fn record_batch(&self, records: usize, bytes: usize) {
         let n = records as u64;
         self.appended.fetch_add(n, Ordering::Relaxed);
+        self.appended_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.batch_size_sum.fetch_add(n, Ordering::Relaxed);
         if let Some(i) = BATCH_SIZE_BOUNDS
@@ -79,6 +84,7 @@ impl Counters {
     pub(crate) fn snapshot(&self, durable_lsn: Lsn, queue_depth: usize) -> WalMetrics {
         WalMetrics {
             appended: self.appended.load(Ordering::Relaxed),
+            appended_bytes: self.appended_bytes.load(Ordering::Relaxed),
             durable_lsn,
             batches: self.batches.load(Ordering::Relaxed),
             flushes: self.flushes.load(Ordering::Relaxed),
@@ -110,12 +116,13 @@ mod tests {
     #[test]
     fn histograms_are_cumulative() {
         let c = Counters::default();
-        c.record_batch(1);
-        c.record_batch(3);
-        c.record_batch(5000);
+        c.record_batch(1, 100);
+        c.record_batch(3, 300);
+        c.record_batch(5000, 500_000);
         c.record_flush(Duration::from_micros(300));
         let m = c.snapshot(9, 2);
         assert_eq!(m.appended, 5004);
+        assert_eq!(m.appended_bytes, 500_400);
         assert_eq!(m.batches, 3);
         assert_eq!(m.batch_size_sum, 5004);
         assert_eq!(m.batch_size_buckets[0], (1.0, 1));

@@ -21,6 +21,19 @@ pub struct Record {
     pub payload: Vec<u8>,
     /// Applied in order; a later op on the same key wins.
     pub aux: Vec<AuxOp>,
+    /// Records of other entities written in the same frame: durable, recovered and
+    /// applied together with this one, at the same lsn.
+    pub also: Vec<Part>,
+}
+
+/// Another entity's record carried in the frame of a [`Record`]: one write for a
+/// decision that opens two entities at once (a flash-sale buy and its order, ADR 0013).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub partition: u16,
+    /// At most `u16::MAX` bytes.
+    pub entity: Vec<u8>,
+    pub payload: Vec<u8>,
 }
 
 /// What is stored for one entity: its last checkpointed snapshot and the records logged

@@ -27,6 +27,8 @@ pub(crate) struct Frame {
     pub entity: Vec<u8>,
     pub payload: Vec<u8>,
     pub aux: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Other entities' records in the same frame: (partition, entity, payload).
+    pub also: Vec<(u16, Vec<u8>, Vec<u8>)>,
 }
 
 /// Appends one frame to `out`.
@@ -37,6 +39,7 @@ pub(crate) fn encode_frame(
     entity: &[u8],
     payload: &[u8],
     aux: &[(sled::IVec, Option<sled::IVec>)],
+    also: &[(u16, Vec<u8>, sled::IVec)],
 ) {
     let start = out.len();
     out.extend_from_slice(&[0; 8]);
@@ -50,6 +53,16 @@ pub(crate) fn encode_frame(
         put_bytes(out, k);
         if let Some(v) = v {
             put_bytes(out, v);
+        }
+    }
+    // Frames without other entities end here, as frames always did: older logs read the
+    // same, and a reader that predates the section refuses it instead of dropping it.
+    if !also.is_empty() {
+        out.extend_from_slice(&(also.len() as u32).to_be_bytes());
+        for (partition, entity, payload) in also {
+            out.extend_from_slice(&partition.to_be_bytes());
+            put_bytes(out, entity);
+            put_bytes(out, payload);
         }
     }
     let body_len = (out.len() - start - 8) as u32;
@@ -82,12 +95,23 @@ fn decode_body(body: &[u8]) -> Option<Frame> {
         };
         aux.push((key, value));
     }
+    let mut also = Vec::new();
+    if !r.is_empty() {
+        let n = take_u32(&mut r)?;
+        for _ in 0..n {
+            let partition = u16::from_be_bytes(take(&mut r, 2)?.try_into().ok()?);
+            let entity = take_bytes(&mut r)?.to_vec();
+            let payload = take_bytes(&mut r)?.to_vec();
+            also.push((partition, entity, payload));
+        }
+    }
     r.is_empty().then_some(Frame {
         lsn,
         partition,
         entity,
         payload,
         aux,
+        also,
     })
 }
 
@@ -216,7 +240,7 @@ mod tests {
             ),
             (sled::IVec::from(&b"Agone"[..]), None),
         ];
-        encode_frame(&mut out, lsn, 7, b"ent", b"payload", &aux);
+        encode_frame(&mut out, lsn, 7, b"ent", b"payload", &aux, &[]);
         out
     }
 
@@ -264,5 +288,33 @@ mod tests {
             Err(Error::Corrupt(_))
         ));
         assert_eq!(list_segments(dir.path()).unwrap(), vec![(1, path)]);
+    }
+
+    #[test]
+    fn a_frame_carries_other_entities_and_its_bytes_are_pinned() {
+        let mut out = Vec::new();
+        let also = vec![(3u16, b"o1".to_vec(), sled::IVec::from(&b"placed"[..]))];
+        encode_frame(&mut out, 9, 7, b"c", b"bought", &[], &also);
+        // A change of this layout makes existing logs unreadable: never edit it, only
+        // add a section after the last one.
+        let golden: &[u8] = &[
+            0, 0, 0, 51, // body length
+            0x16, 0x2d, 0x77, 0x69, // crc32 of the body
+            0, 0, 0, 0, 0, 0, 0, 9, // lsn
+            0, 7, // partition
+            0, 0, 0, 1, b'c', // entity
+            0, 0, 0, 6, b'b', b'o', b'u', b'g', b'h', b't', // payload
+            0, 0, 0, 0, // no aux changes
+            0, 0, 0, 1, // one other entity
+            0, 3, // its partition
+            0, 0, 0, 2, b'o', b'1', // its entity
+            0, 0, 0, 6, b'p', b'l', b'a', b'c', b'e', b'd', // its payload
+        ];
+        assert_eq!(out, golden);
+        let frame = decode_body(&out[8..]).unwrap();
+        assert_eq!(frame.also, vec![(3, b"o1".to_vec(), b"placed".to_vec())]);
+        assert_eq!((frame.lsn, &frame.payload[..]), (9, &b"bought"[..]));
+        // A truncated section does not decode.
+        assert!(decode_body(&out[8..out.len() - 1]).is_none());
     }
 }

@@ -151,6 +151,9 @@ impl Wal {
         }
         self.shared().check_failed()?;
         keys::check_entity(&rec.entity)?;
+        for part in &rec.also {
+            keys::check_entity(&part.entity)?;
+        }
         self.inner
             .tx
             .send(Msg::Append {
@@ -426,19 +429,22 @@ fn recover(
             if frame.lsn < folded {
                 return Ok(());
             }
-            let key = (frame.partition, frame.entity);
-            let snap = match snapshot_lsns.get(&key) {
-                Some(l) => *l,
-                None => {
-                    let skey = keys::snapshot_key(key.0, &key.1);
-                    let (l, _) = keys::decode_snapshot(tree.get(&skey)?.as_deref())?;
-                    snapshot_lsns.insert(key.clone(), l);
-                    l
+            let own = (frame.partition, frame.entity, frame.payload);
+            for (partition, entity, payload) in std::iter::once(own).chain(frame.also) {
+                let key = (partition, entity);
+                let snap = match snapshot_lsns.get(&key) {
+                    Some(l) => *l,
+                    None => {
+                        let skey = keys::snapshot_key(key.0, &key.1);
+                        let (l, _) = keys::decode_snapshot(tree.get(&skey)?.as_deref())?;
+                        snapshot_lsns.insert(key.clone(), l);
+                        l
+                    }
+                };
+                if frame.lsn > snap {
+                    tail_records += 1;
+                    tails.push(key.0, key.1, frame.lsn, payload.into());
                 }
-            };
-            if frame.lsn > snap {
-                tail_records += 1;
-                tails.push(key.0, key.1, frame.lsn, frame.payload.into());
             }
             Ok(())
         })?;

@@ -101,6 +101,7 @@ fn crash_child() {
                         entity: entity.clone(),
                         payload,
                         aux,
+                        also: vec![],
                     };
                     let lsn = wal.append(rec).await.unwrap().durable().await.unwrap();
                     // One write + flush per line: the parent must see every ack that was
@@ -253,6 +254,7 @@ fn acknowledged_records_survive_sigkill() {
                 entity: b"after".to_vec(),
                 payload: vec![1],
                 aux: vec![],
+                also: vec![],
             })
             .await
             .unwrap()

@@ -155,6 +155,7 @@ fn run(durability: Durability, ops: Vec<Op>) {
                     entity,
                     payload,
                     aux,
+                    also: vec![],
                 };
                 rt.block_on(async { wal.append(rec).await.unwrap().durable().await.unwrap() });
             }

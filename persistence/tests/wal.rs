@@ -3,7 +3,7 @@
 mod common;
 
 use common::{load_list, open, record};
-use shardmall_persistence::{AuxOp, Durability, Error, Record};
+use shardmall_persistence::{AuxOp, Durability, Error, Part, Record};
 
 #[tokio::test]
 async fn appended_records_load_in_order() {
@@ -134,6 +134,7 @@ async fn aux_ops_apply_with_their_record() {
         entity: b"o".to_vec(),
         payload: b"p".to_vec(),
         aux: ops,
+        also: vec![],
     };
     wal.append(rec).await.unwrap().durable().await.unwrap();
     assert_eq!(wal.aux_get(b"I/o/b/2").unwrap(), Some(b"2".to_vec()));
@@ -307,6 +308,7 @@ async fn released_segments_are_gone_and_the_data_survives_reopen() {
             entity: format!("e{}", i % 7).into_bytes(),
             payload: i.to_be_bytes().to_vec(),
             aux: vec![AuxOp::Put(format!("k{i:03}").into_bytes(), vec![1])],
+            also: vec![],
         };
         last = wal.append(rec).await.unwrap().durable().await.unwrap();
     }
@@ -393,6 +395,7 @@ async fn aux_scans_merge_unstored_changes_over_the_store() {
                 entity: b"e".to_vec(),
                 payload: b"p".to_vec(),
                 aux,
+                also: vec![],
             };
             wal.append(rec).await.unwrap().durable().await.unwrap();
         }
@@ -431,5 +434,64 @@ async fn aux_scans_merge_unstored_changes_over_the_store() {
     // A fresh entity's log is its tail alone.
     let fresh = wal.load_new_entity(0, b"e").unwrap();
     assert_eq!((fresh.snapshot, fresh.tail.len()), (None, 1));
+    wal.shutdown().await.unwrap();
+}
+
+/// One frame, two entities (a buy's claim and its order): both are durable and loaded
+/// at the same lsn, both survive a crash (reopen without a checkpoint), and the segment
+/// holding the frame stays until both are folded.
+#[tokio::test]
+async fn a_frame_with_another_entity_applies_recovers_and_folds_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let rec = Record {
+        aux: vec![AuxOp::Put(b"I/ob/alice/o1".to_vec(), b"pending".to_vec())],
+        also: vec![Part {
+            partition: 9,
+            entity: b"o1".to_vec(),
+            payload: b"placed".to_vec(),
+        }],
+        ..record(4, b"camp", b"bought")
+    };
+    let lsn = wal.append(rec).await.unwrap().durable().await.unwrap();
+    assert_eq!(wal.load_entity(4, b"camp").unwrap().tail[0].0, lsn);
+    assert_eq!(
+        wal.load_entity(9, b"o1").unwrap().tail,
+        vec![(lsn, b"placed".to_vec())]
+    );
+    assert_eq!(
+        wal.aux_get(b"I/ob/alice/o1").unwrap(),
+        Some(b"pending".to_vec())
+    );
+    // No checkpoint, no shutdown: recovery replays the frame into both tails.
+    drop(wal);
+    let wal = open(dir.path(), Durability::Sync);
+    assert_eq!(load_list(&wal, 4, b"camp"), vec![b"bought".to_vec()]);
+    assert_eq!(load_list(&wal, 9, b"o1"), vec![b"placed".to_vec()]);
+    // Fill a few segments so the frame's is not the one being written.
+    for i in 0..200u32 {
+        wal.append(record(1, b"filler", &i.to_be_bytes()))
+            .await
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
+    }
+    let fold = &mut |_: &[u8], old: Option<&[u8]>, tail: &[(u64, Vec<u8>)]| {
+        Ok(common::fold_list(old, tail))
+    };
+    wal.checkpoint_partition(4, fold).unwrap();
+    wal.checkpoint_partition(1, fold).unwrap();
+    wal.release_log().unwrap();
+    // The order is not folded yet: its record must still be readable after a restart.
+    drop(wal);
+    let wal = open(dir.path(), Durability::Sync);
+    assert_eq!(load_list(&wal, 9, b"o1"), vec![b"placed".to_vec()]);
+    wal.checkpoint_partition(9, fold).unwrap();
+    wal.release_log().unwrap();
+    drop(wal);
+    let wal = open(dir.path(), Durability::Sync);
+    assert_eq!(load_list(&wal, 9, b"o1"), vec![b"placed".to_vec()]);
+    assert_eq!(load_list(&wal, 4, b"camp"), vec![b"bought".to_vec()]);
     wal.shutdown().await.unwrap();
 }

@@ -34,6 +34,7 @@ pub fn record(partition: u16, entity: &[u8], payload: &[u8]) -> Record {
         entity: entity.to_vec(),
         payload: payload.to_vec(),
         aux: Vec::new(),
+        also: vec![],
     }
 }
 
