@@ -74,6 +74,16 @@ impl Board {
         }
     }
 
+    /// Records that the campaign refused a buy as not started yet: the figure it had is
+    /// trusted again for [`TRUST`] (without this, once the figure was stale every buy of
+    /// a scheduled campaign went to its actor until someone read the campaign).
+    pub fn saw_not_started(&self, campaign_id: &str) {
+        if let Some(mut f) = self.figures.get_mut(campaign_id) {
+            f.status = CampaignStatus::Scheduled;
+            f.seen = Instant::now();
+        }
+    }
+
     /// Forgets a campaign (discarded, or unknown to its owner).
     pub fn forget(&self, campaign_id: &str) {
         self.figures.remove(campaign_id);
@@ -147,6 +157,13 @@ mod tests {
         assert_eq!(board.verdict("c1", 2_000), Verdict::Ask);
         board.saw_sold_out("c1");
         assert_eq!(board.verdict("c1", 2_000), Verdict::SoldOut);
+        // A not-started refusal refreshes a stale scheduled figure.
+        board.saw(&view(1, 0, Phase::Open), 500);
+        std::thread::sleep(TRUST + Duration::from_millis(20));
+        assert_eq!(board.verdict("c1", 500), Verdict::Ask);
+        board.saw_not_started("c1");
+        assert_eq!(board.verdict("c1", 500), Verdict::NotStarted);
+        board.saw_sold_out("c1");
         // A stale sold-out figure sends the next buy to the campaign.
         std::thread::sleep(TRUST + Duration::from_millis(20));
         assert_eq!(board.verdict("c1", 2_000), Verdict::Ask);

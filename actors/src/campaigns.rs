@@ -154,6 +154,10 @@ impl Shop {
                 board.saw_sold_out(id);
                 Err(ShopError::SoldOut(id.to_owned()))
             }
+            Err(Refusal::Domain(CampaignError::NotStarted)) => {
+                board.saw_not_started(id);
+                Err(ShopError::CampaignNotStarted(id.to_owned()))
+            }
             Err(r) => Err(campaign_err(r, id)),
         }
     }
