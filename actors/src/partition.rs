@@ -217,6 +217,22 @@ enum Slot {
     },
 }
 
+impl Slot {
+    /// Asks an active entity to stop (its writes become durable first); commands that
+    /// arrive meanwhile wait in the slot for a fresh activation. True if it was active.
+    fn passivate(&mut self) -> bool {
+        let Slot::Active { actor, .. } = self else {
+            return false;
+        };
+        actor.passivate();
+        *self = Slot::Stopping {
+            actor_id: actor.id(),
+            held: Vec::new(),
+        };
+        true
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PartitionConfig {
     pub idle_timeout: Duration,
@@ -391,12 +407,7 @@ impl PartitionState {
         self.fenced = true;
         self.wheel.clear();
         for slot in self.slots.values_mut() {
-            if let Slot::Active { actor, .. } = slot {
-                actor.passivate();
-                *slot = Slot::Stopping {
-                    actor_id: actor.id(),
-                    held: Vec::new(),
-                };
+            if slot.passivate() {
                 self.active -= 1;
             }
         }
@@ -409,17 +420,10 @@ impl PartitionState {
             // The handoff carries the record; the new owner arms from its index.
             return;
         }
-        if let Some(slot) = self.slots.get_mut(&key) {
-            if let Slot::Active { actor, .. } = slot {
-                // Loaded before the record was applied (someone asked for the id before
-                // it existed): stale. Its commands wait for a fresh activation.
-                actor.passivate();
-                *slot = Slot::Stopping {
-                    actor_id: actor.id(),
-                    held: Vec::new(),
-                };
-                self.active -= 1;
-            }
+        // An activation that loaded before the record was applied (someone asked for
+        // the id before it existed) is stale: its commands wait for a fresh one.
+        if self.slots.get_mut(&key).is_some_and(Slot::passivate) {
+            self.active -= 1;
         }
         if let Some(at) = deadline {
             self.wheel.insert((at, key));
@@ -641,18 +645,10 @@ impl PartitionState {
         self.inline_writes.retain(|_, rx| !*rx.borrow());
         let idle = self.config.idle_timeout;
         for slot in self.slots.values_mut() {
-            if let Slot::Active {
-                actor, last_used, ..
-            } = slot
-            {
-                if last_used.elapsed() >= idle {
-                    actor.passivate();
-                    *slot = Slot::Stopping {
-                        actor_id: actor.id(),
-                        held: Vec::new(),
-                    };
-                    self.active -= 1;
-                }
+            let idle_long =
+                matches!(slot, Slot::Active { last_used, .. } if last_used.elapsed() >= idle);
+            if idle_long && slot.passivate() {
+                self.active -= 1;
             }
         }
     }
@@ -669,16 +665,9 @@ impl PartitionState {
             })
             .min_by_key(|(used, _)| *used)
             .map(|(_, k)| k);
-        if let Some(key) = oldest {
-            if let Some(slot) = self.slots.get_mut(&key) {
-                if let Slot::Active { actor, .. } = slot {
-                    actor.passivate();
-                    *slot = Slot::Stopping {
-                        actor_id: actor.id(),
-                        held: Vec::new(),
-                    };
-                    self.active -= 1;
-                }
+        if let Some(slot) = oldest.and_then(|key| self.slots.get_mut(&key)) {
+            if slot.passivate() {
+                self.active -= 1;
             }
         }
     }
