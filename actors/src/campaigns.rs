@@ -130,7 +130,10 @@ pub struct NewCampaign {
 impl Shop {
     async fn campaign(&self, id: &str, cmd: CampaignCommand) -> Result<CampaignView> {
         let p = self.inner.partitioner.catalog(Kind::Campaign, id);
-        let answer = self.ask::<CampaignState>(p, id, cmd).await;
+        let answer = match cmd {
+            CampaignCommand::Get => self.read::<CampaignState>(p, id, cmd).await,
+            cmd => self.ask::<CampaignState>(p, id, cmd).await,
+        };
         self.saw_campaign(id, answer)
     }
 

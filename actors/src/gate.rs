@@ -46,6 +46,11 @@ impl Gate {
         (!self.closed.load(SeqCst)).then_some(inside)
     }
 
+    /// True while writers (and readers of published copies) may go in.
+    pub fn is_open(&self) -> bool {
+        !self.closed.load(SeqCst)
+    }
+
     pub fn close(&self) {
         self.closed.store(true, SeqCst);
     }

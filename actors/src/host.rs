@@ -19,6 +19,7 @@ use crate::domain::{Entity, Kind, Millis};
 use crate::keys::EntityKey;
 use crate::metrics::ActorMetrics;
 use crate::partition::PartitionMsg;
+use crate::views::{next_seq, Views};
 
 /// What a caller of an entity gets back.
 pub type Reply<E> = Result<<E as Entity>::View, Refusal<<E as Entity>::Error>>;
@@ -92,6 +93,8 @@ pub enum EntityMsg<E: Entity> {
 pub struct HostContext {
     pub wal: Wal,
     pub metrics: Arc<ActorMetrics>,
+    /// Copies of active entities' durable state, read without asking them (ADR 0014).
+    pub views: Arc<Views>,
 }
 
 pub struct EntityArgs {
@@ -129,6 +132,12 @@ pub struct Hosted<E: Entity> {
     /// Becomes true once this actor's latest write is durable.
     last_write: Option<watch::Receiver<bool>>,
     queued: Arc<AtomicUsize>,
+    /// This activation's latest sequence number (see [`crate::views`]): taken when it
+    /// starts and at each write.
+    seq: u64,
+    /// True for an actor: it publishes its view for reads and removes it when it stops.
+    /// A partition deciding without an actor (`serve_inline`) publishes nothing.
+    publishes: bool,
 }
 
 pub fn now_ms() -> Millis {
@@ -136,6 +145,16 @@ pub fn now_ms() -> Millis {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as Millis)
         .unwrap_or(0)
+}
+
+/// Publishes the state a write left, from the log's thread once it is durable and before
+/// its caller is answered (see [`crate::views`]).
+fn publish_durable<E: Entity>(republish: Option<(Arc<HostContext>, String, u64, E::View)>) {
+    if let Some((ctx, id, seq, view)) = republish {
+        if let Some(views) = ctx.views.of::<E>() {
+            views.publish_durable(&id, seq, view);
+        }
+    }
 }
 
 /// The aux key of a persisted deadline: `D/` + partition + instant + entity key, so one
@@ -181,7 +200,8 @@ impl<E: Entity> Actor for EntityActor<E> {
                 args.ctx.wal.flush().await?;
             }
         }
-        let hosted = Hosted::load(args.key, args.partition, args.owner, args.ctx, args.queued)?;
+        let mut hosted = Hosted::load(args.key, args.partition, args.owner, args.ctx, args.queued)?;
+        hosted.publishes = true;
         hosted
             .ctx
             .metrics
@@ -200,6 +220,9 @@ impl<E: Entity> Actor for EntityActor<E> {
             .metrics
             .active_actors
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(views) = state.ctx.views.of::<E>() {
+            views.remove(&state.key.id, state.seq);
+        }
         Ok(())
     }
 
@@ -213,7 +236,14 @@ impl<E: Entity> Actor for EntityActor<E> {
         match message {
             EntityMsg::Cmd(req) => {
                 hosted.queued.fetch_sub(1, Ordering::Relaxed);
-                hosted.handle_command(*req).await
+                let handled = hosted.handle_command(*req).await;
+                if handled.is_err() {
+                    // The actor fails without `post_stop`: its copy goes now.
+                    if let Some(views) = hosted.ctx.views.of::<E>() {
+                        views.remove(&hosted.key.id, hosted.seq);
+                    }
+                }
+                handled
             }
             EntityMsg::Passivate => {
                 // Every append of this actor MUST be applied before a fresh activation
@@ -265,6 +295,11 @@ impl<E: Entity> Hosted<E> {
         let state: E = codec::rebuild(log.snapshot.as_deref(), log.tail.iter().map(|(_, r)| r))?;
         let index = state.index_entries().into_iter().collect();
         let deadline = state.next_deadline();
+        // Whatever an earlier activation published is older than this one.
+        let seq = next_seq();
+        if let Some(views) = ctx.views.of::<E>() {
+            views.reset(&key.id, seq);
+        }
         if let Some(at) = deadline {
             // The persisted deadline index already holds it; arming again is harmless and
             // covers a deadline that was armed in memory only before a passivation.
@@ -281,6 +316,8 @@ impl<E: Entity> Hosted<E> {
             index,
             last_write: None,
             queued,
+            seq,
+            publishes: false,
         })
     }
 
@@ -332,9 +369,21 @@ impl<E: Entity> Hosted<E> {
                 return Ok(());
             }
         };
+        // Announce the write before it is handed to the log (see `crate::views`); if
+        // someone reads this entity, its copy is replaced once the write is durable.
+        self.seq = next_seq();
+        let views = self.ctx.views.of::<E>();
+        let wanted = views.is_some_and(|v| v.announce(&self.key.id, self.seq));
         for event in &events {
             self.state.apply(event);
         }
+        let republish = if wanted && self.publishes {
+            self.state
+                .published()
+                .map(|v| (self.ctx.clone(), self.key.id.clone(), self.seq, v))
+        } else {
+            None
+        };
         let mut aux = self.derived_changes();
         let view = self.state.answer(&cmd);
         let companion = also.and_then(|make| make(&view));
@@ -365,6 +414,7 @@ impl<E: Entity> Hosted<E> {
                     .append_then(record, move |outcome| {
                         let answer = match outcome {
                             Ok(_) => {
+                                publish_durable::<E>(republish);
                                 let _ = durable_tx.send(true);
                                 if let Some(f) = on_durable {
                                     f();
@@ -384,6 +434,7 @@ impl<E: Entity> Hosted<E> {
                     .wal
                     .append_then(record, move |outcome| match outcome {
                         Ok(_) => {
+                            publish_durable::<E>(republish);
                             let _ = durable_tx.send(true);
                             if let Some(f) = on_durable {
                                 f();
@@ -411,6 +462,12 @@ impl<E: Entity> Hosted<E> {
         match self.last_write.as_ref().filter(|rx| !*rx.borrow()) {
             None => {
                 self.last_write = None;
+                // Durable state: reads may take it without asking from now on.
+                if self.publishes {
+                    if let Some(views) = self.ctx.views.of::<E>() {
+                        views.offer(&self.key.id, self.seq, || self.state.published());
+                    }
+                }
                 let _ = reply.send(answer);
             }
             Some(rx) => {

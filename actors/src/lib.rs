@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod partition;
 pub mod route;
 pub mod shop;
+pub mod views;
 
 pub use campaigns::{Bought, NewCampaign};
 pub use error::{Result, ShopError};

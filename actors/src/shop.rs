@@ -44,6 +44,7 @@ use crate::keys::{EntityKey, Partitioner};
 use crate::metrics::ActorMetrics;
 use crate::partition::{PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg, Routed};
 use crate::route::{ForwardError, RemoteAnswer, RemoteCall, Route, Router};
+use crate::views::Views;
 
 mod background;
 mod cart;
@@ -181,6 +182,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<ActorMetrics>,
     /// Campaign figures for refusing buys without asking (see [`crate::board`]).
     pub(crate) board: crate::board::Board,
+    /// Copies of active entities' durable state, for reads that skip the actors.
+    pub(crate) views: Arc<Views>,
     ready: AtomicBool,
     /// Where partitions are served; unset on a node that serves every partition itself.
     router: OnceLock<Arc<dyn Router>>,
@@ -193,9 +196,11 @@ impl Shop {
     /// deadline index), the timer dispatcher and the checkpointer.
     pub async fn start(wal: Wal, cfg: ShopConfig) -> Result<Shop> {
         let metrics = Arc::new(ActorMetrics::default());
+        let views = Arc::new(Views::default());
         let ctx = Arc::new(HostContext {
             wal: wal.clone(),
             metrics: metrics.clone(),
+            views: views.clone(),
         });
         count_orders_by_status(&wal, &metrics)?;
         let (timer_tx, timer_rx) = mpsc::channel(4096);
@@ -233,6 +238,7 @@ impl Shop {
                 cfg,
                 metrics,
                 board: Default::default(),
+                views,
                 ready: AtomicBool::new(false),
                 router: OnceLock::new(),
                 stop: CancellationToken::new(),
@@ -363,6 +369,33 @@ impl Shop {
             ))),
             Err(e) => Err(ShopError::Internal(format!("partition {partition}: {e}"))),
         }
+    }
+
+    /// Reads one entity: its published copy when its partition is served here and its
+    /// actor has published one (ADR 0014), otherwise `get` is asked like any command.
+    // PerformanceCriticalPath: every read of a SKU, campaign, order or product.
+    pub(crate) async fn read<E: Routed>(
+        &self,
+        partition: u16,
+        id: &str,
+        get: E::Command,
+    ) -> std::result::Result<E::View, Refusal<E::Error>> {
+        if let Some(view) = self.published::<E>(partition, id) {
+            return Ok(view);
+        }
+        self.ask::<E>(partition, id, get).await
+    }
+
+    fn published<E: Routed>(&self, partition: u16, id: &str) -> Option<E::View> {
+        let view = self.inner.views.of::<E>()?.get(id)?;
+        // Taken after the copy: a fence that closed the gate since is seen here.
+        let open = self.inner.gates.get(usize::from(partition))?.is_open();
+        (open && self.route(partition) == Route::Local).then_some(view)
+    }
+
+    /// Published copies held now (active entities that were read).
+    pub fn published_views(&self) -> usize {
+        self.inner.views.len()
     }
 
     /// Sends one command to one entity, wherever its partition is served, and waits for
@@ -584,7 +617,10 @@ impl Shop {
         cmd: ProductCommand,
     ) -> std::result::Result<Option<Product>, Refusal<<ProductState as Entity>::Error>> {
         let p = self.inner.partitioner.catalog(Kind::Product, id);
-        self.ask::<ProductState>(p, id, cmd).await
+        match cmd {
+            ProductCommand::Get => self.read::<ProductState>(p, id, cmd).await,
+            cmd => self.ask::<ProductState>(p, id, cmd).await,
+        }
     }
 
     pub(crate) async fn sku(
@@ -593,7 +629,10 @@ impl Shop {
         cmd: SkuCommand,
     ) -> std::result::Result<Option<SkuView>, Refusal<<SkuState as Entity>::Error>> {
         let p = self.inner.partitioner.catalog(Kind::Sku, id);
-        self.ask::<SkuState>(p, id, cmd).await
+        match cmd {
+            SkuCommand::Get => self.read::<SkuState>(p, id, cmd).await,
+            cmd => self.ask::<SkuState>(p, id, cmd).await,
+        }
     }
 
     pub(crate) async fn order(
@@ -605,7 +644,10 @@ impl Shop {
         let Some(p) = self.inner.partitioner.of(&key) else {
             return Ok(None);
         };
-        self.ask::<OrderState>(p, id, cmd).await
+        match cmd {
+            OrderCommand::Get => self.read::<OrderState>(p, id, cmd).await,
+            cmd => self.ask::<OrderState>(p, id, cmd).await,
+        }
     }
 
     async fn cart(
@@ -710,6 +752,85 @@ mod tests {
         let order = shop.get_order(&id).await.unwrap();
         assert_eq!(order.status, OrderStatus::PendingPayment);
         assert_eq!(order.payment_in_progress, None);
+        shop.shutdown().await;
+    }
+
+    /// Reads served from published copies (ADR 0014) see every acknowledged write: each
+    /// write's answer is followed by reads that must show it, while other tasks read the
+    /// same SKU all along; a fenced partition's copies are not used.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_published_copy_never_hides_an_acknowledged_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let shop = shop(dir.path()).await;
+        shop.create_product(NewProduct {
+            product_id: "p".into(),
+            title: "t".into(),
+            category: String::new(),
+            brand: String::new(),
+            description: String::new(),
+            status: ProductStatus::OnShelf,
+            skus: vec![sku("a", 10)],
+        })
+        .await
+        .unwrap();
+        assert_eq!(shop.get_sku("a").await.unwrap().available, 10);
+        assert_eq!(
+            shop.published_views(),
+            1,
+            "a read of a durable state publishes it"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (shop, stop) = (shop.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut last = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let v = shop.get_sku("a").await.unwrap();
+                        assert!(v.version >= last, "a read went back in time");
+                        last = v.version;
+                        tokio::task::yield_now().await;
+                    }
+                })
+            })
+            .collect();
+        // Writers in parallel keep several writes of the SKU in flight at once.
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let shop = shop.clone();
+                tokio::spawn(async move {
+                    for i in 0..50 {
+                        let after = shop.adjust_stock("a", 1, "restock".into()).await.unwrap();
+                        let read = shop.get_sku("a").await.unwrap();
+                        assert!(
+                            read.version >= after.version,
+                            "writer {w}, write {i}: acknowledged at version {} but read {}",
+                            after.version,
+                            read.version
+                        );
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.await.unwrap();
+        }
+        assert_eq!(shop.get_sku("a").await.unwrap().available, 210);
+        // A fenced partition answers `Moved`, never from its copy.
+        let p = shop.inner.partitioner.catalog(Kind::Sku, "a");
+        shop.fence_partition(p).await.unwrap();
+        assert_eq!(
+            shop.published_views(),
+            0,
+            "its actors stopped and took their copies"
+        );
+        assert!(shop.published::<SkuState>(p, "a").is_none());
+        shop.unfence_partition(p).await.unwrap();
+        assert_eq!(shop.get_sku("a").await.unwrap().available, 210);
         shop.shutdown().await;
     }
 }

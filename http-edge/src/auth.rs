@@ -7,6 +7,10 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
 use crate::error::ApiError;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -59,7 +63,15 @@ impl Caller {
 #[derive(Clone)]
 pub struct JwtKeys {
     keyed: HmacSha256,
+    /// Tokens verified already, by their exact text: a client sends the same token with
+    /// every request, and a hit costs a hash instead of two base64 decodes, two JSON
+    /// parses and an HMAC. Only a byte-identical token can hit, and its expiry is checked
+    /// on every use. Bounded: cleared when full.
+    verified: Arc<DashMap<Box<str>, Claims>>,
 }
+
+/// Verified tokens remembered at most (a few MiB).
+const VERIFIED_CAP: usize = 16 * 1024;
 
 impl std::fmt::Debug for JwtKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,6 +91,7 @@ impl JwtKeys {
         Self {
             // HMAC accepts keys of any length; this cannot fail.
             keyed: HmacSha256::new_from_slice(&secret.into()).expect("HMAC takes any key length"),
+            verified: Arc::new(DashMap::new()),
         }
     }
 
@@ -98,6 +111,20 @@ impl JwtKeys {
     }
 
     pub fn verify(&self, token: &str, now_secs: u64) -> Result<Claims, ApiError> {
+        if let Some(claims) = self.verified.get(token) {
+            if claims.exp > now_secs {
+                return Ok(claims.clone());
+            }
+        }
+        let claims = self.verify_uncached(token, now_secs)?;
+        if self.verified.len() >= VERIFIED_CAP {
+            self.verified.clear();
+        }
+        self.verified.insert(token.into(), claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_uncached(&self, token: &str, now_secs: u64) -> Result<Claims, ApiError> {
         let bad = || ApiError::unauthorized("invalid token");
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(s), None) =
@@ -167,5 +194,31 @@ mod tests {
         let none = URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);
         parts[0] = &none;
         assert!(k.verify(&parts.join("."), 1).is_err());
+    }
+
+    /// A remembered token still expires, and only the exact text verified hits.
+    #[test]
+    fn a_remembered_token_still_expires_and_nothing_else_hits() {
+        let k = JwtKeys::new(b"secret".to_vec());
+        let t = k.sign(&claims(100));
+        assert!(k.verify(&t, 50).is_ok());
+        assert!(k.verify(&t, 60).is_ok(), "from memory");
+        assert_eq!(
+            k.verify(&t, 100).unwrap_err().message,
+            "token expired",
+            "a hit past its expiry is refused"
+        );
+        // Same header and signature, another payload: refused although `t` is remembered.
+        let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
+        parts[1] = URL_SAFE_NO_PAD.encode(br#"{"sub":"mallory","role":"admin","exp":100}"#);
+        assert!(k.verify(&parts.join("."), 50).is_err());
+        // Bounded: past the cap the memory starts over, and every token still verifies.
+        for i in 0..VERIFIED_CAP + 10 {
+            let mut c = claims(100);
+            c.sub = format!("b{i}");
+            assert!(k.verify(&k.sign(&c), 50).is_ok());
+        }
+        assert!(k.verified.len() <= VERIFIED_CAP);
+        assert!(k.verify(&t, 50).is_ok());
     }
 }

@@ -20,12 +20,15 @@ pub mod metrics;
 pub mod routes;
 pub mod validate;
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
@@ -199,7 +202,7 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this path",
             )
         });
-    api.layer(middleware::from_fn_with_state(state.clone(), edge))
+    api.layer(EdgeLayer(state.clone()))
         .layer(DefaultBodyLimit::max(validate::MAX_BODY_BYTES))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::internal().into_response()
@@ -219,62 +222,173 @@ pub fn route_templates() -> Vec<String> {
 /// (the caller's `x-request-id`, or a fresh one), admission, the handler, metrics, and
 /// the request id on the answer.
 ///
-/// One function instead of a stack of tower layers: each layer costs a boxed future and a
-/// poll per request, and on this path they added up (measured with `wrk` against
-/// `/healthz`: see docs/benchmarks.md, "The edge"). The request span is at DEBUG level,
-/// so it costs nothing unless asked for; answers of 5xx are logged at WARN with their
-/// request id.
-// PerformanceCriticalPath: every request passes here.
-async fn edge(
-    axum::extract::State(state): axum::extract::State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let header_bytes: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum();
-    let request_id = match req.headers().get(&REQUEST_ID) {
-        Some(id) => id.clone(),
-        None => {
-            let id = next_request_id();
-            req.headers_mut().insert(REQUEST_ID.clone(), id.clone());
-            id
+/// A plain tower service instead of a stack of layers or `middleware::from_fn`: each of
+/// those costs a boxed future, a clone of the route's boxed service and a poll per
+/// request, and on this path they added up (measured with `wrk` against `/healthz`: see
+/// docs/benchmarks.md, "The edge"). Everything before the handler is synchronous, so
+/// `call` does it and calls the route at once; the future only waits for the handler and
+/// then counts. The request span is at DEBUG level, so it costs nothing unless asked for;
+/// answers of 5xx are logged at WARN with their request id.
+#[derive(Clone)]
+struct EdgeLayer(AppState);
+
+impl<S> tower::Layer<S> for EdgeLayer {
+    type Service = EdgeService<S>;
+
+    fn layer(&self, inner: S) -> EdgeService<S> {
+        EdgeService {
+            inner,
+            state: self.0.clone(),
         }
-    };
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .cloned();
-    let start = std::time::Instant::now();
-    let mut resp = if header_bytes > validate::MAX_HEADER_BYTES {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "request headers are larger than 16 KiB",
-        )
-        .into_response()
-    } else if tracing::enabled!(tracing::Level::DEBUG) {
-        use tracing::Instrument;
-        let span = tracing::debug_span!("request", request_id = ?request_id, method = %req.method(), path = %req.uri().path());
-        admit(&state, req, next).instrument(span).await
-    } else {
-        let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-        let resp = admit(&state, req, next).await;
+    }
+}
+
+#[derive(Clone)]
+struct EdgeService<S> {
+    inner: S,
+    state: AppState,
+}
+
+impl<S> tower::Service<Request> for EdgeService<S>
+where
+    S: tower::Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = EdgeFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    // PerformanceCriticalPath: every request passes here.
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let start = Instant::now();
+        let header_bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        let request_id = match req.headers().get(&REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = next_request_id();
+                req.headers_mut().insert(REQUEST_ID.clone(), id.clone());
+                id
+            }
+        };
+        let mut fut = EdgeFuture {
+            inner: None,
+            answered: None,
+            state: self.state.clone(),
+            route: req.extensions().get::<MatchedPath>().cloned(),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            request_id: Some(request_id),
+            start,
+            permit: None,
+            span: None,
+        };
+        if header_bytes > validate::MAX_HEADER_BYTES {
+            fut.answered = Some(
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "request headers are larger than 16 KiB",
+                )
+                .into_response(),
+            );
+            return fut;
+        }
+        // Admission bounds the requests in flight: past the bound a request is answered
+        // 429 `overloaded` with Retry-After at once, instead of queueing in front of the
+        // actors (whose mailboxes are unbounded) and letting latency grow without limit.
+        // Health, readiness and metrics are always admitted, so operators can see a node
+        // under overload.
+        if !matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics") {
+            match self.state.admission.clone().try_acquire_owned() {
+                Ok(permit) => fut.permit = Some(permit),
+                Err(_) => {
+                    let mut e = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "overloaded",
+                        "too many requests in flight; retry shortly",
+                    );
+                    e.retry_after = Some(1);
+                    fut.answered = Some(e.into_response());
+                    return fut;
+                }
+            }
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let span = tracing::debug_span!("request", request_id = ?fut.request_id, method = %req.method(), path = %req.uri().path());
+            let inner = span.in_scope(|| self.inner.call(req));
+            fut.span = Some(span);
+            fut.inner = Some(inner);
+        } else {
+            fut.inner = Some(self.inner.call(req));
+        }
+        fut
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The handler's future, then the edge's bookkeeping on its answer.
+    struct EdgeFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        // Answered by the edge itself (headers too large, overloaded).
+        answered: Option<Response>,
+        state: AppState,
+        route: Option<MatchedPath>,
+        method: axum::http::Method,
+        uri: axum::http::Uri,
+        request_id: Option<axum::http::HeaderValue>,
+        start: Instant,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        span: Option<tracing::Span>,
+    }
+}
+
+impl<F> Future for EdgeFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut resp = match this.inner.as_pin_mut() {
+            Some(inner) => {
+                let _entered = this.span.as_ref().map(tracing::Span::enter);
+                match inner.poll(cx) {
+                    Poll::Ready(Ok(resp)) => resp,
+                    Poll::Ready(Err(never)) => match never {},
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            None => this
+                .answered
+                .take()
+                .unwrap_or_else(|| ApiError::internal().into_response()),
+        };
+        // The request is no longer in flight.
+        drop(this.permit.take());
+        let status = resp.status();
         // A 503 of `/readyz` is an answer, not a failure.
-        if resp.status().is_server_error() && path != "/readyz" {
-            tracing::warn!(request_id = ?request_id, %method, %path, status = resp.status().as_u16(), "request failed");
+        if status.is_server_error() && this.uri.path() != "/readyz" {
+            tracing::warn!(request_id = ?this.request_id, method = %this.method, path = %this.uri.path(), status = status.as_u16(), "request failed");
         }
-        resp
-    };
-    state.http_metrics.observe(
-        route.as_ref().map(|m| m.as_str()),
-        resp.status().as_u16(),
-        start.elapsed(),
-    );
-    resp.headers_mut().insert(REQUEST_ID.clone(), request_id);
-    resp
+        this.state.http_metrics.observe(
+            this.route.as_ref().map(MatchedPath::as_str),
+            status.as_u16(),
+            this.start.elapsed(),
+        );
+        if let Some(id) = this.request_id.take() {
+            resp.headers_mut().insert(REQUEST_ID.clone(), id);
+        }
+        Poll::Ready(Ok(resp))
+    }
 }
 
 /// A request id unique to this process: a random prefix chosen at start-up and a
@@ -289,33 +403,6 @@ fn next_request_id() -> axum::http::HeaderValue {
     // Hex digits and a dash are always a valid header value.
     axum::http::HeaderValue::try_from(format!("{prefix:08x}-{n:x}"))
         .unwrap_or_else(|_| axum::http::HeaderValue::from_static("-"))
-}
-
-/// Bounds the requests in flight. Past the bound a request is answered 429 `overloaded`
-/// with Retry-After at once, instead of queueing in front of the actors (whose mailboxes
-/// are unbounded) and letting latency grow without limit. Health, readiness and metrics
-/// are always admitted, so operators can see a node under overload.
-async fn admit(state: &AppState, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    if matches!(path, "/healthz" | "/readyz" | "/metrics") {
-        return next.run(req).await;
-    }
-    match state.admission.try_acquire() {
-        Ok(permit) => {
-            let resp = next.run(req).await;
-            drop(permit);
-            resp
-        }
-        Err(_) => {
-            let mut e = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "overloaded",
-                "too many requests in flight; retry shortly",
-            );
-            e.retry_after = Some(1);
-            e.into_response()
-        }
-    }
 }
 
 /// Serves until `state.shutting_down` is cancelled, then stops accepting and drains

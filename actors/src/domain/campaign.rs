@@ -764,6 +764,10 @@ impl Entity for CampaignState {
         self.campaign.as_ref().map(Campaign::view)
     }
 
+    fn published(&self) -> Option<Option<CampaignView>> {
+        self.campaign.is_some().then(|| self.view())
+    }
+
     /// A buy's answer carries the order it opened: the new one, or for a repeated key
     /// the first one.
     fn answer(&self, cmd: &CampaignCommand) -> Option<CampaignView> {

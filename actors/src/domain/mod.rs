@@ -71,6 +71,13 @@ pub trait Entity: Default + Clone + Send + Sync + Serialize + DeserializeOwned +
         None
     }
 
+    /// The state as a read of the entity (`Get`) answers it, when this kind's reads may
+    /// be served from a published copy (see `crate::views`): `None` for other kinds and
+    /// for an entity that does not exist.
+    fn published(&self) -> Option<Self::View> {
+        None
+    }
+
     /// Secondary index entries this state contributes (key -> value), derived from state.
     /// The host diffs them before and after each command and persists the difference
     /// atomically with the events.

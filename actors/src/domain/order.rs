@@ -729,6 +729,10 @@ impl Entity for OrderState {
         self.order.clone()
     }
 
+    fn published(&self) -> Option<Option<Order>> {
+        self.order.is_some().then(|| self.view())
+    }
+
     fn next_deadline(&self) -> Option<Millis> {
         let o = self.order.as_ref()?;
         match o.status {

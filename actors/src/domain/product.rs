@@ -182,6 +182,10 @@ impl Entity for ProductState {
         self.product.clone()
     }
 
+    fn published(&self) -> Option<Option<Product>> {
+        self.product.is_some().then(|| self.view())
+    }
+
     fn index_entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         match &self.product {
             Some(p) => vec![(

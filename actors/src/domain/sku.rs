@@ -858,6 +858,10 @@ impl Entity for SkuState {
         self.sku.as_ref().map(Sku::view)
     }
 
+    fn published(&self) -> Option<Option<SkuView>> {
+        self.sku.is_some().then(|| self.view())
+    }
+
     fn next_deadline(&self) -> Option<Millis> {
         self.sku.as_ref()?.expiries.keys().next().copied()
     }
