@@ -74,6 +74,21 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
     }
 }
 
+/// The `Idempotency-Key` header alone (extracting the whole `HeaderMap` would copy every
+/// header of the request). Never rejects: the handler reports a malformed key where it
+/// checks the rest of the request, as [`crate::idem::key_of`] does.
+pub struct IdemKeyHeader(pub Result<Option<String>, ApiError>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdemKeyHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(IdemKeyHeader(
+            crate::idem::key_of(&parts.headers).map(|k| k.map(str::to_owned)),
+        ))
+    }
+}
+
 /// One id from the path, checked against the id format.
 pub struct IdPath(pub String);
 

@@ -1,7 +1,7 @@
 //! Flash-sale campaigns: create, read with live figures, list, end, buy.
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use shardmall_actors::domain::campaign::CampaignStatus;
@@ -11,7 +11,7 @@ use shardmall_actors::NewCampaign as ShopCampaign;
 use crate::auth::{Caller, Role};
 use crate::dto::*;
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{ApiJson, ApiQuery, IdPath};
+use crate::extract::{ApiJson, ApiQuery, IdPath, IdemKeyHeader};
 use crate::{idem, validate, AppState};
 
 /// The longest payment timeout a campaign may set.
@@ -140,7 +140,7 @@ pub async fn buy(
     State(st): State<AppState>,
     caller: Caller,
     IdPath(id): IdPath,
-    headers: HeaderMap,
+    IdemKeyHeader(idem_key): IdemKeyHeader,
     ApiJson(body, raw): ApiJson<BuyRequest>,
 ) -> Response {
     let checked = (|| -> ApiResult<_> {
@@ -158,9 +158,9 @@ pub async fn buy(
     };
     // The campaign keeps the key with the buy itself: one durable record answers both
     // (ADR 0012). A refused buy writes nothing, so a repeat of it is decided afresh.
-    let idem = match idem::key_of(&headers) {
+    let idem = match idem_key {
         Ok(key) => {
-            key.map(|k| idem::tag(&caller, &format!("POST /v1/campaigns/{id}/buy"), k, &raw))
+            key.map(|k| idem::tag(&caller, &format!("POST /v1/campaigns/{id}/buy"), &k, &raw))
         }
         Err(e) => return e.into_response(),
     };
