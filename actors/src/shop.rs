@@ -699,23 +699,27 @@ mod tests {
         }
     }
 
-    /// A payment whose reservation vanished on one line MUST NOT leave the other lines
-    /// sold: they are restocked and the payment aborted, all or nothing.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_aborted_payment_restocks_the_lines_it_committed() {
-        let dir = tempfile::tempdir().unwrap();
-        let shop = shop(dir.path()).await;
-        shop.create_product(NewProduct {
+    fn product(skus: Vec<NewSku>) -> NewProduct {
+        NewProduct {
             product_id: "p".into(),
             title: "t".into(),
             category: String::new(),
             brand: String::new(),
             description: String::new(),
             status: ProductStatus::OnShelf,
-            skus: vec![sku("a", 10), sku("b", 10)],
-        })
-        .await
-        .unwrap();
+            skus,
+        }
+    }
+
+    /// A payment whose reservation vanished on one line MUST NOT leave the other lines
+    /// sold: they are restocked and the payment aborted, all or nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_aborted_payment_restocks_the_lines_it_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let shop = shop(dir.path()).await;
+        shop.create_product(product(vec![sku("a", 10), sku("b", 10)]))
+            .await
+            .unwrap();
         let order = shop
             .checkout("alice", Some(vec![("a".into(), 1), ("b".into(), 2)]), None)
             .await
@@ -762,17 +766,9 @@ mod tests {
     async fn a_published_copy_never_hides_an_acknowledged_write() {
         let dir = tempfile::tempdir().unwrap();
         let shop = shop(dir.path()).await;
-        shop.create_product(NewProduct {
-            product_id: "p".into(),
-            title: "t".into(),
-            category: String::new(),
-            brand: String::new(),
-            description: String::new(),
-            status: ProductStatus::OnShelf,
-            skus: vec![sku("a", 10)],
-        })
-        .await
-        .unwrap();
+        shop.create_product(product(vec![sku("a", 10)]))
+            .await
+            .unwrap();
         assert_eq!(shop.get_sku("a").await.unwrap().available, 10);
         assert_eq!(
             shop.published_views(),
