@@ -13,8 +13,7 @@
 //!   campaign's absolute figures afterwards ([`CampaignView::sku_hold`]): versioned, so a
 //!   report that is late, lost or repeated is harmless, and the next one catches up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use shardmall_persistence::{AuxOp, Part};
@@ -326,17 +325,22 @@ impl Shop {
         let p = self.inner.partitioner.catalog(Kind::Campaign, campaign_id);
         // The buyer's partition served here too: the order rides in the claim's frame.
         if self.serves_partition(partition) {
-            let written = Arc::new(AtomicBool::new(false));
-            let also = self.order_companion(partition, written.clone());
+            let opened = Arc::new(OnceLock::new());
+            let also = self.order_companion(partition, opened.clone());
             if let Some(answer) = self
                 .ask_here_with::<CampaignState>(p, campaign_id, cmd.clone(), also)
                 .await
             {
                 let view = self.saw_campaign(campaign_id, answer)?;
-                if written.load(Ordering::Acquire) {
-                    let bought = bought_of(&view)?;
+                // The companion was consumed before the frame was queued, so this is
+                // the only handle left; the fallback only guards that assumption.
+                let order = match Arc::try_unwrap(opened) {
+                    Ok(cell) => cell.into_inner(),
+                    Err(shared) => shared.get().cloned(),
+                };
+                if let Some(order) = order {
                     return Ok(Bought {
-                        order: opening(place_command(&view.terms, &bought, false))?,
+                        order,
                         replayed: false,
                     });
                 }
@@ -351,12 +355,12 @@ impl Shop {
     }
 
     /// The buy's order as a record in the campaign's own frame (ADR 0013), built from
-    /// the campaign's answer, when the buyer's `partition` is open to it. Sets `written`
-    /// when it is part of the frame.
+    /// the campaign's answer, when the buyer's `partition` is open to it. Leaves the
+    /// order as it opened in `opened` when it is part of the frame.
     fn order_companion(
         &self,
         partition: u16,
-        written: Arc<AtomicBool>,
+        opened: Arc<OnceLock<Order>>,
     ) -> MakeCompanion<CampaignState> {
         let gate = self.inner.gates[usize::from(partition)].clone();
         let target = self.inner.partitions[usize::from(partition)].clone();
@@ -389,8 +393,11 @@ impl Shop {
             if let Some(at) = deadline {
                 aux.push(AuxOp::Put(deadline_key(partition, at, &entity), Vec::new()));
             }
-            let status = order.view().map(|o| o.status.as_str());
-            written.store(true, Ordering::Release);
+            let status = order.view().map(|o| {
+                let status = o.status.as_str();
+                let _ = opened.set(o);
+                status
+            });
             Some(Companion {
                 part: Part {
                     partition,

@@ -149,9 +149,9 @@ pub fn now_ms() -> Millis {
 
 /// Publishes the state a write left, from the log's thread once it is durable and before
 /// its caller is answered (see [`crate::views`]).
-fn publish_durable<E: Entity>(republish: Option<(Arc<HostContext>, String, u64, E::View)>) {
-    if let Some((ctx, id, seq, view)) = republish {
-        if let Some(views) = ctx.views.of::<E>() {
+fn publish_durable<E: Entity>(republish: Option<(Arc<Views>, String, u64, E::View)>) {
+    if let Some((views, id, seq, view)) = republish {
+        if let Some(views) = views.of::<E>() {
             views.publish_durable(&id, seq, view);
         }
     }
@@ -220,9 +220,7 @@ impl<E: Entity> Actor for EntityActor<E> {
             .metrics
             .active_actors
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(views) = state.ctx.views.of::<E>() {
-            views.remove(&state.key.id, state.seq);
-        }
+        state.unpublish();
         Ok(())
     }
 
@@ -239,9 +237,7 @@ impl<E: Entity> Actor for EntityActor<E> {
                 let handled = hosted.handle_command(*req).await;
                 if handled.is_err() {
                     // The actor fails without `post_stop`: its copy goes now.
-                    if let Some(views) = hosted.ctx.views.of::<E>() {
-                        views.remove(&hosted.key.id, hosted.seq);
-                    }
+                    hosted.unpublish();
                 }
                 handled
             }
@@ -321,6 +317,13 @@ impl<E: Entity> Hosted<E> {
         })
     }
 
+    /// Removes this activation's published copy (it stops or failed).
+    fn unpublish(&self) {
+        if let Some(views) = self.ctx.views.of::<E>() {
+            views.remove(&self.key.id, self.seq);
+        }
+    }
+
     /// Becomes true once this entity's latest write is durable; `None` if it wrote
     /// nothing (or everything it wrote is durable).
     pub(crate) fn last_write(&self) -> Option<watch::Receiver<bool>> {
@@ -380,7 +383,7 @@ impl<E: Entity> Hosted<E> {
         let republish = if wanted && self.publishes {
             self.state
                 .published()
-                .map(|v| (self.ctx.clone(), self.key.id.clone(), self.seq, v))
+                .map(|v| (self.ctx.views.clone(), self.key.id.clone(), self.seq, v))
         } else {
             None
         };
@@ -462,8 +465,9 @@ impl<E: Entity> Hosted<E> {
         match self.last_write.as_ref().filter(|rx| !*rx.borrow()) {
             None => {
                 self.last_write = None;
-                // Durable state: reads may take it without asking from now on.
-                if self.publishes {
+                // A read answered from durable state: later reads may take it without
+                // asking. (A refusal publishes nothing: nobody may ever read this entity.)
+                if self.publishes && answer.is_ok() {
                     if let Some(views) = self.ctx.views.of::<E>() {
                         views.offer(&self.key.id, self.seq, || self.state.published());
                     }

@@ -85,7 +85,7 @@ async fn three_nodes() -> ([Node; 3], tempfile::TempDir) {
         assert_eq!(owned.len(), 3, "{map}");
         assert!(
             owned.values().all(|n| (10..=11).contains(n)),
-            "uneven: {map}"
+            "uneven: {map}\nrebalance said: {out} {err}"
         );
         assert!(
             map["nodes"]

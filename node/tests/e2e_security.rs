@@ -645,6 +645,27 @@ async fn malformed_requests_are_json_4xx() {
         Err(e) => failures.push(format!("4 MiB body: no answer: {e}")),
     }
 
+    // Headers past 16 KiB: 400, answered by the edge with its request id.
+    let huge = "a".repeat(17 * 1024);
+    let r = node
+        .raw(
+            Method::GET,
+            "/v1/skus/x",
+            &[("x-padding", huge.as_str())],
+            None,
+        )
+        .await;
+    check(
+        &mut failures,
+        "17 KiB of headers",
+        &(r.status, r.body.clone()),
+        Some(400),
+        Some("bad_request"),
+    );
+    if !r.headers.contains_key("x-request-id") {
+        failures.push("17 KiB of headers: no x-request-id".into());
+    }
+
     // Nothing of the above changed anything, and the node still answers.
     let r = node.raw(Method::GET, "/healthz", &[], None).await;
     if r.status != 200 {
