@@ -8,8 +8,9 @@
 //!
 //! The actor stays the only writer of its state; this map only holds copies, under rules
 //! that keep every read as fresh as one the actor would have answered:
-//! - A copy is published only from durable state: when the actor answers with nothing of
-//!   its own in flight, or from the log's thread once the write it reflects is durable,
+//! - A copy is published only from durable state: when the actor answers a command that
+//!   writes nothing (a read; refusals publish nothing) with nothing of its own in flight,
+//!   or from the log's thread once the write it reflects is durable,
 //!   before that write's caller is answered (so a reader after a 201 sees the write).
 //!   Until then readers see the state before the write, which is what they would see
 //!   had they come a moment earlier: the write is not acknowledged yet.
