@@ -16,7 +16,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use shardmall_persistence::{AuxOp, Part};
 use tokio::sync::oneshot;
 
 use crate::board::Verdict;
@@ -30,9 +29,7 @@ use crate::domain::Entity;
 use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{campaign_err, order_err, sku_err};
-use crate::host::{deadline_key, now_ms, Companion, MakeCompanion, Refusal};
-use crate::keys::EntityKey;
-use crate::partition::PartitionMsg;
+use crate::host::{now_ms, Refusal};
 use crate::route::{IndexFilter, ScanRequest};
 use crate::shop::{millis, Page, Shop};
 
@@ -326,7 +323,16 @@ impl Shop {
         // The buyer's partition served here too: the order rides in the claim's frame.
         if self.serves_partition(partition) {
             let opened = Arc::new(OnceLock::new());
-            let also = self.order_companion(partition, opened.clone());
+            let also = self.order_companion::<CampaignState>(
+                partition,
+                opened.clone(),
+                |view: &Option<CampaignView>| {
+                    let view = view.as_ref()?;
+                    let bought = view.order.as_ref().filter(|b| !b.replayed)?;
+                    Some((place_command(&view.terms, bought, true), bought.at))
+                },
+                None,
+            );
             if let Some(answer) = self
                 .ask_here_with::<CampaignState>(p, campaign_id, cmd.clone(), also)
                 .await
@@ -352,66 +358,6 @@ impl Shop {
         let (answer, durable) = self.ask_early::<CampaignState>(p, campaign_id, cmd).await;
         let view = self.saw_campaign(campaign_id, answer)?;
         self.place_bought(campaign_id, view, durable).await
-    }
-
-    /// The buy's order as a record in the campaign's own frame (ADR 0013), built from
-    /// the campaign's answer, when the buyer's `partition` is open to it. Leaves the
-    /// order as it opened in `opened` when it is part of the frame.
-    fn order_companion(
-        &self,
-        partition: u16,
-        opened: Arc<OnceLock<Order>>,
-    ) -> MakeCompanion<CampaignState> {
-        let gate = self.inner.gates[usize::from(partition)].clone();
-        let target = self.inner.partitions[usize::from(partition)].clone();
-        let metrics = self.inner.metrics.clone();
-        Box::new(move |view: &Option<CampaignView>| {
-            let view = view.as_ref()?;
-            let bought = view.order.as_ref().filter(|b| !b.replayed)?;
-            let inside = gate.enter()?;
-            let place = place_command(&view.terms, bought, true);
-            let mut order = OrderState::default();
-            let events = match order.decide(&place, bought.at) {
-                Ok(events) => events,
-                Err(e) => {
-                    tracing::error!(order = %bought.order_id, error = ?e, "a bought order does not place; placing it apart");
-                    return None;
-                }
-            };
-            for event in &events {
-                order.apply(event);
-            }
-            let payload = crate::codec::encode(&events).ok()?;
-            let key = EntityKey::new(Kind::Order, bought.order_id.clone());
-            let entity = key.to_bytes();
-            let deadline = order.next_deadline();
-            let mut aux: Vec<AuxOp> = order
-                .index_entries()
-                .into_iter()
-                .map(|(k, v)| AuxOp::Put(k, v))
-                .collect();
-            if let Some(at) = deadline {
-                aux.push(AuxOp::Put(deadline_key(partition, at, &entity), Vec::new()));
-            }
-            let status = order.view().map(|o| {
-                let status = o.status.as_str();
-                let _ = opened.set(o);
-                status
-            });
-            Some(Companion {
-                part: Part {
-                    partition,
-                    entity,
-                    payload,
-                },
-                aux,
-                on_durable: Box::new(move || {
-                    metrics.order_status_changed(None, status);
-                    let _ = target.cast(PartitionMsg::Delivered(key, deadline));
-                }),
-                hold: Box::new(inside),
-            })
-        })
     }
 
     /// After the claim: places the bought order in the buyer's partition, wherever it

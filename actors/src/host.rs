@@ -63,10 +63,11 @@ impl<E: Entity> Request<E> {
     }
 }
 
-/// Another entity's record that a command writes in its own log frame, so one durable
-/// write carries both (ADR 0013: a flash-sale buy's claim and its order).
+/// Other entities' records that a command writes in its own log frame, so one durable
+/// write carries them all (ADR 0013: a flash-sale buy's claim and its order; ADR 0015: a
+/// request's last write and its idempotent answer).
 pub struct Companion {
-    pub part: Part,
+    pub parts: Vec<Part>,
     /// Its index and deadline changes, applied with the frame.
     pub aux: Vec<AuxOp>,
     /// Runs on the log's thread once the frame is durable, before the answer leaves:
@@ -393,7 +394,7 @@ impl<E: Entity> Hosted<E> {
         let (also, on_durable, hold) = match companion {
             Some(c) => {
                 aux.extend(c.aux);
-                (vec![c.part], Some(c.on_durable), Some(c.hold))
+                (c.parts, Some(c.on_durable), Some(c.hold))
             }
             None => (Vec::new(), None, None),
         };

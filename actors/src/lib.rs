@@ -32,4 +32,7 @@ pub mod views;
 
 pub use campaigns::{Bought, NewCampaign};
 pub use error::{Result, ShopError};
-pub use shop::{CartLine, IdemStart, NewProduct, NewSku, Page, ProductDetail, Shop, ShopConfig};
+pub use shop::{
+    AnswerInFrame, Begun, CartLine, IdemStart, NewProduct, NewSku, Page, ProductDetail, Shop,
+    ShopConfig,
+};

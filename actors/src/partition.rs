@@ -480,11 +480,18 @@ impl PartitionState {
                 // actor that would only be passivated again (the flash-sale hot path).
                 Envelope::Order(_, req)
                     if matches!(req.cmd, OrderCommand::Place { .. })
-                        && !self.failed.contains(&key)
-                        && self.inline_writes.get(&key).is_none_or(|rx| *rx.borrow()) =>
+                        && self.may_serve_inline(&key) =>
                 {
                     let fresh = matches!(req.cmd, OrderCommand::Place { fresh: true, .. });
                     self.serve_inline::<OrderState>(myself, key, req, fresh)
+                        .await;
+                    return;
+                }
+                // An idempotency record is touched twice per request (begin, then
+                // complete or abort) and read by nobody in between: an actor kept for it
+                // would only push a busier entity out of the memory budget.
+                Envelope::Idem(_, req) if self.may_serve_inline(&key) => {
+                    self.serve_inline::<IdemState>(myself, key, req, false)
                         .await;
                     return;
                 }
@@ -501,6 +508,13 @@ impl PartitionState {
             }
             Err(why) => env.refuse(why),
         }
+    }
+
+    /// True when a command for `key`, which has no actor, may be decided here without
+    /// one: its last actor did not fail and this partition's last write for it without an
+    /// actor is durable (so the log holds everything it must load).
+    fn may_serve_inline(&self, key: &EntityKey) -> bool {
+        !self.failed.contains(key) && self.inline_writes.get(key).is_none_or(|rx| *rx.borrow())
     }
 
     /// Decides one command of an entity that has no actor, writes its record and forgets

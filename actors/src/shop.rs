@@ -2,12 +2,15 @@
 //! that span several entities (product creation, checkout, payment, cancel, refund).
 //!
 //! Saga rules (DESIGN.md, "Actors and partitions"):
-//! - checkout reserves on each SKU, idempotently per order id, then places the order; on
-//!   any refusal it releases what it reserved. Every reservation expires at the payment
-//!   deadline plus a grace period, so a crash between steps never holds stock forever;
+//! - checkout reserves on each SKU, idempotently per order id, then places the order (in
+//!   the last SKU's log frame when the buyer's partition is served here); on any refusal
+//!   it releases what it reserved. Every reservation expires at the payment deadline plus
+//!   a grace period, so a crash between steps never holds stock forever;
 //! - payment marks the order "payment in progress" (which blocks cancel and expiry), moves
 //!   every SKU's units to sold, then marks the order paid. A success is answered only once
 //!   all of that is durable. A crash in the middle is finished by the order's timer;
+//! - steps served on this node run on their decided answers while their records are
+//!   flushed, and the request is answered once all are durable (ADR 0015);
 //! - a refund with restock puts the units back on each SKU (once per order id) before the
 //!   order is marked refunded.
 //!
@@ -56,6 +59,7 @@ mod payment;
 pub use background::checkpoint_all;
 use background::count_orders_by_status;
 pub(crate) use background::fold_entity;
+pub use idempotency::AnswerInFrame;
 
 /// How long before a timer action that could not finish is tried again.
 const RETRY_TIMER_AFTER: Duration = Duration::from_secs(5);
@@ -159,10 +163,27 @@ pub struct Page<T> {
 }
 
 /// The outcome of starting an idempotent request.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum IdemStart {
-    Fresh,
+    /// A first attempt: run it, then record its answer.
+    Fresh(Begun),
     Replay(StoredResponse),
+}
+
+/// A started idempotent request whose record may not be durable yet: it was answered
+/// early so the request could run while the record is flushed (ADR 0015).
+#[derive(Debug)]
+pub struct Begun(Option<oneshot::Receiver<std::result::Result<(), String>>>);
+
+impl Begun {
+    /// Waits until the start record is durable. The request's answer MUST wait for this:
+    /// it acknowledges the key as used.
+    pub async fn durable(self) -> Result<()> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => orders::all_durable(vec![rx]).await,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -721,7 +742,12 @@ mod tests {
             .await
             .unwrap();
         let order = shop
-            .checkout("alice", Some(vec![("a".into(), 1), ("b".into(), 2)]), None)
+            .checkout(
+                "alice",
+                Some(vec![("a".into(), 1), ("b".into(), 2)]),
+                None,
+                None,
+            )
             .await
             .unwrap();
         let id = order.order_id.clone();

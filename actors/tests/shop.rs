@@ -170,7 +170,12 @@ async fn payment_deadlines_are_rearmed_after_a_restart() {
         .await
         .unwrap();
     let order = shop
-        .checkout("alice", Some(vec![("a".into(), 3), ("b".into(), 2)]), None)
+        .checkout(
+            "alice",
+            Some(vec![("a".into(), 3), ("b".into(), 2)]),
+            None,
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(stock(&shop.get_sku("a").await.unwrap()), (7, 3, 0));
@@ -205,11 +210,11 @@ async fn checkpoints_bound_the_log_and_keep_every_figure() {
     for i in 0..20 {
         let buyer = format!("b{i}");
         let order = shop
-            .checkout(&buyer, Some(vec![("a".into(), 1)]), None)
+            .checkout(&buyer, Some(vec![("a".into(), 1)]), None, None)
             .await
             .unwrap();
         if i % 2 == 0 {
-            shop.pay(&order.order_id, order.total.clone())
+            shop.pay(&order.order_id, order.total.clone(), None)
                 .await
                 .unwrap();
             paid.push(order.order_id);
@@ -245,6 +250,7 @@ async fn a_refused_checkout_leaves_nothing_reserved() {
         .checkout(
             "alice",
             Some(vec![("a".into(), 2), ("b".into(), 2), ("c".into(), 1)]),
+            None,
             None,
         )
         .await
@@ -356,6 +362,7 @@ async fn a_buy_is_one_log_record_and_its_order_is_there_when_it_answers() {
                 amount: 50,
                 currency: "CNY".into(),
             },
+            None,
         )
         .await
         .unwrap();

@@ -279,7 +279,7 @@ impl Cluster {
                 let sku_id = sku(i as usize % SKUS);
                 tasks.spawn(async move {
                     let res = shop
-                        .checkout(&buyer, Some(vec![(sku_id.clone(), 1)]), None)
+                        .checkout(&buyer, Some(vec![(sku_id.clone(), 1)]), None, None)
                         .await;
                     (sku_id, res)
                 });

@@ -10,29 +10,36 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use shardmall_actors::domain::campaign::IdemTag;
 use shardmall_actors::domain::idempotency::StoredResponse;
-use shardmall_actors::IdemStart;
+use shardmall_actors::domain::order::Order;
+use shardmall_actors::{AnswerInFrame, IdemStart};
 
 use crate::auth::Caller;
+use crate::dto::OrderBody;
 use crate::error::ApiError;
 use crate::AppState;
 
 pub const HEADER: &str = "idempotency-key";
 
-/// Runs `op` at most once per idempotency key.
+/// Runs `op`, an operation whose result is an order, at most once per idempotency key,
+/// answering `status` with the order's JSON.
 ///
-/// The operation and the recording of its answer run in a task of their own: a client
-/// that disconnects mid-request MUST NOT leave an operation done but unrecorded, or its
-/// retry would run it again.
-pub async fn run<Fut>(
+/// `op` gets the answer to record with its last write when it can (ADR 0015: the order
+/// and its recorded answer become durable together); otherwise the answer is recorded
+/// after it. The operation and the recording of its answer run in a task of their own: a
+/// client that disconnects mid-request MUST NOT leave an operation done but unrecorded, or
+/// its retry would run it again.
+pub async fn run<Op, Fut>(
     state: &AppState,
     caller: &Caller,
     route: &str,
     headers: &HeaderMap,
     body: &[u8],
-    op: Fut,
+    status: StatusCode,
+    op: Op,
 ) -> Response
 where
-    Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>> + Send + 'static,
+    Op: FnOnce(AnswerInFrame) -> Fut,
+    Fut: Future<Output = Result<Order, ApiError>> + Send + 'static,
 {
     let key = match key_of(headers) {
         Ok(Some(k)) => k.to_owned(),
@@ -46,19 +53,30 @@ where
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     let body_hash = u64::from_be_bytes(first);
-    match state
+    let begun = match state
         .shop
         .idempotency_begin(&caller.sub, &scope, body_hash)
         .await
     {
         Ok(IdemStart::Replay(stored)) => return replay(stored),
-        Ok(IdemStart::Fresh) => {}
+        Ok(IdemStart::Fresh(begun)) => begun,
         Err(e) => return ApiError::from(e).into_response(),
-    }
+    };
+    let answer = AnswerInFrame::new(&caller.sub, &scope, status.as_u16(), order_json);
+    let recorded = answer.recorded();
+    let op = op(answer);
     let (state, caller) = (state.clone(), caller.clone());
     let task = tokio::spawn(async move {
-        let (status, value) = match op.await {
-            Ok(ok) => ok,
+        let response = match op.await {
+            Ok(order) => match recorded.get() {
+                // Recorded with the order: answer exactly what a repeat will get.
+                Some(stored) => json_response(status, stored.body.clone()),
+                None => {
+                    let body = order_json(&order);
+                    store(&state, &caller, &scope, status, body.clone()).await;
+                    json_response(status, body)
+                }
+            },
             Err(err) => {
                 let keep =
                     !(err.status.is_server_error() || err.status == StatusCode::TOO_MANY_REQUESTS);
@@ -71,17 +89,25 @@ where
                 } else {
                     state.shop.idempotency_abort(&caller.sub, &scope).await;
                 }
-                return err.into_response();
+                err.into_response()
             }
         };
-        let body = serde_json::to_vec(&value).unwrap_or_default();
-        store(&state, &caller, &scope, status, body.clone()).await;
-        json_response(status, body)
+        // The key's start record was answered early (it precedes the operation's records
+        // in the log): no answer leaves before it is durable.
+        match begun.durable().await {
+            Ok(()) => response,
+            Err(e) => ApiError::from(e).into_response(),
+        }
     });
     task.await.unwrap_or_else(|e| {
         tracing::error!(error = %e, "an idempotent request's task failed");
         ApiError::internal().into_response()
     })
+}
+
+/// An order's JSON body, as every answer carrying one renders it.
+pub fn order_json(order: &Order) -> Vec<u8> {
+    serde_json::to_vec(&OrderBody::from(order)).unwrap_or_default()
 }
 
 /// The request's `Idempotency-Key`, checked: `None` when it has none.

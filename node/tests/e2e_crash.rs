@@ -491,3 +491,48 @@ async fn passivated_actors_keep_state() {
     let r = node.checkout(&alice, &[(sku, 13)], &key()).await;
     assert_status(&r, 201, "all available stock is orderable");
 }
+
+/// A keyed checkout and payment record their answers in the frames that place and pay
+/// the order (ADR 0015): after kill -9 each repeat answers exactly the first answer and
+/// runs nothing again, for one line and for several.
+#[tokio::test]
+async fn keyed_answers_survive_kill9_with_their_orders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = || {
+        Node::config()
+            .dir(dir.path())
+            .args(&["--durability", "sync"])
+            .start()
+    };
+    let mut node = start().await;
+    let admin = admin();
+    let alice = customer("replay-alice");
+    let skus = node.product_with_skus(&admin, "replay", 2, 300, 10).await;
+
+    let mut firsts = Vec::new();
+    for items in [vec![(&*skus[0], 2)], vec![(&*skus[0], 1), (&*skus[1], 3)]] {
+        let (ck, pk) = (key(), key());
+        let placed = node.checkout(&alice, &items, &ck).await;
+        assert_status(&placed, 201, "checkout");
+        let paid = node.pay(&alice, &placed.1, &pk).await;
+        assert_ok(&paid, "pay");
+        assert_eq!(paid.1["status"], "paid", "{}", paid.1);
+        firsts.push((items, ck, pk, placed, paid));
+    }
+    let stock = [node.stock(&skus[0]).await, node.stock(&skus[1]).await];
+    assert_stock(stock[0], Stock::new(7, 0, 3), "sold before the kill");
+
+    node.kill9();
+    let node = start().await;
+    for (items, ck, pk, placed, paid) in &firsts {
+        let again = node.checkout(&alice, items, ck).await;
+        assert_eq!(again, *placed, "checkout repeated after kill -9");
+        let again = node.pay(&alice, &placed.1, pk).await;
+        assert_eq!(again, *paid, "pay repeated after kill -9");
+    }
+    let after = [node.stock(&skus[0]).await, node.stock(&skus[1]).await];
+    assert_eq!(after, stock, "the repeats moved no stock");
+    let (st, mine) = node.get("/v1/orders", Some(&alice)).await;
+    assert_eq!(st, 200, "{mine}");
+    assert_eq!(mine["items"].as_array().map(Vec::len), Some(2), "{mine}");
+}

@@ -1,20 +1,31 @@
 //! Payment: the saga that moves reserved units to sold before an order is paid, and
 //! the provider's callbacks.
 
-use crate::domain::order::{Order, OrderCommand, OrderStatus};
+use crate::domain::order::{Order, OrderCommand, OrderState, OrderStatus};
 use crate::domain::payment::{PaymentCommand, PaymentError, PaymentState};
-use crate::domain::sku::SkuCommand;
+use crate::domain::sku::{SkuCommand, SkuState};
 use crate::domain::{Kind, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{order_err, sku_err, MOVING};
-use crate::host::Refusal;
+use crate::host::{now_ms, Companion, Refusal};
+use crate::keys::EntityKey;
+
+use super::orders::{all_durable, Durable};
 
 use super::*;
 
 impl Shop {
     /// Pays an order through the API (`method: fake`): one payment id per order, so a
     /// retry continues the same payment.
-    pub async fn pay(&self, order_id: &str, amount: Money) -> Result<Order> {
+    ///
+    /// With `answer`, the request's idempotent answer is recorded in the frame that marks
+    /// the order paid, when that is written here (see [`AnswerInFrame::recorded`]).
+    pub async fn pay(
+        &self,
+        order_id: &str,
+        amount: Money,
+        answer: Option<AnswerInFrame>,
+    ) -> Result<Order> {
         // No shortcut for an already applied payment: a fresh pay of a paid order is an
         // illegal transition (409); a retry of the same request is replayed by its
         // Idempotency-Key before it gets here.
@@ -24,7 +35,7 @@ impl Shop {
                 status: order.status.as_str().into(),
             });
         }
-        self.begin_and_finish_payment(order_id, &format!("api-{order_id}"), amount)
+        self.begin_and_finish_payment(order_id, &format!("api-{order_id}"), amount, answer)
             .await
     }
 
@@ -108,30 +119,62 @@ impl Shop {
         if current.payment_ids.contains(payment_id) {
             return Ok(current);
         }
-        self.begin_and_finish_payment(order_id, payment_id, amount)
+        self.begin_and_finish_payment(order_id, payment_id, amount, None)
             .await
     }
 
+    /// Marks the order "payment in progress", moves every line to sold, then marks it
+    /// paid. The first steps are answered early and run while their records are flushed
+    /// (ADR 0015); the payment is answered once every record is durable.
     async fn begin_and_finish_payment(
         &self,
         order_id: &str,
         payment_id: &str,
         amount: Money,
+        answer: Option<AnswerInFrame>,
     ) -> Result<Order> {
         let begin = OrderCommand::BeginPayment {
             payment_id: payment_id.to_owned(),
             amount,
         };
-        let order = self
-            .order(order_id, begin)
-            .await
-            .map_err(|r| order_err(r, order_id))?
-            .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))?;
-        self.finish_payment(order, payment_id).await
+        let key = EntityKey::new(Kind::Order, order_id);
+        let Some(p) = self.inner.partitioner.of(&key) else {
+            return Err(ShopError::NotFound(format!("order {order_id}")));
+        };
+        let (begun, durable) = self.ask_early::<OrderState>(p, order_id, begin).await;
+        let mut durables: Vec<_> = durable.into_iter().collect();
+        let paid = match begun {
+            Ok(Some(order)) => {
+                self.commit_and_mark_paid(order, payment_id, &mut durables, answer)
+                    .await
+            }
+            Ok(None) => Err(ShopError::NotFound(format!("order {order_id}"))),
+            Err(r) => Err(order_err(r, order_id)),
+        };
+        // Nothing is answered before every early record is durable.
+        all_durable(durables).await?;
+        paid
     }
 
     /// Moves every line to sold, then marks the order paid. Safe to repeat.
     pub(super) async fn finish_payment(&self, order: Order, payment_id: &str) -> Result<Order> {
+        let mut durables = Vec::new();
+        let paid = self
+            .commit_and_mark_paid(order, payment_id, &mut durables, None)
+            .await;
+        all_durable(durables).await?;
+        paid
+    }
+
+    /// [`Shop::finish_payment`], leaving the durability of its early answers in
+    /// `durables` for the caller to wait for.
+    async fn commit_and_mark_paid(
+        &self,
+        order: Order,
+        payment_id: &str,
+        durables: &mut Vec<Durable>,
+        answer: Option<AnswerInFrame>,
+    ) -> Result<Order> {
         let order_id = order.order_id.clone();
         if let Some(campaign_id) = order.campaign_id.clone() {
             return self
@@ -145,7 +188,10 @@ impl Shop {
             let cmd = SkuCommand::Commit {
                 order_id: order_id.clone(),
             };
-            match self.sku(&line.sku_id, cmd).await {
+            let p = self.inner.partitioner.catalog(Kind::Sku, &line.sku_id);
+            let (answer, durable) = self.ask_early::<SkuState>(p, &line.sku_id, cmd).await;
+            durables.extend(durable);
+            match answer {
                 Ok(_) => committed.push(line.sku_id.clone()),
                 Err(r) => match sku_err(r, &line.sku_id) {
                     // Left in progress: the order's timer finishes the payment later
@@ -172,17 +218,55 @@ impl Shop {
                 "the reservation of {sku_id} is gone; the order cannot be paid"
             )));
         }
-        self.mark_paid(&order_id, payment_id).await
+        self.mark_paid_answering(&order_id, payment_id, answer)
+            .await
     }
 
     /// The last step of a payment whose stock is committed: the order becomes `paid`.
     pub(crate) async fn mark_paid(&self, order_id: &str, payment_id: &str) -> Result<Order> {
+        self.mark_paid_answering(order_id, payment_id, None).await
+    }
+
+    /// [`Shop::mark_paid`], recording `answer` in the same frame when the order is
+    /// served here.
+    async fn mark_paid_answering(
+        &self,
+        order_id: &str,
+        payment_id: &str,
+        answer: Option<AnswerInFrame>,
+    ) -> Result<Order> {
         let paid = OrderCommand::MarkPaid {
             payment_id: payment_id.to_owned(),
             auto_confirm_after: millis(self.inner.cfg.auto_confirm_after),
         };
-        self.order(order_id, paid)
-            .await
+        let key = EntityKey::new(Kind::Order, order_id);
+        let answered = match (answer, self.inner.partitioner.of(&key)) {
+            (Some(answer), Some(p)) => {
+                let target = self.inner.partitions[usize::from(p)].clone();
+                let also: MakeCompanion<OrderState> = Box::new(move |view: &Option<Order>| {
+                    // Only a payment that this command completed is the request's answer.
+                    let order = view.as_ref().filter(|o| o.status == OrderStatus::Paid)?;
+                    let (part, key) = answer.part(p, order, now_ms())?;
+                    Some(Companion {
+                        parts: vec![part],
+                        aux: Vec::new(),
+                        on_durable: Box::new(move || {
+                            let _ = target.cast(PartitionMsg::Delivered(key, None));
+                        }),
+                        // The key lives in the order's own partition (the buyer's).
+                        hold: Box::new(()),
+                    })
+                });
+                self.ask_here_with::<OrderState>(p, order_id, paid.clone(), also)
+                    .await
+            }
+            _ => None,
+        };
+        let answer = match answered {
+            Some(answer) => answer,
+            None => self.order(order_id, paid).await,
+        };
+        answer
             .map_err(|r| order_err(r, order_id))?
             .ok_or_else(|| ShopError::NotFound(format!("order {order_id}")))
     }

@@ -30,10 +30,6 @@ async fn visible_order(
     Ok(order)
 }
 
-fn to_json(order: &Order) -> serde_json::Value {
-    serde_json::to_value(OrderBody::from(order)).unwrap_or_default()
-}
-
 #[utoipa::path(post, path = "/v1/orders", request_body = NewOrder, params(("Idempotency-Key" = String, Header)), responses((status = 201, body = OrderBody), (status = 409, body = crate::error::ErrorBody)))]
 pub async fn create_order(
     State(st): State<AppState>,
@@ -77,10 +73,8 @@ pub async fn create_order(
         "POST /v1/orders",
         &headers,
         &raw,
-        async move {
-            let order = shop.checkout(&buyer, items, address).await?;
-            Ok((StatusCode::CREATED, to_json(&order)))
-        },
+        StatusCode::CREATED,
+        |answer| async move { Ok(shop.checkout(&buyer, items, address, Some(answer)).await?) },
     )
     .await
 }
@@ -142,7 +136,8 @@ pub async fn pay(
         &format!("POST /v1/orders/{id}/pay"),
         &headers,
         &raw,
-        {
+        StatusCode::OK,
+        |answer| {
             let (st, caller, id) = (st.clone(), caller.clone(), id.clone());
             async move {
                 visible_order(&st, &caller, &id, &[Role::Customer]).await?;
@@ -152,8 +147,7 @@ pub async fn pay(
                 ));
                 }
                 let amount = body.amount.into_domain("amount")?;
-                let order = st.shop.pay(&id, amount).await?;
-                Ok((StatusCode::OK, to_json(&order)))
+                Ok(st.shop.pay(&id, amount, Some(answer)).await?)
             }
         },
     )
