@@ -742,7 +742,16 @@ impl ClusterNode {
     /// Spreads the partitions evenly over the active members (and empties leaving
     /// ones), moving as few as possible.
     pub async fn rebalance(&self) -> RebalanceReport {
-        let plan = self.map().plan_rebalance();
+        // Planned on the cluster's latest map, not on what this node has applied so far:
+        // a member that joined a moment ago must get its share.
+        let map = match self.inner.control.latest().await {
+            Ok(latest) => self.caught_up(latest.epoch).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the leader's map; planning on this node's");
+                self.map()
+            }
+        };
+        let plan = map.plan_rebalance();
         let mut report = RebalanceReport {
             planned: plan.len(),
             ..RebalanceReport::default()

@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
@@ -51,6 +51,18 @@ async fn cluster_map(api: &Api) -> Value {
     v
 }
 
+/// The node's map once it has applied `epoch` (bounded wait); its latest map otherwise.
+async fn map_at_least(api: &Api, epoch: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let map = cluster_map(api).await;
+        if map["epoch"].as_u64().is_some_and(|e| e >= epoch) || Instant::now() > deadline {
+            return map;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Partitions each node owns, by name.
 fn owned(map: &Value) -> BTreeMap<String, i64> {
     map["nodes"]
@@ -79,8 +91,15 @@ async fn three_nodes() -> ([Node; 3], tempfile::TempDir) {
     );
     let (code, out, err) = cluster_cli(&n2.base, &["rebalance"]);
     assert_eq!(code, 0, "rebalance: {out} {err}");
+    // The moves are committed; a follower may apply the last of them a moment later.
+    let epoch: u64 = out
+        .split("epoch ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("rebalance printed no epoch: {out}"));
     for node in [&n1, &n2, &n3] {
-        let map = cluster_map(node).await;
+        let map = map_at_least(node, epoch).await;
         let owned = owned(&map);
         assert_eq!(owned.len(), 3, "{map}");
         assert!(

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{
-    ChangeMembershipError, ClientWriteError, InitializeError, InstallSnapshotError, RaftError,
+    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError,
+    InstallSnapshotError, RaftError,
 };
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -94,7 +95,13 @@ pub enum ControlError {
 pub(crate) enum LeaderOp {
     Propose(MapCommand),
     AddVoter(Member),
-    RemoveNode { node: NodeId, cmd: MapCommand },
+    RemoveNode {
+        node: NodeId,
+        cmd: MapCommand,
+    },
+    /// The leader's map once it has confirmed it still leads and applied everything it
+    /// committed: the latest map of the cluster.
+    Read,
 }
 
 /// A consensus frame's body.
@@ -254,6 +261,11 @@ impl ControlPlane {
         self.on_leader(LeaderOp::AddVoter(member)).await
     }
 
+    /// The cluster's latest map, as its leader holds it (see [`LeaderOp::Read`]).
+    pub async fn latest(&self) -> Result<ClusterMap, ControlError> {
+        self.on_leader(LeaderOp::Read).await
+    }
+
     /// Applies `cmd` (which takes `node` out of the map) and takes `node` out of the
     /// voters.
     pub async fn remove_node(
@@ -366,6 +378,20 @@ impl ControlPlane {
     /// Runs `op` here if this node leads.
     async fn leader_op(&self, op: &LeaderOp) -> Result<ClusterMap, Local> {
         match op {
+            LeaderOp::Read => {
+                self.inner
+                    .raft
+                    .ensure_linearizable()
+                    .await
+                    .map_err(|e| match e {
+                        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
+                            Local::NotLeader(f.leader_id)
+                        }
+                        RaftError::APIError(e) => Local::Failed(ControlError::Raft(e.to_string())),
+                        RaftError::Fatal(e) => Local::Failed(ControlError::Raft(e.to_string())),
+                    })?;
+                Ok((*self.map()).clone())
+            }
             LeaderOp::Propose(cmd) => self.write(cmd.clone()).await,
             LeaderOp::AddVoter(member) => {
                 let _one_at_a_time = self.inner.membership.lock().await;
