@@ -47,7 +47,7 @@ use crate::keys::{EntityKey, Partitioner};
 use crate::metrics::ActorMetrics;
 use crate::partition::{PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg, Routed};
 use crate::route::{ForwardError, RemoteAnswer, RemoteCall, Route, Router};
-use crate::views::Views;
+use crate::views::{PublishedCopy, Views};
 
 mod background;
 mod cart;
@@ -408,10 +408,34 @@ impl Shop {
     }
 
     fn published<E: Routed>(&self, partition: u16, id: &str) -> Option<E::View> {
-        let view = self.inner.views.of::<E>()?.get(id)?;
+        Some(self.published_copy::<E>(partition, id)?.view.clone())
+    }
+
+    fn published_copy<E: Routed>(
+        &self,
+        partition: u16,
+        id: &str,
+    ) -> Option<Arc<PublishedCopy<E::View>>> {
+        let copy = self.inner.views.of::<E>()?.copy(id)?;
         // Taken after the copy: a fence that closed the gate since is seen here.
         let open = self.inner.gates.get(usize::from(partition))?.is_open();
-        (open && self.route(partition) == Route::Local).then_some(view)
+        (open && self.route(partition) == Route::Local).then_some(copy)
+    }
+
+    /// The published copy of an active SKU served here (ADR 0014), as for
+    /// [`Shop::order_copy`]. `None`: read it with [`Shop::get_sku`].
+    pub fn sku_copy(&self, sku_id: &str) -> Option<Arc<PublishedCopy<Option<SkuView>>>> {
+        let p = self.inner.partitioner.catalog(Kind::Sku, sku_id);
+        self.published_copy::<SkuState>(p, sku_id)
+    }
+
+    /// The published copy of an active order served here (ADR 0014): what a read of it
+    /// answers now, with a slot where the edge keeps its rendered body. `None`: read it
+    /// with [`Shop::get_order`].
+    pub fn order_copy(&self, order_id: &str) -> Option<Arc<PublishedCopy<Option<Order>>>> {
+        let key = EntityKey::new(Kind::Order, order_id);
+        let p = self.inner.partitioner.of(&key)?;
+        self.published_copy::<OrderState>(p, order_id)
     }
 
     /// Published copies held now (active entities that were read).

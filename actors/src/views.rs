@@ -29,6 +29,7 @@
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 
@@ -52,7 +53,24 @@ struct Entry<V> {
     view_seq: u64,
     /// Where the latest activation started: nothing older is published.
     floor: u64,
-    view: Option<V>,
+    view: Option<Arc<PublishedCopy<V>>>,
+}
+
+/// One published copy, shared by its readers.
+pub struct PublishedCopy<V> {
+    pub view: V,
+    /// A rendering of `view` made by the first reader that wants one (the edge's JSON
+    /// body) and reused by the others: a new state is a new copy, so it is never stale.
+    pub rendered: OnceLock<Vec<u8>>,
+}
+
+impl<V> PublishedCopy<V> {
+    fn new(view: V) -> Arc<Self> {
+        Arc::new(PublishedCopy {
+            view,
+            rendered: OnceLock::new(),
+        })
+    }
 }
 
 /// The published copies of one kind, by entity id.
@@ -71,6 +89,11 @@ impl<V> Default for Published<V> {
 impl<V: Clone> Published<V> {
     /// The published copy of `id`, if there is one.
     pub fn get(&self, id: &str) -> Option<V> {
+        Some(self.copy(id)?.view.clone())
+    }
+
+    /// The published copy of `id` itself, with its rendering slot.
+    pub fn copy(&self, id: &str) -> Option<Arc<PublishedCopy<V>>> {
         self.map.get(id)?.view.clone()
     }
 
@@ -84,7 +107,7 @@ impl<V: Clone> Published<V> {
                 if let Some(v) = make() {
                     e.seq = seq;
                     e.view_seq = seq;
-                    e.view = Some(v);
+                    e.view = Some(PublishedCopy::new(v));
                 }
             }
             return;
@@ -97,7 +120,7 @@ impl<V: Clone> Published<V> {
                     seq,
                     view_seq: seq,
                     floor: seq,
-                    view: Some(v),
+                    view: Some(PublishedCopy::new(v)),
                 },
             );
         }
@@ -132,7 +155,7 @@ impl<V: Clone> Published<V> {
             let newer = e.view.is_none() || e.view_seq < seq;
             if newer && seq <= e.seq && e.floor <= seq {
                 e.view_seq = seq;
-                e.view = Some(view);
+                e.view = Some(PublishedCopy::new(view));
             }
         }
     }
@@ -221,6 +244,23 @@ mod tests {
         assert_eq!(p.get("a"), Some(50));
         p.remove("a", 5);
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn a_rendering_belongs_to_its_copy() {
+        let p: Published<u32> = Published::default();
+        p.offer("a", 1, || Some(10));
+        let first = p.copy("a").unwrap();
+        assert_eq!(first.rendered.get_or_init(|| b"10".to_vec()), b"10");
+        // Readers of the same copy share its rendering.
+        assert_eq!(p.copy("a").unwrap().rendered.get().unwrap(), b"10");
+        // A write's copy starts with none: nobody is served the old body.
+        assert!(p.announce("a", 2));
+        p.publish_durable("a", 2, 20);
+        let second = p.copy("a").unwrap();
+        assert_eq!(second.view, 20);
+        assert!(second.rendered.get().is_none());
+        assert_eq!(first.rendered.get().unwrap(), b"10");
     }
 
     #[test]

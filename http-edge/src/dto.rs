@@ -11,6 +11,10 @@ use shardmall_actors::domain::{self, Millis};
 use shardmall_actors::{CartLine, Page, ProductDetail};
 use utoipa::ToSchema;
 
+use axum::body::Body;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
 use crate::error::ApiError;
 use crate::validate;
 
@@ -602,4 +606,18 @@ pub fn parse_time(field: &str, s: &str) -> Result<Millis, ApiError> {
         .ok()
         .and_then(|d| Millis::try_from(d.as_millis()).ok())
         .ok_or_else(|| ApiError::bad_request(format!("{field} is before 1970")))
+}
+
+/// An order's JSON body, as every answer carrying one renders it.
+pub fn order_json(order: &Order) -> Vec<u8> {
+    serde_json::to_vec(&OrderBody::from(order)).unwrap_or_default()
+}
+
+/// An answer whose JSON body is already rendered.
+pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    Response::builder()
+        .status(status)
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap_or_else(|_| ApiError::internal().into_response())
 }

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 
-use axum::body::Body;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -14,7 +13,7 @@ use shardmall_actors::domain::order::Order;
 use shardmall_actors::{AnswerInFrame, IdemStart};
 
 use crate::auth::Caller;
-use crate::dto::OrderBody;
+use crate::dto::{json_response, order_json};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -105,11 +104,6 @@ where
     })
 }
 
-/// An order's JSON body, as every answer carrying one renders it.
-pub fn order_json(order: &Order) -> Vec<u8> {
-    serde_json::to_vec(&OrderBody::from(order)).unwrap_or_default()
-}
-
 /// The request's `Idempotency-Key`, checked: `None` when it has none.
 pub fn key_of(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
     match headers.get(HEADER).map(|v| v.to_str()) {
@@ -169,12 +163,4 @@ fn replay(stored: StoredResponse) -> Response {
     let mut resp = json_response(status, stored.body);
     mark_replayed(&mut resp);
     resp
-}
-
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
-    Response::builder()
-        .status(status)
-        .header(axum::http::header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body))
-        .unwrap_or_else(|_| ApiError::internal().into_response())
 }

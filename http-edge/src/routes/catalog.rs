@@ -2,7 +2,9 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
+use shardmall_actors::domain::sku::SkuView;
 use shardmall_actors::domain::ProductStatus;
 use shardmall_actors::{NewProduct as ShopProduct, NewSku as ShopSku};
 
@@ -141,8 +143,23 @@ pub async fn patch_product(
 }
 
 #[utoipa::path(get, path = "/v1/skus/{sku_id}", params(("sku_id" = String, Path)), responses((status = 200, body = Sku), (status = 404, body = crate::error::ErrorBody)))]
-pub async fn get_sku(State(st): State<AppState>, IdPath(id): IdPath) -> ApiResult<Json<Sku>> {
-    Ok(Json((&st.shop.get_sku(&id).await?).into()))
+// PerformanceCriticalPath: product pages read their SKUs.
+pub async fn get_sku(State(st): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
+    // An active SKU: its published copy, rendered once per state (ADR 0014).
+    if let Some(copy) = st.shop.sku_copy(&id) {
+        if let Some(sku) = copy.view.as_ref() {
+            let body = copy.rendered.get_or_init(|| sku_json(sku));
+            return Ok(json_response(StatusCode::OK, body.clone()));
+        }
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        sku_json(&st.shop.get_sku(&id).await?),
+    ))
+}
+
+fn sku_json(sku: &SkuView) -> Vec<u8> {
+    serde_json::to_vec(&Sku::from(sku)).unwrap_or_default()
 }
 
 #[utoipa::path(post, path = "/v1/skus/{sku_id}/stock", params(("sku_id" = String, Path)), request_body = StockAdjustment, responses((status = 200, body = Sku), (status = 409, body = crate::error::ErrorBody)))]

@@ -80,13 +80,27 @@ pub async fn create_order(
 }
 
 #[utoipa::path(get, path = "/v1/orders/{order_id}", params(("order_id" = String, Path)), responses((status = 200, body = OrderBody), (status = 404, body = crate::error::ErrorBody)))]
+// PerformanceCriticalPath: buyers poll their orders.
 pub async fn get_order(
     State(st): State<AppState>,
     caller: Caller,
     IdPath(id): IdPath,
-) -> ApiResult<Json<OrderBody>> {
-    let order = visible_order(&st, &caller, &id, &[Role::Customer, Role::Admin]).await?;
-    Ok(Json((&order).into()))
+) -> ApiResult<Response> {
+    const ROLES: &[Role] = &[Role::Customer, Role::Admin];
+    // An active order: its published copy, rendered once per state and shared by every
+    // read of that state (ADR 0014).
+    if let Some(copy) = st.shop.order_copy(&id) {
+        if let Some(order) = copy.view.as_ref() {
+            caller.require(ROLES)?;
+            if caller.role == Role::Customer && order.buyer != caller.sub {
+                return Err(ApiError::not_found(format!("order {id} not found")));
+            }
+            let body = copy.rendered.get_or_init(|| order_json(order));
+            return Ok(json_response(StatusCode::OK, body.clone()));
+        }
+    }
+    let order = visible_order(&st, &caller, &id, ROLES).await?;
+    Ok(json_response(StatusCode::OK, order_json(&order)))
 }
 
 #[utoipa::path(get, path = "/v1/orders", params(("status" = Option<String>, Query), ("limit" = Option<usize>, Query), ("cursor" = Option<String>, Query)), responses((status = 200, body = List<OrderBody>)))]
