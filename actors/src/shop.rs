@@ -30,7 +30,7 @@ use shardmall_persistence::Wal;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::campaign::CampaignState;
+use crate::domain::campaign::{CampaignState, CampaignView};
 use crate::domain::cart::{CartCommand, CartState};
 use crate::domain::idempotency::{IdemState, StoredResponse};
 use crate::domain::order::{Order, OrderCommand, OrderState};
@@ -427,6 +427,16 @@ impl Shop {
     pub fn sku_copy(&self, sku_id: &str) -> Option<Arc<PublishedCopy<Option<SkuView>>>> {
         let p = self.inner.partitioner.catalog(Kind::Sku, sku_id);
         self.published_copy::<SkuState>(p, sku_id)
+    }
+
+    /// The published copy of an active campaign served here (ADR 0014), as for
+    /// [`Shop::order_copy`]. `None`: read it with `Shop::get_campaign`.
+    pub fn campaign_copy(
+        &self,
+        campaign_id: &str,
+    ) -> Option<Arc<PublishedCopy<Option<CampaignView>>>> {
+        let p = self.inner.partitioner.catalog(Kind::Campaign, campaign_id);
+        self.published_copy::<CampaignState>(p, campaign_id)
     }
 
     /// The published copy of an active order served here (ADR 0014): what a read of it

@@ -61,7 +61,9 @@ pub struct PublishedCopy<V> {
     pub view: V,
     /// A rendering of `view` made by the first reader that wants one (the edge's JSON
     /// body) and reused by the others: a new state is a new copy, so it is never stale.
-    pub rendered: OnceLock<Vec<u8>>,
+    /// A rendering that also depends on the time keeps, beside it, the tag of what it
+    /// showed (see [`PublishedCopy::rendered_as`]).
+    pub rendered: OnceLock<(u64, Vec<u8>)>,
 }
 
 impl<V> PublishedCopy<V> {
@@ -70,6 +72,26 @@ impl<V> PublishedCopy<V> {
             view,
             rendered: OnceLock::new(),
         })
+    }
+
+    /// The copy rendered by `render`, made once and shared.
+    pub fn rendered(&self, render: impl FnOnce(&V) -> Vec<u8>) -> Vec<u8> {
+        self.rendered_as(0, render)
+    }
+
+    /// The copy rendered by `render` as of `tag` (what the rendering shows of the time,
+    /// such as a campaign's status): the shared rendering if it was made for the same
+    /// tag, otherwise made now (and kept only if none was kept yet).
+    pub fn rendered_as(&self, tag: u64, render: impl FnOnce(&V) -> Vec<u8>) -> Vec<u8> {
+        match self.rendered.get() {
+            Some((t, body)) if *t == tag => body.clone(),
+            Some(_) => render(&self.view),
+            None => self
+                .rendered
+                .get_or_init(|| (tag, render(&self.view)))
+                .1
+                .clone(),
+        }
     }
 }
 
@@ -250,17 +272,25 @@ mod tests {
     fn a_rendering_belongs_to_its_copy() {
         let p: Published<u32> = Published::default();
         p.offer("a", 1, || Some(10));
+        let render = |v: &u32| v.to_string().into_bytes();
         let first = p.copy("a").unwrap();
-        assert_eq!(first.rendered.get_or_init(|| b"10".to_vec()), b"10");
+        assert_eq!(first.rendered(render), b"10");
         // Readers of the same copy share its rendering.
-        assert_eq!(p.copy("a").unwrap().rendered.get().unwrap(), b"10");
+        let again = p.copy("a").unwrap();
+        assert_eq!(again.rendered(|_| panic!("rendered twice")), b"10");
         // A write's copy starts with none: nobody is served the old body.
         assert!(p.announce("a", 2));
         p.publish_durable("a", 2, 20);
         let second = p.copy("a").unwrap();
         assert_eq!(second.view, 20);
         assert!(second.rendered.get().is_none());
-        assert_eq!(first.rendered.get().unwrap(), b"10");
+        assert_eq!(second.rendered(render), b"20");
+        // A rendering made for another tag (another status) is not reused.
+        p.offer("t", 3, || Some(30));
+        let timed = p.copy("t").unwrap();
+        assert_eq!(timed.rendered_as(1, |_| b"live".to_vec()), b"live");
+        assert_eq!(timed.rendered_as(2, |_| b"ended".to_vec()), b"ended");
+        assert_eq!(timed.rendered_as(1, |_| panic!("rendered twice")), b"live");
     }
 
     #[test]

@@ -209,6 +209,47 @@ async fn the_per_buyer_limit_and_the_window_are_enforced() {
     assert_eq!(ended, vec!["lim", "short"]);
 }
 
+/// A campaign read again and again shows its status at the moment of each read, though
+/// the campaign itself writes nothing when it starts (its body is rendered once per copy
+/// and status, ADR 0014).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_page_shows_the_status_of_the_moment() {
+    let node = Node::start().await;
+    node.create_product(&admin(), "tp", &[("tp-s", 1000, 10)])
+        .await;
+    let starts = std::time::SystemTime::now() + Duration::from_millis(1500);
+    let mut body = campaign_body("soon", "tp-s", 4, 1);
+    body["starts_at"] = json!(humantime::format_rfc3339_millis(starts).to_string());
+    create_campaign(&node, &body).await;
+    for _ in 0..3 {
+        let c = campaign(&node, "soon").await;
+        assert_eq!(
+            (c["status"].as_str(), n(&c, "remaining")),
+            (Some("scheduled"), 4)
+        );
+    }
+    tokio::time::sleep(
+        starts
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_millis(100),
+    )
+    .await;
+    let c = campaign(&node, "soon").await;
+    assert_eq!(
+        (c["status"].as_str(), n(&c, "remaining")),
+        (Some("live"), 4),
+        "{c}"
+    );
+    assert_eq!(buy(&node, "soon", "ann", 1).await.0, 201);
+    let c = campaign(&node, "soon").await;
+    assert_eq!(
+        (c["status"].as_str(), n(&c, "remaining")),
+        (Some("live"), 3),
+        "{c}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpaid_units_return_to_the_campaign_at_the_deadline() {
     let node = Node::start().await;

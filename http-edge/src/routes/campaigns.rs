@@ -4,7 +4,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use shardmall_actors::domain::campaign::CampaignStatus;
+use shardmall_actors::domain::campaign::{CampaignStatus, CampaignView};
+use shardmall_actors::domain::Millis;
 use shardmall_actors::host::now_ms;
 use shardmall_actors::NewCampaign as ShopCampaign;
 
@@ -89,13 +90,28 @@ fn generated_id() -> String {
 }
 
 #[utoipa::path(get, path = "/v1/campaigns/{campaign_id}", params(("campaign_id" = String, Path)), responses((status = 200, body = CampaignBody), (status = 404, body = crate::error::ErrorBody)))]
+// PerformanceCriticalPath: buyers refresh a campaign's page during the sale.
 pub async fn get_campaign(
     State(st): State<AppState>,
     _caller: Caller,
     IdPath(id): IdPath,
-) -> ApiResult<Json<CampaignBody>> {
+) -> ApiResult<Response> {
+    let now = now_ms();
+    // An active campaign: its published copy, rendered once per state and status (the
+    // body shows the status at `now`, ADR 0014).
+    if let Some(copy) = st.shop.campaign_copy(&id) {
+        if let Some(view) = copy.view.as_ref() {
+            let status = view.status(now) as u64;
+            let body = copy.rendered_as(status, |_| campaign_json(view, now));
+            return Ok(json_response(StatusCode::OK, body));
+        }
+    }
     let view = st.shop.get_campaign(&id).await?;
-    Ok(Json(CampaignBody::new(&view, now_ms())))
+    Ok(json_response(StatusCode::OK, campaign_json(&view, now)))
+}
+
+fn campaign_json(view: &CampaignView, now: Millis) -> Vec<u8> {
+    serde_json::to_vec(&CampaignBody::new(view, now)).unwrap_or_default()
 }
 
 #[utoipa::path(get, path = "/v1/campaigns", params(("status" = Option<String>, Query), ("limit" = Option<usize>, Query), ("cursor" = Option<String>, Query)), responses((status = 200, body = List<CampaignBody>)))]

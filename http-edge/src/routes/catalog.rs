@@ -148,8 +148,8 @@ pub async fn get_sku(State(st): State<AppState>, IdPath(id): IdPath) -> ApiResul
     // An active SKU: its published copy, rendered once per state (ADR 0014).
     if let Some(copy) = st.shop.sku_copy(&id) {
         if let Some(sku) = copy.view.as_ref() {
-            let body = copy.rendered.get_or_init(|| sku_json(sku));
-            return Ok(json_response(StatusCode::OK, body.clone()));
+            let body = copy.rendered(|_| sku_json(sku));
+            return Ok(json_response(StatusCode::OK, body));
         }
     }
     Ok(json_response(

@@ -95,8 +95,8 @@ pub async fn get_order(
             if caller.role == Role::Customer && order.buyer != caller.sub {
                 return Err(ApiError::not_found(format!("order {id} not found")));
             }
-            let body = copy.rendered.get_or_init(|| order_json(order));
-            return Ok(json_response(StatusCode::OK, body.clone()));
+            let body = copy.rendered(|_| order_json(order));
+            return Ok(json_response(StatusCode::OK, body));
         }
     }
     let order = visible_order(&st, &caller, &id, ROLES).await?;
