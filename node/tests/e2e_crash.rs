@@ -230,6 +230,15 @@ async fn check_recovered(node: &Node, skus: &[String], acked: &[Acked], round: u
     }
 }
 
+/// A node on `dir` acknowledging only durable writes: what the kill -9 tests restart.
+async fn sync_node(dir: &std::path::Path) -> Node {
+    Node::config()
+        .dir(dir)
+        .args(&["--durability", "sync"])
+        .start()
+        .await
+}
+
 /// kill -9 while 8 clients check out and pay, three times over; after each restart every
 /// acknowledged order (of every round) is there with its acknowledged status, and stock
 /// is conserved.
@@ -237,12 +246,7 @@ async fn check_recovered(node: &Node, skus: &[String], acked: &[Acked], round: u
 async fn kill9_mid_stream_keeps_acknowledged_writes() {
     const ROUNDS: usize = 3;
     let dir = tempfile::tempdir().expect("tempdir");
-    let start = || {
-        Node::config()
-            .dir(dir.path())
-            .args(&["--durability", "sync"])
-            .start()
-    };
+    let start = || sync_node(dir.path());
     let mut node = start().await;
     let admin = admin();
     let skus = node
@@ -498,12 +502,7 @@ async fn passivated_actors_keep_state() {
 #[tokio::test]
 async fn keyed_answers_survive_kill9_with_their_orders() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let start = || {
-        Node::config()
-            .dir(dir.path())
-            .args(&["--durability", "sync"])
-            .start()
-    };
+    let start = || sync_node(dir.path());
     let mut node = start().await;
     let admin = admin();
     let alice = customer("replay-alice");

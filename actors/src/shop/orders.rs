@@ -141,6 +141,16 @@ impl Shop {
                 ));
             }
         }
+        if failure.is_some() && opened.get().is_some() {
+            // The last SKU's answer was lost (it timed out) after its frame took the
+            // order: cancel the order behind it, so none survives without reservations.
+            let cancel = OrderCommand::Cancel {
+                reason: CancelReason::PaymentFailed,
+            };
+            if let Err(e) = self.order(&order_id, cancel).await {
+                tracing::warn!(order = %order_id, error = ?e, "cancelling an order whose checkout failed failed; it expires at its deadline");
+            }
+        }
         if failure.is_none() {
             let placed = match Arc::try_unwrap(opened) {
                 Ok(cell) => cell.into_inner(),
