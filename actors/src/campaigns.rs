@@ -31,7 +31,7 @@ use crate::error::{Result, ShopError};
 use crate::errors_map::{campaign_err, order_err, sku_err};
 use crate::host::{now_ms, Refusal};
 use crate::route::{IndexFilter, ScanRequest};
-use crate::shop::{millis, Page, Shop};
+use crate::shop::{millis, take_opened, Page, Shop};
 
 /// What a buy answers: the order, and whether this repeats an earlier keyed buy.
 #[derive(Debug, Clone)]
@@ -338,13 +338,7 @@ impl Shop {
                 .await
             {
                 let view = self.saw_campaign(campaign_id, answer)?;
-                // The companion was consumed before the frame was queued, so this is
-                // the only handle left; the fallback only guards that assumption.
-                let order = match Arc::try_unwrap(opened) {
-                    Ok(cell) => cell.into_inner(),
-                    Err(shared) => shared.get().cloned(),
-                };
-                if let Some(order) = order {
+                if let Some(order) = take_opened(opened) {
                     return Ok(Bought {
                         order,
                         replayed: false,

@@ -86,15 +86,18 @@ impl Partitioner {
     /// The partition an entity lives in. An order's partition is read from its id; an
     /// order id that does not parse has no partition (it cannot exist).
     pub fn of(&self, key: &EntityKey) -> Option<u16> {
-        match key.kind {
+        self.of_id(key.kind, &key.id)
+    }
+
+    /// [`Partitioner::of`] the entity `id` of `kind`.
+    pub fn of_id(&self, kind: Kind, id: &str) -> Option<u16> {
+        match kind {
             Kind::Product | Kind::Sku | Kind::Payment | Kind::Campaign => {
-                Some(self.catalog(key.kind, &key.id))
+                Some(self.catalog(kind, id))
             }
-            Kind::Cart => Some(self.buyer(&key.id)),
-            Kind::Idempotency => {
-                Some(self.buyer(crate::domain::idempotency::idem_subject(&key.id)))
-            }
-            Kind::Order => OrderId::parse(&key.id)
+            Kind::Cart => Some(self.buyer(id)),
+            Kind::Idempotency => Some(self.buyer(crate::domain::idempotency::idem_subject(id))),
+            Kind::Order => OrderId::parse(id)
                 .map(|id| id.partition)
                 .filter(|p| *p < self.count),
         }

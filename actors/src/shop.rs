@@ -30,7 +30,7 @@ use shardmall_persistence::Wal;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::campaign::{CampaignState, CampaignView};
+use crate::domain::campaign::CampaignState;
 use crate::domain::cart::{CartCommand, CartState};
 use crate::domain::idempotency::{IdemState, StoredResponse};
 use crate::domain::order::{Order, OrderCommand, OrderState};
@@ -60,6 +60,7 @@ pub use background::checkpoint_all;
 use background::count_orders_by_status;
 pub(crate) use background::fold_entity;
 pub use idempotency::AnswerInFrame;
+pub(crate) use orders::take_opened;
 
 /// How long before a timer action that could not finish is tried again.
 const RETRY_TIMER_AFTER: Duration = Duration::from_secs(5);
@@ -179,10 +180,7 @@ impl Begun {
     /// Waits until the start record is durable. The request's answer MUST wait for this:
     /// it acknowledges the key as used.
     pub async fn durable(self) -> Result<()> {
-        match self.0 {
-            None => Ok(()),
-            Some(rx) => orders::all_durable(vec![rx]).await,
-        }
+        orders::all_durable(self.0).await
     }
 }
 
@@ -411,7 +409,7 @@ impl Shop {
         Some(self.published_copy::<E>(partition, id)?.view.clone())
     }
 
-    fn published_copy<E: Routed>(
+    fn published_copy<E: Entity>(
         &self,
         partition: u16,
         id: &str,
@@ -422,30 +420,13 @@ impl Shop {
         (open && self.route(partition) == Route::Local).then_some(copy)
     }
 
-    /// The published copy of an active SKU served here (ADR 0014), as for
-    /// [`Shop::order_copy`]. `None`: read it with [`Shop::get_sku`].
-    pub fn sku_copy(&self, sku_id: &str) -> Option<Arc<PublishedCopy<Option<SkuView>>>> {
-        let p = self.inner.partitioner.catalog(Kind::Sku, sku_id);
-        self.published_copy::<SkuState>(p, sku_id)
-    }
-
-    /// The published copy of an active campaign served here (ADR 0014), as for
-    /// [`Shop::order_copy`]. `None`: read it with `Shop::get_campaign`.
-    pub fn campaign_copy(
-        &self,
-        campaign_id: &str,
-    ) -> Option<Arc<PublishedCopy<Option<CampaignView>>>> {
-        let p = self.inner.partitioner.catalog(Kind::Campaign, campaign_id);
-        self.published_copy::<CampaignState>(p, campaign_id)
-    }
-
-    /// The published copy of an active order served here (ADR 0014): what a read of it
-    /// answers now, with a slot where the edge keeps its rendered body. `None`: read it
-    /// with [`Shop::get_order`].
-    pub fn order_copy(&self, order_id: &str) -> Option<Arc<PublishedCopy<Option<Order>>>> {
-        let key = EntityKey::new(Kind::Order, order_id);
-        let p = self.inner.partitioner.of(&key)?;
-        self.published_copy::<OrderState>(p, order_id)
+    /// The published copy of the active entity `id` of `E`'s kind (an order, a SKU, a
+    /// campaign, a product) when it is served here (ADR 0014): what a read of it answers
+    /// now, with a slot where the edge keeps its rendered body. `None`: read it the usual
+    /// way.
+    pub fn copy_of<E: Entity>(&self, id: &str) -> Option<Arc<PublishedCopy<E::View>>> {
+        let p = self.inner.partitioner.of_id(E::KIND, id)?;
+        self.published_copy::<E>(p, id)
     }
 
     /// Published copies held now (active entities that were read).
@@ -695,8 +676,7 @@ impl Shop {
         id: &str,
         cmd: OrderCommand,
     ) -> std::result::Result<Option<Order>, Refusal<<OrderState as Entity>::Error>> {
-        let key = EntityKey::new(Kind::Order, id);
-        let Some(p) = self.inner.partitioner.of(&key) else {
+        let Some(p) = self.inner.partitioner.of_id(Kind::Order, id) else {
             return Ok(None);
         };
         match cmd {

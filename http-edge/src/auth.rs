@@ -1,15 +1,14 @@
 //! Bearer JWT (HS256) with roles. Tokens are verified with a constant-time HMAC check,
 //! an `alg` of exactly HS256, and an `exp` in the future.
 
+use std::sync::Arc;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use dashmap::DashMap;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-
-use std::sync::Arc;
-
-use dashmap::DashMap;
 
 use crate::error::ApiError;
 

@@ -152,11 +152,7 @@ impl Shop {
             }
         }
         if failure.is_none() {
-            let placed = match Arc::try_unwrap(opened) {
-                Ok(cell) => cell.into_inner(),
-                Err(shared) => shared.get().cloned(),
-            };
-            let placed = match placed {
+            let placed = match take_opened(opened) {
                 // In the last SKU's frame, durable with it.
                 Some(order) => Ok(Some(order)),
                 None => {
@@ -616,11 +612,21 @@ fn line_of(sku: &SkuView, quantity: u64) -> Line {
     }
 }
 
+/// The order an [`Shop::order_companion`] left in `opened`, once its frame is queued. The
+/// companion is consumed by then, so this is the only handle left and nothing is cloned;
+/// the fallback only guards that assumption.
+pub(crate) fn take_opened(opened: Arc<OnceLock<Order>>) -> Option<Order> {
+    match Arc::try_unwrap(opened) {
+        Ok(cell) => cell.into_inner(),
+        Err(shared) => shared.get().cloned(),
+    }
+}
+
 /// Told when the record of an early answer is durable (see [`Shop::ask_early`]).
 pub(crate) type Durable = oneshot::Receiver<std::result::Result<(), String>>;
 
 /// Waits for the records of early answers to be durable.
-pub(crate) async fn all_durable(durables: Vec<Durable>) -> Result<()> {
+pub(crate) async fn all_durable(durables: impl IntoIterator<Item = Durable>) -> Result<()> {
     for rx in durables {
         match rx.await {
             Ok(Ok(())) => {}

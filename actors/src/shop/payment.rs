@@ -8,7 +8,6 @@ use crate::domain::{Kind, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{order_err, sku_err, MOVING};
 use crate::host::{now_ms, Companion, Refusal};
-use crate::keys::EntityKey;
 
 use super::orders::{all_durable, Durable};
 
@@ -137,8 +136,7 @@ impl Shop {
             payment_id: payment_id.to_owned(),
             amount,
         };
-        let key = EntityKey::new(Kind::Order, order_id);
-        let Some(p) = self.inner.partitioner.of(&key) else {
+        let Some(p) = self.inner.partitioner.of_id(Kind::Order, order_id) else {
             return Err(ShopError::NotFound(format!("order {order_id}")));
         };
         let (begun, durable) = self.ask_early::<OrderState>(p, order_id, begin).await;
@@ -239,8 +237,7 @@ impl Shop {
             payment_id: payment_id.to_owned(),
             auto_confirm_after: millis(self.inner.cfg.auto_confirm_after),
         };
-        let key = EntityKey::new(Kind::Order, order_id);
-        let answered = match (answer, self.inner.partitioner.of(&key)) {
+        let answered = match (answer, self.inner.partitioner.of_id(Kind::Order, order_id)) {
             (Some(answer), Some(p)) => {
                 let target = self.inner.partitions[usize::from(p)].clone();
                 let also: MakeCompanion<OrderState> = Box::new(move |view: &Option<Order>| {

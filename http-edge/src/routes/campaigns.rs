@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use shardmall_actors::domain::campaign::{CampaignStatus, CampaignView};
+use shardmall_actors::domain::campaign::{CampaignState, CampaignStatus, CampaignView};
 use shardmall_actors::domain::Millis;
 use shardmall_actors::host::now_ms;
 use shardmall_actors::NewCampaign as ShopCampaign;
@@ -99,7 +99,7 @@ pub async fn get_campaign(
     let now = now_ms();
     // An active campaign: its published copy, rendered once per state and status (the
     // body shows the status at `now`, ADR 0014).
-    if let Some(copy) = st.shop.campaign_copy(&id) {
+    if let Some(copy) = st.shop.copy_of::<CampaignState>(&id) {
         if let Some(view) = copy.view.as_ref() {
             let status = view.status(now) as u64;
             let body = copy.rendered_as(status, |_| campaign_json(view, now));

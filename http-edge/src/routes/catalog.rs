@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
-use shardmall_actors::domain::sku::SkuView;
+use shardmall_actors::domain::sku::{SkuState, SkuView};
 use shardmall_actors::domain::ProductStatus;
 use shardmall_actors::{NewProduct as ShopProduct, NewSku as ShopSku};
 
@@ -146,7 +146,7 @@ pub async fn patch_product(
 // PerformanceCriticalPath: product pages read their SKUs.
 pub async fn get_sku(State(st): State<AppState>, IdPath(id): IdPath) -> ApiResult<Response> {
     // An active SKU: its published copy, rendered once per state (ADR 0014).
-    if let Some(copy) = st.shop.sku_copy(&id) {
+    if let Some(copy) = st.shop.copy_of::<SkuState>(&id) {
         if let Some(sku) = copy.view.as_ref() {
             let body = copy.rendered(|_| sku_json(sku));
             return Ok(json_response(StatusCode::OK, body));

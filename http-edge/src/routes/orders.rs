@@ -6,7 +6,7 @@ use axum::response::Response;
 use axum::Json;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use shardmall_actors::domain::order::{Order, Shipment};
+use shardmall_actors::domain::order::{Order, OrderState, Shipment};
 
 use crate::auth::{Caller, Role};
 use crate::dto::*;
@@ -89,7 +89,7 @@ pub async fn get_order(
     const ROLES: &[Role] = &[Role::Customer, Role::Admin];
     // An active order: its published copy, rendered once per state and shared by every
     // read of that state (ADR 0014).
-    if let Some(copy) = st.shop.order_copy(&id) {
+    if let Some(copy) = st.shop.copy_of::<OrderState>(&id) {
         if let Some(order) = copy.view.as_ref() {
             caller.require(ROLES)?;
             if caller.role == Role::Customer && order.buyer != caller.sub {
