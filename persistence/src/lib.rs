@@ -41,7 +41,7 @@ pub use group_commit::Ack;
 pub use handoff::{Fold, PartitionData};
 pub use metrics::WalMetrics;
 pub use record::{AuxOp, CheckpointStats, EntityLog, Lsn, Part, Record};
-pub use wal::Wal;
+pub use wal::{QueueFull, Wal};
 
 /// Everything that can go wrong in the persistence layer.
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,20 @@ use crate::segment;
 use crate::tails::Tails;
 use crate::{Durability, EntityLog, Error, Lsn, Record, Result, WalConfig};
 
+/// A record [`Wal::try_append_then`] found no room for in the log's queue.
+pub struct QueueFull {
+    tx: mpsc::Sender<Msg>,
+    msg: Msg,
+}
+
+impl QueueFull {
+    /// Waits for room and queues the record.
+    pub async fn queued(self) -> Result<()> {
+        // A send that fails drops the message, which calls its callback with `Closed`.
+        self.tx.send(self.msg).await.map_err(|_| Error::Closed)
+    }
+}
+
 /// How often [`Wal::load_entity`] retries when checkpoints of the same entity keep landing
 /// between its reads. Checkpoints of one entity are serialized and far apart, so hitting
 /// this means something is badly wrong.
@@ -148,7 +162,39 @@ impl Wal {
             .await
     }
 
+    /// [`Wal::append_then`] without a future when the queue has room, which is nearly
+    /// always: `Ok(None)` once the record is queued. `Ok(Some(full))` when the queue is
+    /// full: the record is queued once `full.queued()` has been awaited, and a caller
+    /// that appends in order MUST await it before appending again. Errors as
+    /// [`Wal::append_then`]; `on_durable` is called exactly once in every case.
+    ///
+    /// PERFORMANCE CRITICAL PATH: an entity actor's write. Its handler then needs no
+    /// future of its own, and ractor moves a handler's future for every message.
+    pub fn try_append_then(
+        &self,
+        rec: Record,
+        on_durable: impl FnOnce(Result<Lsn>) + Send + 'static,
+    ) -> Result<Option<QueueFull>> {
+        let guard = CalledOnce(Some(Box::new(on_durable)));
+        let msg = self.prepare(rec, AckTx::Callback(Box::new(guard.into_fn())))?;
+        match self.inner.tx.try_send(msg) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Full(msg)) => Ok(Some(QueueFull {
+                tx: self.inner.tx.clone(),
+                msg,
+            })),
+            // Dropping the message calls `on_durable` with `Closed`.
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Closed),
+        }
+    }
+
     async fn enqueue(&self, rec: Record, ack: AckTx) -> Result<()> {
+        let msg = self.prepare(rec, ack)?;
+        self.inner.tx.send(msg).await.map_err(|_| Error::Closed)
+    }
+
+    /// Checks that the log takes the record, and wraps it for the writer.
+    fn prepare(&self, rec: Record, ack: AckTx) -> Result<Msg> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -157,14 +203,10 @@ impl Wal {
         for part in &rec.also {
             keys::check_entity(&part.entity)?;
         }
-        self.inner
-            .tx
-            .send(Msg::Append {
-                rec: Prepared::new(rec),
-                ack,
-            })
-            .await
-            .map_err(|_| Error::Closed)
+        Ok(Msg::Append {
+            rec: Prepared::new(rec),
+            ack,
+        })
     }
 
     /// Makes everything appended so far durable. After [`Wal::shutdown`] it waits for the

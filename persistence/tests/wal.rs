@@ -495,3 +495,50 @@ async fn a_frame_with_another_entity_applies_recovers_and_folds_both() {
     assert_eq!(load_list(&wal, 4, b"camp"), vec![b"bought".to_vec()]);
     wal.shutdown().await.unwrap();
 }
+
+/// `try_append_then` queues without awaiting while there is room, and hands the record
+/// back when the queue is full; awaiting `queued` then keeps one caller's records in
+/// order, and every callback hears its own record's lsn.
+#[tokio::test]
+async fn try_append_then_keeps_order_through_a_full_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = shardmall_persistence::WalConfig::new(dir.path());
+    cfg.durability = Durability::Sync;
+    cfg.queue_capacity = 1;
+    let wal = shardmall_persistence::Wal::open(cfg).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut full = 0;
+    for i in 0u32..500 {
+        let tx = tx.clone();
+        let queued = wal
+            .try_append_then(record(1, b"e", &i.to_be_bytes()), move |outcome| {
+                let _ = tx.send((i, outcome.map_err(|e| e.to_string())));
+            })
+            .unwrap();
+        if let Some(wait) = queued {
+            full += 1;
+            wait.queued().await.unwrap();
+        }
+    }
+    drop(tx);
+    assert!(
+        full > 0,
+        "a one-place queue fills under 500 appends in a row"
+    );
+    let mut heard = Vec::new();
+    while let Some((i, lsn)) = rx.recv().await {
+        heard.push((i, lsn.unwrap()));
+    }
+    heard.sort();
+    assert_eq!(heard.len(), 500);
+    assert!(
+        heard.windows(2).all(|w| w[0].1 < w[1].1),
+        "lsns follow the order of appends"
+    );
+    let tail = wal.load_entity(1, b"e").unwrap().tail;
+    let payloads: Vec<u32> = tail
+        .iter()
+        .map(|(_, p)| u32::from_be_bytes(p[..4].try_into().unwrap()))
+        .collect();
+    assert_eq!(payloads, (0..500).collect::<Vec<_>>());
+}
