@@ -78,6 +78,11 @@ pub struct Companion {
     pub hold: Box<dyn Send>,
 }
 
+/// The rest of a command whose record waits for room in the log's queue (see
+/// [`Hosted::handle_now`]).
+pub(crate) type Queueing =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ActorProcessingErr>> + Send>>;
+
 /// Builds a command's [`Companion`] from its answer; `None` writes the command alone.
 pub type MakeCompanion<E> = Box<dyn FnOnce(&<E as Entity>::View) -> Option<Companion> + Send>;
 
@@ -235,7 +240,11 @@ impl<E: Entity> Actor for EntityActor<E> {
         match message {
             EntityMsg::Cmd(req) => {
                 hosted.queued.fetch_sub(1, Ordering::Relaxed);
-                let handled = hosted.handle_command(*req).await;
+                let handled = match hosted.handle_now(*req) {
+                    Ok(None) => Ok(()),
+                    Ok(Some(wait)) => wait.await,
+                    Err(e) => Err(e),
+                };
                 if handled.is_err() {
                     // The actor fails without `post_stop`: its copy goes now.
                     hosted.unpublish();
@@ -331,10 +340,27 @@ impl<E: Entity> Hosted<E> {
         self.last_write.clone().filter(|rx| !*rx.borrow())
     }
 
+    /// Handles one command: decides, applies, and hands its record to the log.
     pub(crate) async fn handle_command(
         &mut self,
         req: Request<E>,
     ) -> Result<(), ActorProcessingErr> {
+        match self.handle_now(req)? {
+            None => Ok(()),
+            Some(wait) => wait.await,
+        }
+    }
+
+    /// [`Hosted::handle_command`] without a future of its own: `Ok(None)` when the
+    /// command is done (answered, or its record queued for the log), `Ok(Some(wait))`
+    /// when the log's queue was full and `wait` MUST be awaited before the next command
+    /// (records of one entity are queued in order). The actor's handler stays small:
+    /// ractor moves it for every message.
+    // PerformanceCriticalPath: every write of the engine passes here.
+    pub(crate) fn handle_now(
+        &mut self,
+        req: Request<E>,
+    ) -> Result<Option<Queueing>, ActorProcessingErr> {
         // With `early` the caller is answered once the record is queued and told of its
         // durability separately (see `Request::durable`).
         let Request {
@@ -351,7 +377,7 @@ impl<E: Entity> Hosted<E> {
                     let _ = early.send(Ok(()));
                 }
                 self.answer_after_last_write(reply, Err(Refusal::Domain(refusal)));
-                return Ok(());
+                return Ok(None);
             }
         };
         if events.is_empty() {
@@ -361,7 +387,7 @@ impl<E: Entity> Hosted<E> {
             }
             let view = self.state.answer(&cmd);
             self.answer_after_last_write(reply, Ok(view));
-            return Ok(());
+            return Ok(None);
         }
         let payload = match codec::encode(&events) {
             Ok(p) => p,
@@ -370,7 +396,7 @@ impl<E: Entity> Hosted<E> {
                     let _ = early.send(Err(e.to_string()));
                 }
                 let _ = reply.send(Err(Refusal::Unavailable(e.to_string())));
-                return Ok(());
+                return Ok(None);
             }
         };
         // Announce the write before it is handed to the log (see `crate::views`); if
@@ -411,51 +437,64 @@ impl<E: Entity> Hosted<E> {
             aux,
             also,
         };
-        match early {
+        let wal = &self.ctx.wal;
+        let (queued, answer_now) = match early {
             None => {
-                self.ctx
-                    .wal
-                    .append_then(record, move |outcome| {
-                        let answer = match outcome {
-                            Ok(_) => {
-                                publish_durable::<E>(republish);
-                                let _ = durable_tx.send(true);
-                                if let Some(f) = on_durable {
-                                    f();
-                                }
-                                Ok(view)
-                            }
-                            Err(e) => Err(Refusal::Unavailable(format!("log: {e}"))),
-                        };
-                        let _ = reply.send(answer);
-                    })
-                    .await?;
-            }
-            Some(early) => {
-                // The caller is answered now and told of durability separately; it
-                // acknowledges nothing before that (see `Request::durable`).
-                self.ctx
-                    .wal
-                    .append_then(record, move |outcome| match outcome {
+                let queued = wal.try_append_then(record, move |outcome| {
+                    let answer = match outcome {
                         Ok(_) => {
                             publish_durable::<E>(republish);
                             let _ = durable_tx.send(true);
                             if let Some(f) = on_durable {
                                 f();
                             }
-                            let _ = early.send(Ok(()));
+                            Ok(view)
                         }
-                        Err(e) => {
-                            let _ = early.send(Err(format!("log: {e}")));
-                        }
-                    })
-                    .await?;
-                let _ = reply.send(Ok(view));
+                        Err(e) => Err(Refusal::Unavailable(format!("log: {e}"))),
+                    };
+                    let _ = reply.send(answer);
+                });
+                (queued, None)
             }
+            Some(early) => {
+                // The caller is answered once the record is queued and told of
+                // durability separately; it acknowledges nothing before that (see
+                // `Request::durable`).
+                let queued = wal.try_append_then(record, move |outcome| match outcome {
+                    Ok(_) => {
+                        publish_durable::<E>(republish);
+                        let _ = durable_tx.send(true);
+                        if let Some(f) = on_durable {
+                            f();
+                        }
+                        let _ = early.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = early.send(Err(format!("log: {e}")));
+                    }
+                });
+                (queued, Some((reply, view)))
+            }
+        };
+        // Queued, or failed: a fence of the companion's partition may go on (`hold` is
+        // dropped on return, or by the wait below once the record is queued).
+        match queued? {
+            None => {
+                if let Some((reply, view)) = answer_now {
+                    let _ = reply.send(Ok(view));
+                }
+                drop(hold);
+                Ok(None)
+            }
+            Some(full) => Ok(Some(Box::pin(async move {
+                full.queued().await?;
+                if let Some((reply, view)) = answer_now {
+                    let _ = reply.send(Ok(view));
+                }
+                drop(hold);
+                Ok(())
+            }))),
         }
-        // Queued: a fence of the companion's partition may go on.
-        drop(hold);
-        Ok(())
     }
 
     /// Answers a command that wrote nothing. Its answer was computed from state that may

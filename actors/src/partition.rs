@@ -321,7 +321,11 @@ impl Actor for PartitionActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            PartitionMsg::Deliver(env) => state.deliver(&myself, env).await,
+            PartitionMsg::Deliver(env) => {
+                if let Some((key, env)) = state.deliver(env) {
+                    Box::pin(state.deliver_inactive(&myself, key, env)).await;
+                }
+            }
             PartitionMsg::Arm(key, at) => {
                 if !state.fenced {
                     state.wheel.insert((at, key));
@@ -439,16 +443,21 @@ impl PartitionState {
         }
     }
 
-    async fn deliver(&mut self, myself: &ActorRef<PartitionMsg>, env: Box<Envelope>) {
+    /// Delivers a command to its entity's active actor without awaiting anything (the
+    /// common case); answers the envelope back when the entity has no actor and must be
+    /// served inline or activated by [`PartitionState::deliver_inactive`]. Kept apart
+    /// so that the handler's future stays small: ractor moves it for every message.
+    // PerformanceCriticalPath: every entity command passes here.
+    fn deliver(&mut self, env: Box<Envelope>) -> Option<(EntityKey, Box<Envelope>)> {
         if self.fenced {
             env.moved();
-            return;
+            return None;
         }
         let key = env.key();
-        let env = match self.slots.get_mut(&key) {
+        match self.slots.get_mut(&key) {
             Some(Slot::Stopping { held, .. }) => {
                 held.push(env);
-                return;
+                None
             }
             Some(Slot::Active {
                 actor,
@@ -459,44 +468,55 @@ impl PartitionState {
                 if queued.load(Ordering::Relaxed) >= self.config.max_queue {
                     self.ctx.metrics.overloaded.fetch_add(1, Ordering::Relaxed);
                     env.overload();
-                    return;
+                    return None;
                 }
                 queued.fetch_add(1, Ordering::Relaxed);
                 match actor.send(env) {
-                    Ok(()) | Err(None) => return,
+                    Ok(()) | Err(None) => None,
                     Err(Some(env)) => {
                         // The actor is gone and its termination event is still on its
                         // way: forget it now; `stopped` ignores the late event.
                         self.slots.remove(&key);
                         self.active -= 1;
                         self.failed.insert(key.clone());
-                        env
+                        Some((key, env))
                     }
                 }
             }
-            None => match *env {
-                // An order being placed: its id was just minted, so there is nothing to
-                // keep in memory after the write. Deciding it here saves spawning an
-                // actor that would only be passivated again (the flash-sale hot path).
-                Envelope::Order(_, req)
-                    if matches!(req.cmd, OrderCommand::Place { .. })
-                        && self.may_serve_inline(&key) =>
-                {
-                    let fresh = matches!(req.cmd, OrderCommand::Place { fresh: true, .. });
-                    self.serve_inline::<OrderState>(myself, key, req, fresh)
-                        .await;
-                    return;
-                }
-                // An idempotency record is touched twice per request (begin, then
-                // complete or abort) and read by nobody in between: an actor kept for it
-                // would only push a busier entity out of the memory budget.
-                Envelope::Idem(_, req) if self.may_serve_inline(&key) => {
-                    self.serve_inline::<IdemState>(myself, key, req, false)
-                        .await;
-                    return;
-                }
-                other => Box::new(other),
-            },
+            None => Some((key, env)),
+        }
+    }
+
+    /// Serves a command whose entity has no actor: inline when it may be decided without
+    /// one, otherwise by activating it.
+    async fn deliver_inactive(
+        &mut self,
+        myself: &ActorRef<PartitionMsg>,
+        key: EntityKey,
+        env: Box<Envelope>,
+    ) {
+        // An actor that just died is in `failed`: it is activated afresh, never inline.
+        let env = match *env {
+            // An order being placed: its id was just minted, so there is nothing to
+            // keep in memory after the write. Deciding it here saves spawning an
+            // actor that would only be passivated again (the flash-sale hot path).
+            Envelope::Order(_, req)
+                if matches!(req.cmd, OrderCommand::Place { .. }) && self.may_serve_inline(&key) =>
+            {
+                let fresh = matches!(req.cmd, OrderCommand::Place { fresh: true, .. });
+                self.serve_inline::<OrderState>(myself, key, req, fresh)
+                    .await;
+                return;
+            }
+            // An idempotency record is touched twice per request (begin, then
+            // complete or abort) and read by nobody in between: an actor kept for it
+            // would only push a busier entity out of the memory budget.
+            Envelope::Idem(_, req) if self.may_serve_inline(&key) => {
+                self.serve_inline::<IdemState>(myself, key, req, false)
+                    .await;
+                return;
+            }
+            other => Box::new(other),
         };
         // Not active (or its actor just died): activate and send.
         match self.activate(myself, &key).await {
@@ -650,7 +670,9 @@ impl PartitionState {
             _ => Vec::new(),
         };
         for env in held {
-            self.deliver(myself, env).await;
+            if let Some((key, env)) = self.deliver(env) {
+                self.deliver_inactive(myself, key, env).await;
+            }
         }
         self.drained();
     }

@@ -31,6 +31,7 @@ use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use dashmap::DashMap;
 
 use crate::domain::campaign::CampaignView;
@@ -62,8 +63,9 @@ pub struct PublishedCopy<V> {
     /// A rendering of `view` made by the first reader that wants one (the edge's JSON
     /// body) and reused by the others: a new state is a new copy, so it is never stale.
     /// A rendering that also depends on the time keeps, beside it, the tag of what it
-    /// showed (see [`PublishedCopy::rendered_as`]).
-    pub rendered: OnceLock<(u64, Vec<u8>)>,
+    /// showed (see [`PublishedCopy::rendered_as`]). Shared, not copied: every reader's
+    /// answer body points at the same bytes.
+    pub rendered: OnceLock<(u64, Bytes)>,
 }
 
 impl<V> PublishedCopy<V> {
@@ -75,20 +77,20 @@ impl<V> PublishedCopy<V> {
     }
 
     /// The copy rendered by `render`, made once and shared.
-    pub fn rendered(&self, render: impl FnOnce(&V) -> Vec<u8>) -> Vec<u8> {
+    pub fn rendered(&self, render: impl FnOnce(&V) -> Vec<u8>) -> Bytes {
         self.rendered_as(0, render)
     }
 
     /// The copy rendered by `render` as of `tag` (what the rendering shows of the time,
     /// such as a campaign's status): the shared rendering if it was made for the same
     /// tag, otherwise made now (and kept only if none was kept yet).
-    pub fn rendered_as(&self, tag: u64, render: impl FnOnce(&V) -> Vec<u8>) -> Vec<u8> {
+    pub fn rendered_as(&self, tag: u64, render: impl FnOnce(&V) -> Vec<u8>) -> Bytes {
         match self.rendered.get() {
             Some((t, body)) if *t == tag => body.clone(),
-            Some(_) => render(&self.view),
+            Some(_) => render(&self.view).into(),
             None => self
                 .rendered
-                .get_or_init(|| (tag, render(&self.view)))
+                .get_or_init(|| (tag, render(&self.view).into()))
                 .1
                 .clone(),
         }
@@ -274,23 +276,26 @@ mod tests {
         p.offer("a", 1, || Some(10));
         let render = |v: &u32| v.to_string().into_bytes();
         let first = p.copy("a").unwrap();
-        assert_eq!(first.rendered(render), b"10");
+        assert_eq!(first.rendered(render), &b"10"[..]);
         // Readers of the same copy share its rendering.
         let again = p.copy("a").unwrap();
-        assert_eq!(again.rendered(|_| panic!("rendered twice")), b"10");
+        assert_eq!(again.rendered(|_| panic!("rendered twice")), &b"10"[..]);
         // A write's copy starts with none: nobody is served the old body.
         assert!(p.announce("a", 2));
         p.publish_durable("a", 2, 20);
         let second = p.copy("a").unwrap();
         assert_eq!(second.view, 20);
         assert!(second.rendered.get().is_none());
-        assert_eq!(second.rendered(render), b"20");
+        assert_eq!(second.rendered(render), &b"20"[..]);
         // A rendering made for another tag (another status) is not reused.
         p.offer("t", 3, || Some(30));
         let timed = p.copy("t").unwrap();
-        assert_eq!(timed.rendered_as(1, |_| b"live".to_vec()), b"live");
-        assert_eq!(timed.rendered_as(2, |_| b"ended".to_vec()), b"ended");
-        assert_eq!(timed.rendered_as(1, |_| panic!("rendered twice")), b"live");
+        assert_eq!(timed.rendered_as(1, |_| b"live".to_vec()), &b"live"[..]);
+        assert_eq!(timed.rendered_as(2, |_| b"ended".to_vec()), &b"ended"[..]);
+        assert_eq!(
+            timed.rendered_as(1, |_| panic!("rendered twice")),
+            &b"live"[..]
+        );
     }
 
     #[test]

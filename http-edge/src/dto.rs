@@ -613,11 +613,12 @@ pub fn order_json(order: &Order) -> Vec<u8> {
     serde_json::to_vec(&OrderBody::from(order)).unwrap_or_default()
 }
 
-/// An answer whose JSON body is already rendered.
-pub(crate) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+/// An answer whose JSON body is already rendered (owned, or a published copy's shared
+/// rendering).
+pub(crate) fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
     Response::builder()
         .status(status)
         .header(axum::http::header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body))
+        .body(body.into())
         .unwrap_or_else(|_| ApiError::internal().into_response())
 }

@@ -22,6 +22,7 @@ pub mod validate;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -35,7 +36,6 @@ use axum::Router;
 use shardmall_actors::Shop;
 use std::future::IntoFuture;
 use tokio_util::sync::CancellationToken;
-use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::OpenApi;
 
 pub use auth::{Claims, JwtKeys, Role};
@@ -202,12 +202,7 @@ pub fn router(state: AppState) -> Router {
                 "method not allowed on this path",
             )
         });
-    api.layer(EdgeLayer(state.clone()))
-        .layer(DefaultBodyLimit::max(validate::MAX_BODY_BYTES))
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::internal().into_response()
-        }))
-        .with_state(state)
+    api.layer(EdgeLayer(state.clone())).with_state(state)
 }
 
 /// Every route template the router serves, for the per-route metrics: the OpenAPI
@@ -219,13 +214,15 @@ pub fn route_templates() -> Vec<String> {
 }
 
 /// The edge's one middleware, in the order it applies: header size limit, request id
-/// (the caller's `x-request-id`, or a fresh one), admission, the handler, metrics, and
-/// the request id on the answer.
+/// (the caller's `x-request-id`, or a fresh one), admission, the body limit, the handler
+/// (a panic in it answers 500), metrics, and the request id on the answer.
 ///
 /// A plain tower service instead of a stack of layers or `middleware::from_fn`: each of
 /// those costs a boxed future, a clone of the route's boxed service and a poll per
 /// request, and on this path they added up (measured with `wrk` against `/healthz`: see
-/// docs/benchmarks.md, "The edge"). Everything before the handler is synchronous, so
+/// docs/benchmarks.md, "The edge"). The body limit and the panic guard are here for the
+/// same reason: as layers of their own each re-boxed the route, its future and (the
+/// panic guard) the answer's body. Everything before the handler is synchronous, so
 /// `call` does it and calls the route at once; the future only waits for the handler and
 /// then counts. The request span is at DEBUG level, so it costs nothing unless asked for;
 /// answers of 5xx are logged at WARN with their request id.
@@ -320,13 +317,19 @@ where
                 }
             }
         }
-        if tracing::enabled!(tracing::Level::DEBUG) {
+        DefaultBodyLimit::max(validate::MAX_BODY_BYTES).apply(&mut req);
+        let inner = &mut self.inner;
+        let called = if tracing::enabled!(tracing::Level::DEBUG) {
             let span = tracing::debug_span!("request", request_id = ?fut.request_id, method = %req.method(), path = %req.uri().path());
-            let inner = span.in_scope(|| self.inner.call(req));
+            let called = span.in_scope(|| guarded_call(inner, req));
             fut.span = Some(span);
-            fut.inner = Some(inner);
+            called
         } else {
-            fut.inner = Some(self.inner.call(req));
+            guarded_call(inner, req)
+        };
+        match called {
+            Some(inner) => fut.inner = Some(inner),
+            None => fut.answered = Some(panicked(fut.request_id.as_ref())),
         }
         fut
     }
@@ -336,7 +339,7 @@ pin_project_lite::pin_project! {
     /// The handler's future, then the edge's bookkeeping on its answer.
     struct EdgeFuture<F> {
         #[pin]
-        inner: Option<F>,
+        inner: Option<Guarded<F>>,
         // Answered by the edge itself (headers too large, overloaded).
         answered: Option<Response>,
         state: AppState,
@@ -362,8 +365,8 @@ where
             Some(inner) => {
                 let _entered = this.span.as_ref().map(tracing::Span::enter);
                 match inner.poll(cx) {
-                    Poll::Ready(Ok(resp)) => resp,
-                    Poll::Ready(Err(never)) => match never {},
+                    Poll::Ready(Some(resp)) => resp,
+                    Poll::Ready(None) => panicked(this.request_id.as_ref()),
                     Poll::Pending => return Poll::Pending,
                 }
             }
@@ -389,6 +392,56 @@ where
         }
         Poll::Ready(Ok(resp))
     }
+}
+
+/// Calls the route, or `None` if that panicked.
+fn guarded_call<S: tower::Service<Request>>(
+    inner: &mut S,
+    req: Request,
+) -> Option<Guarded<S::Future>> {
+    catch_unwind(AssertUnwindSafe(|| inner.call(req)))
+        .ok()
+        .map(|fut| Guarded { fut: Some(fut) })
+}
+
+pin_project_lite::pin_project! {
+    /// A handler's future whose panic ends it with `None` (the edge answers 500) instead
+    /// of unwinding into the connection: the node keeps serving, the client hears why.
+    struct Guarded<F> {
+        #[pin]
+        fut: Option<F>,
+    }
+}
+
+impl<F> Future for Guarded<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Option<Response>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Response>> {
+        let mut this = self.project();
+        let Some(fut) = this.fut.as_mut().as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Ready(Ok(resp))) => Poll::Ready(Some(resp)),
+            Ok(Poll::Ready(Err(never))) => match never {},
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => {
+                // A future that panicked MUST NOT be polled again.
+                this.fut.set(None);
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+/// The answer to a request whose handler panicked: a 500 in the usual JSON shape. The
+/// panic's message went to the log through the panic hook; the request id ties them.
+fn panicked(request_id: Option<&axum::http::HeaderValue>) -> Response {
+    tracing::error!(request_id = ?request_id, "a handler panicked; answered 500");
+    ApiError::internal().into_response()
 }
 
 /// A request id unique to this process: a random prefix chosen at start-up and a
@@ -453,6 +506,40 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A handler that panics, when called or when polled, ends in `None` (answered 500
+    /// by the edge) and is never polled again; one that answers passes its answer on.
+    #[tokio::test]
+    async fn a_panicking_handler_ends_without_unwinding_into_the_server() {
+        let mut calls_panic = tower::service_fn(
+            |_: Request| -> std::future::Ready<Result<Response, Infallible>> {
+                panic!("handler panicked when called")
+            },
+        );
+        assert!(guarded_call(&mut calls_panic, Request::default()).is_none());
+
+        let mut polls_panic = tower::service_fn(|_: Request| async {
+            if true {
+                panic!("handler panicked when polled");
+            }
+            Ok::<Response, Infallible>(StatusCode::OK.into_response())
+        });
+        let fut = guarded_call(&mut polls_panic, Request::default()).unwrap();
+        let mut fut = Box::pin(fut);
+        assert!(fut.as_mut().await.is_none());
+        assert!(
+            fut.await.is_none(),
+            "polled again after its panic: still None"
+        );
+
+        let mut answers = tower::service_fn(|_: Request| async {
+            Ok::<Response, Infallible>(StatusCode::IM_A_TEAPOT.into_response())
+        });
+        let answered = guarded_call(&mut answers, Request::default())
+            .unwrap()
+            .await;
+        assert_eq!(answered.unwrap().status(), StatusCode::IM_A_TEAPOT);
     }
 
     /// The generated document MUST list every endpoint of API.md that this node serves.
