@@ -2,15 +2,13 @@
 //! payments, graceful restart, and passivation of idle actors (DESIGN.md: "a success is
 //! never returned for an event that a crash could still lose"; stock conservation).
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{json, Value};
+use shardmall_tests::*;
 
 const CLIENTS: usize = 8;
 const INITIAL_STOCK: i64 = 400;

@@ -1,12 +1,10 @@
 //! The order lifecycle as a storefront drives it, against a real node (API.md: Catalog,
 //! Cart, Orders). Every test starts its own node on a fresh data dir.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use serde_json::{json, Value};
+use shardmall_tests::*;
 
 /// admin creates a product -> a customer browses it -> cart -> checkout (from the cart and
 /// from items) -> reserved -> pay -> sold -> ship -> confirm receipt -> completed.

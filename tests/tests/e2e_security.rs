@@ -1,12 +1,10 @@
 //! Authentication, authorization, input validation and the operations endpoints, against
 //! a real node (API.md: Conventions, Cluster and operations).
 
-mod common;
-
-use common::*;
 use reqwest::Method;
 use serde_json::json;
 use shardmall_http_edge::Role;
+use shardmall_tests::*;
 
 #[track_caller]
 fn assert_unauthorized(r: &Resp, what: &str) {
@@ -849,7 +847,7 @@ async fn cli_token_from_data_dir() {
         );
     }
     let cli_token = |role: &str, sub: &str| -> String {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardmall"))
+        let out = std::process::Command::new(shardmall_bin())
             .args(["token", "--role", role, "--sub", sub, "--data-dir"])
             .arg(dir.path())
             .env_remove("SHARDMALL_JWT_SECRET")

@@ -3,15 +3,13 @@
 //! quantity, a node leaves under load and nothing is lost, and a node killed with -9
 //! makes only its own partitions unavailable until it restarts with its data dir.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{json, Value};
+use shardmall_tests::*;
 use tokio::sync::Mutex;
 
 /// Every node of a test cluster proves membership with this.
@@ -31,7 +29,7 @@ fn member(name: &str, join: Option<&str>) -> NodeConfig {
 
 /// `shardmall cluster ARGS --url URL` with an operator token: (exit code, stdout, stderr).
 fn cluster_cli(url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_shardmall"))
+    let out = Command::new(shardmall_bin())
         .arg("cluster")
         .args(args)
         .args(["--url", url])

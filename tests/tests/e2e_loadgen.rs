@@ -3,10 +3,8 @@
 //! happened. (The checker's failures are shown by loadgen's unit tests with broken
 //! outcomes.)
 
-mod common;
-
-use common::*;
 use serde_json::Value;
+use shardmall_tests::*;
 
 /// Runs loadgen with `args` on a thread of its own (it builds its own runtime); answers
 /// its exit status.

@@ -2,13 +2,11 @@
 //! buyers, the per-buyer limit, the window, unpaid units coming back, the kill switch,
 //! admission control on a hot campaign, and kill -9 in the middle of a sale.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{json, Value};
+use shardmall_tests::*;
 
 /// An RFC 3339 instant `secs` from now (negative: in the past).
 fn at(secs: i64) -> String {

@@ -12,14 +12,12 @@
 //!
 //! Every wait is a poll with a deadline; nothing sleeps a fixed time hoping for the best.
 
-#![allow(dead_code)]
-
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
@@ -29,6 +27,45 @@ use sha2::Sha256;
 use shardmall_http_edge::{Claims, JwtKeys, Role};
 
 pub use reqwest::header::HeaderMap;
+
+/// The `shardmall` binary these tests start, built by the first call in this process.
+///
+/// The binary is built with the same profile as the tests (`cargo test --release` starts
+/// a release build) into the same target directory, by the same `cargo` that runs the
+/// tests; an up-to-date binary costs one no-op `cargo build`. A build that fails stops
+/// every test with cargo's own message.
+pub fn shardmall_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test binary>
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test binary lies in target/<profile>/deps");
+        let target_dir = profile_dir.parent().expect("target/<profile>");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(name) => name,
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "shardmall", "--bin", "shardmall"])
+            .args(["--profile", profile])
+            .arg("--target-dir")
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo to build the shardmall binary");
+        assert!(
+            status.success(),
+            "building the shardmall binary failed: {status}"
+        );
+        let bin = profile_dir.join(format!("shardmall{}", std::env::consts::EXE_SUFFIX));
+        assert!(bin.is_file(), "cargo built no binary at {}", bin.display());
+        bin
+    })
+}
 
 /// The JWT secret every test node is started with (`SHARDMALL_JWT_SECRET`).
 pub const JWT_SECRET: &str = "e2e-jwt-secret-do-not-use-in-production";
@@ -108,7 +145,7 @@ impl NodeConfig {
         let log_path = log_dir.path().join("stderr.log");
         let log = std::fs::File::create(&log_path).expect("create the stderr log");
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardmall"));
+        let mut cmd = Command::new(shardmall_bin());
         cmd.arg("serve").arg("--data-dir").arg(&data_dir);
         // Free ports unless the test pins them (a restart keeps its addresses).
         if !self.args.iter().any(|a| a == "--http") {
