@@ -29,7 +29,7 @@ use crate::domain::Entity;
 use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{campaign_err, order_err, sku_err};
-use crate::host::{now_ms, Refusal};
+use crate::host::Refusal;
 use crate::route::{IndexFilter, ScanRequest};
 use crate::shop::{millis, take_opened, Page, Shop};
 
@@ -142,7 +142,7 @@ impl Shop {
         let board = &self.inner.board;
         match answer {
             Ok(Some(view)) => {
-                board.saw(&view, now_ms());
+                board.saw(&view, self.now_ms());
                 Ok(view)
             }
             Ok(None) => {
@@ -162,7 +162,7 @@ impl Shop {
     }
 
     pub async fn create_campaign(&self, input: NewCampaign) -> Result<CampaignView> {
-        let now = now_ms();
+        let now = self.now_ms();
         let sku = self
             .sku(&input.sku_id, SkuCommand::Get)
             .await
@@ -229,7 +229,7 @@ impl Shop {
                     partition: None,
                 })
                 .await?;
-            let now = now_ms();
+            let now = self.now_ms();
             for id in &ids {
                 let view = match self.get_campaign(id).await {
                     Ok(v) => v,
@@ -301,7 +301,7 @@ impl Shop {
             return Err(ShopError::BadRequest("quantity must be at least 1".into()));
         }
         // A buy the campaign could only refuse is refused here: no message, no write.
-        match self.inner.board.verdict(campaign_id, now_ms()) {
+        match self.inner.board.verdict(campaign_id, self.now_ms()) {
             Verdict::SoldOut => return Err(ShopError::SoldOut(campaign_id.to_owned())),
             Verdict::NotStarted => {
                 return Err(ShopError::CampaignNotStarted(campaign_id.to_owned()))
@@ -310,7 +310,11 @@ impl Shop {
             Verdict::Ask => {}
         }
         let partition = self.inner.partitioner.buyer(buyer);
-        let order_id = self.inner.ids.next(now_ms(), partition).to_string();
+        let order_id = self
+            .inner
+            .ids
+            .next(crate::clock::system_ms(), partition)
+            .to_string();
         let cmd = CampaignCommand::Buy {
             order_id: order_id.clone(),
             buyer: buyer.to_owned(),
@@ -433,7 +437,7 @@ impl Shop {
         };
         match self.campaign(campaign_id, release).await {
             Ok(view) => {
-                if view.ended(now_ms()) {
+                if view.ended(self.now_ms()) {
                     self.sync_sku(&view).await;
                 }
             }
@@ -523,7 +527,7 @@ impl Shop {
             Err(ShopError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
-        if view.ended(now_ms()) {
+        if view.ended(self.now_ms()) {
             let (version, held, sold) = view.sku_hold();
             let cmd = SkuCommand::SyncCampaign {
                 campaign_id: id.to_owned(),

@@ -14,6 +14,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use shardmall_persistence::{AuxOp, Part, Record, Wal};
 use tokio::sync::{oneshot, watch};
 
+use crate::clock::Clock;
 use crate::codec;
 use crate::domain::{Entity, Kind, Millis};
 use crate::keys::EntityKey;
@@ -101,6 +102,8 @@ pub struct HostContext {
     pub metrics: Arc<ActorMetrics>,
     /// Copies of active entities' durable state, read without asking them (ADR 0014).
     pub views: Arc<Views>,
+    /// Business time (see [`crate::clock`]).
+    pub clock: Clock,
 }
 
 pub struct EntityArgs {
@@ -144,13 +147,6 @@ pub struct Hosted<E: Entity> {
     /// True for an actor: it publishes its view for reads and removes it when it stops.
     /// A partition deciding without an actor (`serve_inline`) publishes nothing.
     publishes: bool,
-}
-
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or(0)
 }
 
 /// Publishes the state a write left, from the log's thread once it is durable and before
@@ -369,7 +365,7 @@ impl<E: Entity> Hosted<E> {
             durable: early,
             also,
         } = req;
-        let now = now_ms();
+        let now = self.ctx.clock.now_ms();
         let events = match self.state.decide(&cmd, now) {
             Ok(events) => events,
             Err(refusal) => {

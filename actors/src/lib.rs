@@ -15,6 +15,7 @@
 
 pub mod board;
 pub mod campaigns;
+pub mod clock;
 pub mod codec;
 pub mod domain;
 pub mod error;
@@ -31,6 +32,7 @@ pub mod shop;
 pub mod views;
 
 pub use campaigns::{Bought, NewCampaign};
+pub use clock::{Clock, Hand};
 pub use error::{Result, ShopError};
 pub use shop::{
     AnswerInFrame, Begun, CartLine, IdemStart, NewProduct, NewSku, Page, ProductDetail, Shop,

@@ -709,7 +709,7 @@ impl PartitionState {
     }
 
     fn fire_due(&mut self) {
-        let now = host::now_ms();
+        let now = self.ctx.clock.now_ms();
         while let Some(first) = self.wheel.first() {
             if first.0 > now {
                 break;

@@ -30,6 +30,7 @@ use shardmall_persistence::Wal;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::domain::campaign::CampaignState;
 use crate::domain::cart::{CartCommand, CartState};
 use crate::domain::idempotency::{IdemState, StoredResponse};
@@ -97,6 +98,8 @@ pub struct ShopConfig {
     pub call_timeout: Duration,
     /// Start every partition fenced: the cluster unfences those this node owns.
     pub start_fenced: bool,
+    /// Business time: the system clock, or a manual one in tests (see [`crate::clock`]).
+    pub clock: Clock,
 }
 
 impl Default for ShopConfig {
@@ -116,6 +119,7 @@ impl Default for ShopConfig {
             checkpoint_log_bytes: 64 * 1024 * 1024,
             call_timeout: Duration::from_secs(10),
             start_fenced: false,
+            clock: Clock::system(),
         }
     }
 }
@@ -220,6 +224,7 @@ impl Shop {
             wal: wal.clone(),
             metrics: metrics.clone(),
             views: views.clone(),
+            clock: cfg.clock.clone(),
         });
         count_orders_by_status(&wal, &metrics)?;
         let (timer_tx, timer_rx) = mpsc::channel(4096);
@@ -284,6 +289,15 @@ impl Shop {
 
     pub fn config(&self) -> &ShopConfig {
         &self.inner.cfg
+    }
+
+    /// Business time now, in milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> Millis {
+        self.inner.cfg.clock.now_ms()
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.inner.cfg.clock
     }
 
     pub fn partitioner(&self) -> Partitioner {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use shardmall_actors::domain::order::OrderStatus;
 use shardmall_actors::domain::{Money, ProductStatus};
 use shardmall_actors::keys::{EntityKey, Partitioner};
-use shardmall_actors::{NewProduct, NewSku, Shop, ShopConfig, ShopError};
+use shardmall_actors::{Clock, NewProduct, NewSku, Shop, ShopConfig, ShopError};
 use shardmall_persistence::{Record, Wal, WalConfig};
 
 fn config() -> ShopConfig {
@@ -325,7 +325,7 @@ async fn a_buy_is_one_log_record_and_its_order_is_there_when_it_answers() {
     shop.create_product(product("p", &[("s", 100)]))
         .await
         .unwrap();
-    let now = shardmall_actors::host::now_ms();
+    let now = shardmall_actors::clock::system_ms();
     shop.create_campaign(shardmall_actors::NewCampaign {
         campaign_id: "c".into(),
         sku_id: "s".into(),
@@ -380,6 +380,72 @@ async fn a_buy_is_one_log_record_and_its_order_is_there_when_it_answers() {
             shop.get_order(id).await.unwrap().status,
             OrderStatus::PendingPayment
         );
+    }
+    shop.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn business_time_is_the_injected_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = shardmall_actors::clock::system_ms();
+    let (clock, hand) = Clock::manual(start);
+    let shop = open(
+        dir.path(),
+        ShopConfig {
+            payment_timeout: Duration::from_secs(15 * 60),
+            clock,
+            ..config()
+        },
+    )
+    .await;
+    assert_eq!(shop.now_ms(), start);
+    shop.create_product(product("p", &[("s", 10)]))
+        .await
+        .unwrap();
+    shop.create_campaign(shardmall_actors::NewCampaign {
+        campaign_id: "c".into(),
+        sku_id: "s".into(),
+        price: Money {
+            amount: 50,
+            currency: "CNY".into(),
+        },
+        quantity: 5,
+        starts_at: Some(start + 3_600_000),
+        ends_at: start + 7_200_000,
+        per_buyer_limit: 1,
+        payment_timeout: None,
+    })
+    .await
+    .unwrap();
+
+    // The campaign opens when the clock reaches its start, not before.
+    assert!(matches!(
+        shop.buy("c", "early", 1, None).await,
+        Err(ShopError::CampaignNotStarted(_))
+    ));
+    hand.advance(Duration::from_secs(3_600));
+    let bought = shop.buy("c", "on-time", 1, None).await.unwrap();
+
+    // An unpaid order lives until its deadline on this clock, however long the timer
+    // wheel ticks meanwhile.
+    let order = shop
+        .checkout("alice", Some(vec![("s".into(), 2)]), None, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        shop.get_order(&order.order_id).await.unwrap().status,
+        OrderStatus::PendingPayment,
+        "no deadline passed on the shop's clock"
+    );
+    hand.advance(Duration::from_secs(15 * 60 + 1));
+    for id in [&order.order_id, &bought.order_id] {
+        eventually(
+            "the unpaid orders expire once the clock passes their deadline",
+            Duration::from_secs(10),
+            || async { shop.get_order(id).await.unwrap().status == OrderStatus::Cancelled },
+        )
+        .await;
     }
     shop.shutdown().await;
 }

@@ -520,7 +520,7 @@ async fn a_flash_sale_across_nodes_sells_exactly_its_quantity() {
     use Step::*;
     let c = run(&[Add("n1"), Add("n2"), Add("n3"), Rebalance("n1")]).await;
     let admin = &c.live["n2"].shop;
-    let now = shardmall_actors::host::now_ms();
+    let now = shardmall_actors::clock::system_ms();
     read(|| {
         admin.create_campaign(NewCampaign {
             campaign_id: "flash".into(),

@@ -16,7 +16,6 @@ use crate::domain::product::ProductState;
 use crate::domain::sku::{SkuCommand, SkuState};
 use crate::domain::{Entity, Kind};
 use crate::error::Result;
-use crate::host::now_ms;
 use crate::keys::EntityKey;
 use crate::metrics::ActorMetrics;
 use crate::partition::PartitionMsg;
@@ -101,7 +100,7 @@ impl Shop {
             .of(&key)
             .and_then(|p| self.inner.partitions.get(usize::from(p)))
         {
-            let _ = actor.cast(PartitionMsg::Arm(key, now_ms() + millis(after)));
+            let _ = actor.cast(PartitionMsg::Arm(key, self.now_ms() + millis(after)));
         }
     }
 

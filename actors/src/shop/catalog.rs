@@ -5,14 +5,13 @@ use crate::domain::sku::{SkuCommand, SkuView};
 use crate::domain::{Kind, Money, ProductStatus};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{product_err, sku_err};
-use crate::host::now_ms;
 use crate::route::{IndexFilter, ScanRequest};
 
 use super::*;
 
 impl Shop {
     pub async fn create_product(&self, input: NewProduct) -> Result<ProductDetail> {
-        let now = now_ms();
+        let now = self.now_ms();
         let product = Product {
             product_id: input.product_id.clone(),
             title: input.title,

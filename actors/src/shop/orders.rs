@@ -13,7 +13,7 @@ use crate::domain::sku::SkuCommand;
 use crate::domain::{Address, Entity, Kind};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{cart_err, order_err, sku_err, MOVING};
-use crate::host::{deadline_key, now_ms, Companion, Refusal};
+use crate::host::{deadline_key, Companion, Refusal};
 use crate::keys::EntityKey;
 use crate::route::{ForwardError, IndexFilter, Route, ScanPage, ScanRequest};
 
@@ -59,7 +59,7 @@ impl Shop {
                 "an order needs at least one item".into()
             }));
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let partition = self.inner.partitioner.buyer(buyer);
         let order_id = self.inner.ids.next(now, partition).to_string();
         let deadline = now + millis(self.inner.cfg.payment_timeout);
@@ -91,12 +91,13 @@ impl Shop {
                     shipping_address: shipping_address.clone(),
                     payment_deadline: deadline,
                 };
+                let clock = self.clock().clone();
                 let also = self.order_companion::<SkuState>(
                     partition,
                     opened.clone(),
                     move |view| {
                         let sku = view.as_ref()?;
-                        Some((place.with_last(sku)?, now_ms()))
+                        Some((place.with_last(sku)?, clock.now_ms()))
                     },
                     answer.take(),
                 );

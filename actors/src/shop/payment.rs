@@ -7,7 +7,7 @@ use crate::domain::sku::{SkuCommand, SkuState};
 use crate::domain::{Kind, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{order_err, sku_err, MOVING};
-use crate::host::{now_ms, Companion, Refusal};
+use crate::host::{Companion, Refusal};
 
 use super::orders::{all_durable, Durable};
 
@@ -240,10 +240,11 @@ impl Shop {
         let answered = match (answer, self.inner.partitioner.of_id(Kind::Order, order_id)) {
             (Some(answer), Some(p)) => {
                 let target = self.inner.partitions[usize::from(p)].clone();
+                let clock = self.clock().clone();
                 let also: MakeCompanion<OrderState> = Box::new(move |view: &Option<Order>| {
                     // Only a payment that this command completed is the request's answer.
                     let order = view.as_ref().filter(|o| o.status == OrderStatus::Paid)?;
-                    let (part, key) = answer.part(p, order, now_ms())?;
+                    let (part, key) = answer.part(p, order, clock.now_ms())?;
                     Some(Companion {
                         parts: vec![part],
                         aux: Vec::new(),

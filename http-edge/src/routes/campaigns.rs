@@ -4,9 +4,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use shardmall_actors::clock::system_ms;
 use shardmall_actors::domain::campaign::{CampaignState, CampaignStatus, CampaignView};
 use shardmall_actors::domain::Millis;
-use shardmall_actors::host::now_ms;
 use shardmall_actors::NewCampaign as ShopCampaign;
 
 use crate::auth::{Caller, Role};
@@ -77,7 +77,7 @@ pub async fn create_campaign(
     let view = st.shop.create_campaign(input).await?;
     Ok((
         StatusCode::CREATED,
-        Json(CampaignBody::new(&view, now_ms())),
+        Json(CampaignBody::new(&view, st.shop.now_ms())),
     ))
 }
 
@@ -86,7 +86,7 @@ pub async fn create_campaign(
 fn generated_id() -> String {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("c{:012x}{:08x}", now_ms(), seq)
+    format!("c{:012x}{:08x}", system_ms(), seq)
 }
 
 #[utoipa::path(get, path = "/v1/campaigns/{campaign_id}", params(("campaign_id" = String, Path)), responses((status = 200, body = CampaignBody), (status = 404, body = crate::error::ErrorBody)))]
@@ -96,7 +96,7 @@ pub async fn get_campaign(
     _caller: Caller,
     IdPath(id): IdPath,
 ) -> ApiResult<Response> {
-    let now = now_ms();
+    let now = st.shop.now_ms();
     // An active campaign: its published copy, rendered once per state and status (the
     // body shows the status at `now`, ADR 0014).
     if let Some(copy) = st.shop.copy_of::<CampaignState>(&id) {
@@ -136,7 +136,7 @@ pub async fn list_campaigns(
         .shop
         .list_campaigns(status, q.limit()?, q.cursor()?)
         .await?;
-    let now = now_ms();
+    let now = st.shop.now_ms();
     Ok(Json(List::from_page(&page, |v| CampaignBody::new(v, now))))
 }
 
@@ -148,7 +148,7 @@ pub async fn end_campaign(
 ) -> ApiResult<Json<CampaignBody>> {
     caller.require(&[Role::Admin])?;
     let view = st.shop.end_campaign(&id).await?;
-    Ok(Json(CampaignBody::new(&view, now_ms())))
+    Ok(Json(CampaignBody::new(&view, st.shop.now_ms())))
 }
 
 #[utoipa::path(post, path = "/v1/campaigns/{campaign_id}/buy", request_body = BuyRequest, params(("campaign_id" = String, Path), ("Idempotency-Key" = Option<String>, Header)), responses((status = 201, body = OrderBody), (status = 409, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody)))]
