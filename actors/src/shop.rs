@@ -208,8 +208,8 @@ pub(crate) struct Inner {
     /// Copies of active entities' durable state, for reads that skip the actors.
     pub(crate) views: Arc<Views>,
     ready: AtomicBool,
-    /// Where partitions are served; unset on a node that serves every partition itself.
-    router: OnceLock<Arc<dyn Router>>,
+    /// Where partitions are served; `None` on a node that serves every partition itself.
+    router: Option<Arc<dyn Router>>,
     /// Stops the background loops (timer dispatcher, checkpointer) at shutdown.
     stop: CancellationToken,
 }
@@ -218,6 +218,16 @@ impl Shop {
     /// Starts every partition of this node (re-arming their timers from the persisted
     /// deadline index), the timer dispatcher and the checkpointer.
     pub async fn start(wal: Wal, cfg: ShopConfig) -> Result<Shop> {
+        Self::launch(wal, cfg, None).await
+    }
+
+    /// Like [`Shop::start`], for a member of a cluster: a partition this node does not
+    /// own is served by its owner, through `router`.
+    pub async fn start_routed(wal: Wal, cfg: ShopConfig, router: Arc<dyn Router>) -> Result<Shop> {
+        Self::launch(wal, cfg, Some(router)).await
+    }
+
+    async fn launch(wal: Wal, cfg: ShopConfig, router: Option<Arc<dyn Router>>) -> Result<Shop> {
         let metrics = Arc::new(ActorMetrics::default());
         let views = Arc::new(Views::default());
         let ctx = Arc::new(HostContext {
@@ -264,7 +274,7 @@ impl Shop {
                 board: Default::default(),
                 views,
                 ready: AtomicBool::new(false),
-                router: OnceLock::new(),
+                router,
                 stop: CancellationToken::new(),
             }),
         };
@@ -337,16 +347,8 @@ impl Shop {
 
     // ---- plumbing ---------------------------------------------------------------------
 
-    /// Hands routing to the cluster: from now on a partition this node does not own is
-    /// served by its owner. Set once, before serving.
-    pub fn set_router(&self, router: Arc<dyn Router>) {
-        if self.inner.router.set(router).is_err() {
-            tracing::warn!("the shop's router was already set; keeping the first");
-        }
-    }
-
     fn route(&self, partition: u16) -> Route {
-        match self.inner.router.get() {
+        match &self.inner.router {
             Some(r) => r.route(partition),
             None => Route::Local,
         }
@@ -458,7 +460,7 @@ impl Shop {
         id: &str,
         cmd: E::Command,
     ) -> std::result::Result<E::View, Refusal<E::Error>> {
-        if self.inner.router.get().is_none() {
+        if self.inner.router.is_none() {
             return self.ask_local::<E>(partition, id, cmd).await;
         }
         let mut pause = FIRST_ROUTE_PAUSE;
@@ -592,7 +594,7 @@ impl Shop {
         id: &str,
         cmd: &E::Command,
     ) -> std::result::Result<E::View, Refusal<E::Error>> {
-        let Some(router) = self.inner.router.get() else {
+        let Some(router) = &self.inner.router else {
             return Err(Refusal::Unavailable("no router".into()));
         };
         let cmd = crate::codec::encode(cmd)

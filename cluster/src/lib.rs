@@ -12,7 +12,9 @@ pub mod node;
 pub mod proto;
 pub mod quic;
 pub mod raft;
+pub mod router;
 pub mod transport;
 
 pub use map::{ClusterMap, MapCommand, Member, MemberStatus, NodeId};
+pub use router::ClusterRouter;
 pub use transport::{BoxFuture, Service, Transport, TransportError};

@@ -19,19 +19,18 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use shardmall_actors::route::{
-    ForwardError, RemoteAnswer, RemoteCall, Route, Router, ScanPage, ScanRequest,
-};
+use shardmall_actors::route::{RemoteAnswer, RemoteCall, ScanPage, ScanRequest};
 use shardmall_actors::Shop;
 use tokio::task::JoinSet;
 
 use crate::map::{ClusterMap, MapCommand, MapError, Member, MemberStatus, NodeId};
 use crate::proto::{self, Install, JoinRequest, Joined, Request, Response};
 use crate::raft::{ControlError, ControlPlane};
+use crate::router::ClusterRouter;
 use crate::transport::{BoxFuture, Service, Transport, TransportError};
 
 /// How long a node whose map is behind a caller's waits for its map to catch up.
@@ -46,9 +45,6 @@ const HANDOFF_CALL: Duration = Duration::from_secs(60);
 const PARALLEL_MOVES: usize = 4;
 /// How long a liveness probe of a member may take.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
-/// After a node failed to answer, commands for it fail at once for this long instead of
-/// each waiting for a connection that will not come.
-const SUSPECT_FOR: Duration = Duration::from_secs(1);
 
 /// Secrets a joining node receives, so every member signs and checks alike.
 #[derive(Clone)]
@@ -115,12 +111,11 @@ struct Inner {
     given_away: Mutex<HashMap<u16, u64>>,
     /// Serialises changes of `serving` (map watcher and handoffs).
     fence_lock: tokio::sync::Mutex<()>,
-    /// Nodes that just failed to answer, until when they are not tried.
-    suspects: Mutex<std::collections::HashMap<NodeId, Instant>>,
     /// The watcher has reconciled once (partitions owned at start-up are this node's own
     /// data; partitions gained later without an install are wiped first).
     reconciled: AtomicBool,
-    metrics: ClusterMetrics,
+    /// Shared with the [`ClusterRouter`], which counts the forwarded calls.
+    metrics: Arc<ClusterMetrics>,
 }
 
 /// What a member looks like to an operator.
@@ -167,6 +162,7 @@ impl ClusterNode {
         control: ControlPlane,
         transport: Arc<dyn Transport>,
         secrets: SharedSecrets,
+        router: &ClusterRouter,
     ) -> ClusterNode {
         let partitions = usize::from(shop.partitioner().count());
         ClusterNode {
@@ -180,18 +176,15 @@ impl ClusterNode {
                 handing_off: Mutex::new(HashSet::new()),
                 given_away: Mutex::new(HashMap::new()),
                 fence_lock: tokio::sync::Mutex::new(()),
-                suspects: Mutex::new(std::collections::HashMap::new()),
                 reconciled: AtomicBool::new(false),
-                metrics: ClusterMetrics::default(),
+                metrics: router.metrics(),
             }),
         }
     }
 
-    /// Routes the shop through the cluster and starts following the map: partitions
-    /// this node owns are served, the others fenced.
+    /// Starts following the map: partitions this node owns are served, the others
+    /// fenced.
     pub fn start(&self) {
-        let router = NodeRouter(Arc::downgrade(&self.inner));
-        self.inner.shop.set_router(Arc::new(router));
         let node = self.clone();
         tokio::spawn(async move { node.follow_map().await });
     }
@@ -985,7 +978,7 @@ impl ClusterNode {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -1041,168 +1034,6 @@ impl Service for Dispatcher {
                 (Err(e), _) => Response::Error(e.to_string()),
             };
             proto::encode(&answer)
-        })
-    }
-}
-
-/// The shop's view of the cluster. Weak: the shop outlives nothing it routes through.
-struct NodeRouter(Weak<Inner>);
-
-impl Router for NodeRouter {
-    fn route(&self, partition: u16) -> Route {
-        let Some(inner) = self.0.upgrade() else {
-            return Route::Unavailable("the node is stopping".into());
-        };
-        let map = inner.control.map();
-        if !map.is_initialised() {
-            return Route::Unavailable("the cluster map is not known yet".into());
-        }
-        match map.owner(partition) {
-            Some(owner) if owner == inner.me.node_id => Route::Local,
-            Some(owner) if map.members.contains_key(&owner) => Route::Remote,
-            _ => Route::Unavailable(format!("partition {partition} has no owner")),
-        }
-    }
-
-    fn forward(&self, call: RemoteCall) -> BoxFuture<'static, Result<Vec<u8>, ForwardError>> {
-        let inner = self.0.upgrade();
-        Box::pin(async move {
-            let Some(inner) = inner else {
-                return Err(ForwardError::Unavailable("the node is stopping".into()));
-            };
-            let map = inner.control.map();
-            let Some(owner) = map.owner_member(call.partition).cloned() else {
-                return Err(ForwardError::Unavailable(format!(
-                    "partition {} has no owner",
-                    call.partition
-                )));
-            };
-            inner.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
-            if lock(&inner.suspects)
-                .get(&owner.node_id)
-                .is_some_and(|until| Instant::now() < *until)
-            {
-                inner
-                    .metrics
-                    .forward_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                return Err(ForwardError::Unavailable(format!(
-                    "node {} is not answering",
-                    owner.name
-                )));
-            }
-            let frame = proto::encode(&Request::Entity {
-                epoch: map.epoch,
-                call,
-            });
-            let fail = |why: String| {
-                inner
-                    .metrics
-                    .forward_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                Err(ForwardError::Unavailable(why))
-            };
-            let answer = match inner.transport.call(&owner.cluster_addr, frame).await {
-                Ok(a) => {
-                    lock(&inner.suspects).remove(&owner.node_id);
-                    a
-                }
-                Err(e) => {
-                    if matches!(
-                        e,
-                        TransportError::Unreachable { .. } | TransportError::Timeout { .. }
-                    ) {
-                        lock(&inner.suspects).insert(owner.node_id, Instant::now() + SUSPECT_FOR);
-                    }
-                    return fail(format!("node {} is unreachable: {e}", owner.name));
-                }
-            };
-            match proto::decode::<Response>(&answer) {
-                Ok(Response::Entity(RemoteAnswer::Reply(bytes))) => Ok(bytes),
-                Ok(Response::Entity(RemoteAnswer::WrongOwner { epoch })) => {
-                    // Our map is stale (or theirs is): catch up, then route again.
-                    inner.metrics.rerouted.fetch_add(1, Ordering::Relaxed);
-                    if epoch > map.epoch {
-                        inner.control.wait_for_epoch(epoch, CATCH_UP).await;
-                    }
-                    Err(ForwardError::Moved)
-                }
-                Ok(Response::Entity(RemoteAnswer::Moving)) => {
-                    inner.metrics.rerouted.fetch_add(1, Ordering::Relaxed);
-                    Err(ForwardError::Moved)
-                }
-                Ok(Response::Entity(RemoteAnswer::Overloaded(what))) => {
-                    Err(ForwardError::Overloaded(what))
-                }
-                Ok(Response::Entity(RemoteAnswer::Unavailable(why))) => fail(why),
-                Ok(Response::Entity(RemoteAnswer::Malformed(why))) => fail(format!(
-                    "node {} could not read the call: {why}",
-                    owner.name
-                )),
-                Ok(Response::Error(e)) => fail(format!("node {}: {e}", owner.name)),
-                Ok(other) => fail(format!(
-                    "unexpected answer from node {}: {other:?}",
-                    owner.name
-                )),
-                Err(e) => fail(format!("node {}: {e}", owner.name)),
-            }
-        })
-    }
-
-    fn scan_others(
-        &self,
-        req: ScanRequest,
-    ) -> BoxFuture<'static, Result<Vec<ScanPage>, ForwardError>> {
-        let inner = self.0.upgrade();
-        Box::pin(async move {
-            let Some(inner) = inner else {
-                return Err(ForwardError::Unavailable("the node is stopping".into()));
-            };
-            let map = inner.control.map();
-            let me = inner.me.node_id;
-            // Only nodes that own partitions hold anything to list.
-            let targets: Vec<Member> = match req.partition {
-                Some(p) => map
-                    .owner_member(p)
-                    .filter(|m| m.node_id != me)
-                    .cloned()
-                    .into_iter()
-                    .collect(),
-                None => map
-                    .members
-                    .values()
-                    .filter(|m| m.node_id != me && !map.owned_by(m.node_id).is_empty())
-                    .cloned()
-                    .collect(),
-            };
-            let mut calls = JoinSet::new();
-            for m in targets {
-                let frame = proto::encode(&Request::Scan(req.clone()));
-                let transport = inner.transport.clone();
-                calls.spawn(async move {
-                    (m.name.clone(), transport.call(&m.cluster_addr, frame).await)
-                });
-            }
-            let mut pages = Vec::new();
-            while let Some(done) = calls.join_next().await {
-                let (name, answer) = done
-                    .map_err(|e| ForwardError::Unavailable(format!("a list task failed: {e}")))?;
-                let answer = answer.map_err(|e| {
-                    ForwardError::Unavailable(format!("node {name} did not answer the list: {e}"))
-                })?;
-                match proto::decode::<Response>(&answer) {
-                    Ok(Response::Scan(page)) => pages.push(page),
-                    Ok(Response::Error(e)) => {
-                        return Err(ForwardError::Unavailable(format!("node {name}: {e}")))
-                    }
-                    Ok(_) | Err(_) => {
-                        return Err(ForwardError::Unavailable(format!(
-                            "node {name} answered the list with something else"
-                        )))
-                    }
-                }
-            }
-            Ok(pages)
         })
     }
 }

@@ -19,6 +19,7 @@ use shardmall_cluster::map::{node_id_of, Member, MemberStatus};
 use shardmall_cluster::memory::MemoryNet;
 use shardmall_cluster::node::{ClusterNode, Dispatcher, SharedSecrets};
 use shardmall_cluster::raft::{ControlConfig, ControlPlane};
+use shardmall_cluster::ClusterRouter;
 use shardmall_persistence::{Wal, WalConfig};
 
 const PARTITIONS: u16 = 16;
@@ -145,7 +146,8 @@ impl Cluster {
             }
         }
         let wal = open_wal(&dir).await;
-        let shop = Shop::start(
+        let router = ClusterRouter::new(&me, control.clone(), transport.clone());
+        let shop = Shop::start_routed(
             wal,
             ShopConfig {
                 partitions: PARTITIONS,
@@ -155,6 +157,7 @@ impl Cluster {
                 start_fenced: true,
                 ..ShopConfig::default()
             },
+            Arc::new(router.clone()),
         )
         .await
         .expect("start shop");
@@ -167,6 +170,7 @@ impl Cluster {
                 jwt: b"jwt".to_vec(),
                 payment: b"pay".to_vec(),
             },
+            &router,
         );
         dispatcher.set_node(node.clone());
         node.start();

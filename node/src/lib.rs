@@ -19,6 +19,7 @@ use shardmall_cluster::node::{ClusterError, ClusterNode, Dispatcher, SharedSecre
 use shardmall_cluster::proto::Joined;
 use shardmall_cluster::quic::{QuicConfig, QuicTransport, TlsIdentity};
 use shardmall_cluster::raft::{ControlConfig, ControlPlane};
+use shardmall_cluster::ClusterRouter;
 use shardmall_http_edge::{AppState, Claims, Edge, JwtKeys, Role};
 use shardmall_persistence::{Wal, WalConfig};
 use tokio_util::sync::CancellationToken;
@@ -244,7 +245,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         start_fenced: true,
         ..ShopConfig::default()
     };
-    let shop = Shop::start(wal, shop_cfg)
+    let router = ClusterRouter::new(&me, control.clone(), quic.clone());
+    let shop = Shop::start_routed(wal, shop_cfg, Arc::new(router.clone()))
         .await
         .context("starting the actors")?;
     let node = ClusterNode::new(
@@ -256,6 +258,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             jwt: jwt.clone(),
             payment: payment.clone(),
         },
+        &router,
     );
     dispatcher.set_node(node.clone());
     node.start();

@@ -382,7 +382,7 @@ impl Shop {
             _ => self.scan_local(&req)?,
         };
         let mut pages = vec![local];
-        if let Some(router) = self.inner.router.get() {
+        if let Some(router) = &self.inner.router {
             let others = router.scan_others(req).await.map_err(|e| match e {
                 ForwardError::Moved => ShopError::Unavailable(MOVING.into()),
                 ForwardError::Unavailable(why) => ShopError::Unavailable(why),
@@ -399,7 +399,7 @@ impl Shop {
         let prefix = req.prefix.as_slice();
         let mut from = req.cursor.as_ref().map(|c| [prefix, c.as_bytes()].concat());
         let mut ids = Vec::new();
-        let clustered = self.inner.router.get().is_some();
+        let clustered = self.inner.router.is_some();
         loop {
             let page = self
                 .inner
