@@ -8,13 +8,11 @@
 
 use shardmall_persistence::Fold;
 
-use crate::domain::{
-    campaign::CampaignState, cart::CartState, idempotency::IdemState, order::OrderState,
-    payment::PaymentState, product::ProductState, sku::SkuState, Entity, Kind, Millis,
-};
+use crate::domain::Millis;
 use crate::error::{Result, ShopError};
 use crate::host::{deadline_key, deadline_prefix};
 use crate::keys::EntityKey;
+use crate::kinds::{self, KindVisitor, Routed};
 use crate::shop::{fold_entity, Shop};
 
 pub use shardmall_persistence::PartitionData;
@@ -80,20 +78,16 @@ impl Shop {
 
 /// The aux entries (index entries and the deadline key) an entity's state implies.
 fn derived(partition: u16, key: &[u8], snapshot: &[u8]) -> std::result::Result<AuxEntries, String> {
-    fn of<E: Entity>(snapshot: &[u8]) -> std::result::Result<(AuxEntries, Option<Millis>), String> {
-        let state: E = crate::codec::decode_state(snapshot).map_err(|e| e.to_string())?;
-        Ok((state.index_entries(), state.next_deadline()))
+    struct Derive<'a>(&'a [u8]);
+    impl KindVisitor for Derive<'_> {
+        type Out = std::result::Result<(AuxEntries, Option<Millis>), String>;
+        fn visit<E: Routed>(self) -> Self::Out {
+            let state: E = crate::codec::decode_state(self.0).map_err(|e| e.to_string())?;
+            Ok((state.index_entries(), state.next_deadline()))
+        }
     }
     let entity = EntityKey::from_bytes(key).ok_or("unknown entity key")?;
-    let (mut aux, deadline) = match entity.kind {
-        Kind::Product => of::<ProductState>(snapshot)?,
-        Kind::Sku => of::<SkuState>(snapshot)?,
-        Kind::Cart => of::<CartState>(snapshot)?,
-        Kind::Order => of::<OrderState>(snapshot)?,
-        Kind::Idempotency => of::<IdemState>(snapshot)?,
-        Kind::Payment => of::<PaymentState>(snapshot)?,
-        Kind::Campaign => of::<CampaignState>(snapshot)?,
-    };
+    let (mut aux, deadline) = kinds::visit(entity.kind, Derive(snapshot))?;
     if let Some(at) = deadline {
         aux.push((deadline_key(partition, at, key), Vec::new()));
     }

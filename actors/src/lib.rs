@@ -9,6 +9,10 @@
 //! - [`shop`]: the operations the edge calls, including the multi-entity sagas
 //!   (checkout, payment, cancel, refund) and the checkpointer.
 //! - [`keys`], [`ids`], [`codec`]: entity keys and partitions, order ids, record format.
+//! - [`kinds`]: the one table of entity kinds and their state types, and what is
+//!   generated from it (the envelope a partition routes, the handle of any entity actor,
+//!   dispatch on a kind known at run time).
+//! - [`clock`]: business time, the system clock or a manual one in tests.
 //!
 //! A request flows: edge -> [`Shop`] -> the entity's partition actor -> the entity actor
 //! -> the write-ahead log (group commit) -> answer.
@@ -25,6 +29,7 @@ pub mod handoff;
 pub mod host;
 pub mod ids;
 pub mod keys;
+pub mod kinds;
 pub mod metrics;
 pub mod partition;
 pub mod route;

@@ -20,100 +20,10 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use tokio::sync::{mpsc, watch};
 
 use crate::domain::order::OrderCommand;
-use crate::domain::{
-    campaign::CampaignState, cart::CartState, idempotency::IdemState, order::OrderState,
-    payment::PaymentState, product::ProductState, sku::SkuState, Entity, Kind, Millis,
-};
-use crate::host::{
-    self, EntityActor, EntityArgs, EntityMsg, HostContext, Hosted, Refusal, Request,
-};
+use crate::domain::{idempotency::IdemState, order::OrderState, Entity, Millis};
+use crate::host::{self, EntityArgs, HostContext, Hosted, Refusal, Request};
 use crate::keys::EntityKey;
-
-/// A command for one entity of any kind.
-pub enum Envelope {
-    Product(String, Request<ProductState>),
-    Sku(String, Request<SkuState>),
-    Cart(String, Request<CartState>),
-    Order(String, Request<OrderState>),
-    Idem(String, Request<IdemState>),
-    Payment(String, Request<PaymentState>),
-    Campaign(String, Request<CampaignState>),
-}
-
-impl Envelope {
-    pub fn key(&self) -> EntityKey {
-        let (kind, id) = match self {
-            Envelope::Product(id, _) => (Kind::Product, id),
-            Envelope::Sku(id, _) => (Kind::Sku, id),
-            Envelope::Cart(id, _) => (Kind::Cart, id),
-            Envelope::Order(id, _) => (Kind::Order, id),
-            Envelope::Idem(id, _) => (Kind::Idempotency, id),
-            Envelope::Payment(id, _) => (Kind::Payment, id),
-            Envelope::Campaign(id, _) => (Kind::Campaign, id),
-        };
-        EntityKey::new(kind, id.clone())
-    }
-
-    /// Answers the request with `Unavailable` (the entity could not be started).
-    fn refuse(self, why: String) {
-        self.answer(|| Refusal::Unavailable(why));
-    }
-
-    /// Answers the request with `Overloaded` (the entity's queue is full).
-    fn overload(self) {
-        let key = self.key();
-        let what = format!("{:?} {}", key.kind, key.id).to_lowercase();
-        self.answer(|| Refusal::Overloaded(what));
-    }
-
-    /// Answers the request with `Moved` (the partition is fenced).
-    fn moved(self) {
-        self.answer(|| Refusal::Moved);
-    }
-
-    fn answer(self, refusal: impl FnOnce() -> Refusal<()>) {
-        fn no<E: Entity>(req: Request<E>, why: Refusal<()>) {
-            let why = match why {
-                Refusal::Overloaded(w) => Refusal::Overloaded(w),
-                Refusal::Unavailable(w) => Refusal::Unavailable(w),
-                Refusal::Moved => Refusal::Moved,
-                Refusal::Domain(()) => Refusal::Unavailable("refused".into()),
-            };
-            let _ = req.reply.send(Err(why));
-        }
-        let why = refusal();
-        match self {
-            Envelope::Product(_, r) => no(r, why),
-            Envelope::Sku(_, r) => no(r, why),
-            Envelope::Cart(_, r) => no(r, why),
-            Envelope::Order(_, r) => no(r, why),
-            Envelope::Idem(_, r) => no(r, why),
-            Envelope::Payment(_, r) => no(r, why),
-            Envelope::Campaign(_, r) => no(r, why),
-        }
-    }
-}
-
-pub trait Routed: Entity {
-    fn wrap(id: String, req: Request<Self>) -> Envelope;
-}
-
-macro_rules! routed {
-    ($state:ty, $variant:ident) => {
-        impl Routed for $state {
-            fn wrap(id: String, req: Request<Self>) -> Envelope {
-                Envelope::$variant(id, req)
-            }
-        }
-    };
-}
-routed!(ProductState, Product);
-routed!(SkuState, Sku);
-routed!(CartState, Cart);
-routed!(OrderState, Order);
-routed!(IdemState, Idem);
-routed!(PaymentState, Payment);
-routed!(CampaignState, Campaign);
+use crate::kinds::{self, AnyRef, Envelope};
 
 pub enum PartitionMsg {
     /// Boxed: commands are large, and most partition messages are not.
@@ -134,70 +44,6 @@ pub enum PartitionMsg {
     /// applied (see [`crate::host::Companion`]): arm its deadline, and drop an activation
     /// that loaded before the record was there.
     Delivered(EntityKey, Option<Millis>),
-}
-
-#[derive(Clone)]
-enum AnyRef {
-    Product(ActorRef<EntityMsg<ProductState>>),
-    Sku(ActorRef<EntityMsg<SkuState>>),
-    Cart(ActorRef<EntityMsg<CartState>>),
-    Order(ActorRef<EntityMsg<OrderState>>),
-    Idem(ActorRef<EntityMsg<IdemState>>),
-    Payment(ActorRef<EntityMsg<PaymentState>>),
-    Campaign(ActorRef<EntityMsg<CampaignState>>),
-}
-
-impl AnyRef {
-    fn id(&self) -> ActorId {
-        match self {
-            AnyRef::Product(a) => a.get_id(),
-            AnyRef::Sku(a) => a.get_id(),
-            AnyRef::Cart(a) => a.get_id(),
-            AnyRef::Order(a) => a.get_id(),
-            AnyRef::Idem(a) => a.get_id(),
-            AnyRef::Payment(a) => a.get_id(),
-            AnyRef::Campaign(a) => a.get_id(),
-        }
-    }
-
-    fn passivate(&self) {
-        let _ = match self {
-            AnyRef::Product(a) => a.cast(EntityMsg::Passivate).map_err(drop),
-            AnyRef::Sku(a) => a.cast(EntityMsg::Passivate).map_err(drop),
-            AnyRef::Cart(a) => a.cast(EntityMsg::Passivate).map_err(drop),
-            AnyRef::Order(a) => a.cast(EntityMsg::Passivate).map_err(drop),
-            AnyRef::Idem(a) => a.cast(EntityMsg::Passivate).map_err(drop),
-            AnyRef::Payment(a) => a.cast(EntityMsg::Passivate).map_err(drop),
-            AnyRef::Campaign(a) => a.cast(EntityMsg::Passivate).map_err(drop),
-        };
-    }
-
-    /// Sends the envelope; gives it back if the actor is gone. (`None`: the message went
-    /// down with the actor; its caller's reply port is dropped and the caller sees that.)
-    fn send(&self, env: Box<Envelope>) -> Result<(), Option<Box<Envelope>>> {
-        fn cast<E: Routed>(
-            a: &ActorRef<EntityMsg<E>>,
-            id: String,
-            req: Request<E>,
-        ) -> Result<(), Option<Box<Envelope>>> {
-            a.cast(EntityMsg::Cmd(Box::new(req))).map_err(|e| match e {
-                ractor::MessagingErr::SendErr(EntityMsg::Cmd(req)) => {
-                    Some(Box::new(E::wrap(id, *req)))
-                }
-                _ => None,
-            })
-        }
-        match (self, *env) {
-            (AnyRef::Product(a), Envelope::Product(id, r)) => cast(a, id, r),
-            (AnyRef::Sku(a), Envelope::Sku(id, r)) => cast(a, id, r),
-            (AnyRef::Cart(a), Envelope::Cart(id, r)) => cast(a, id, r),
-            (AnyRef::Order(a), Envelope::Order(id, r)) => cast(a, id, r),
-            (AnyRef::Idem(a), Envelope::Idem(id, r)) => cast(a, id, r),
-            (AnyRef::Payment(a), Envelope::Payment(id, r)) => cast(a, id, r),
-            (AnyRef::Campaign(a), Envelope::Campaign(id, r)) => cast(a, id, r),
-            (_, env) => Err(Some(Box::new(env))),
-        }
-    }
 }
 
 enum Slot {
@@ -511,7 +357,7 @@ impl PartitionState {
             // An idempotency record is touched twice per request (begin, then
             // complete or abort) and read by nobody in between: an actor kept for it
             // would only push a busier entity out of the memory budget.
-            Envelope::Idem(_, req) if self.may_serve_inline(&key) => {
+            Envelope::Idempotency(_, req) if self.may_serve_inline(&key) => {
                 self.serve_inline::<IdemState>(myself, key, req, false)
                     .await;
                 return;
@@ -581,15 +427,6 @@ impl PartitionState {
         myself: &ActorRef<PartitionMsg>,
         key: &EntityKey,
     ) -> Result<(AnyRef, Arc<AtomicUsize>), String> {
-        async fn spawn<E: Entity>(
-            args: EntityArgs,
-            sup: ActorCell,
-        ) -> Result<ActorRef<EntityMsg<E>>, String> {
-            Actor::spawn_linked(None, EntityActor::<E>::default(), args, sup)
-                .await
-                .map(|(a, _)| a)
-                .map_err(|e| format!("activation failed: {e}"))
-        }
         let args = EntityArgs {
             key: key.clone(),
             partition: self.index,
@@ -601,15 +438,7 @@ impl PartitionState {
         };
         let queued = args.queued.clone();
         let sup = myself.get_cell();
-        let actor = match key.kind {
-            Kind::Product => AnyRef::Product(spawn(args, sup).await?),
-            Kind::Sku => AnyRef::Sku(spawn(args, sup).await?),
-            Kind::Cart => AnyRef::Cart(spawn(args, sup).await?),
-            Kind::Order => AnyRef::Order(spawn(args, sup).await?),
-            Kind::Idempotency => AnyRef::Idem(spawn(args, sup).await?),
-            Kind::Payment => AnyRef::Payment(spawn(args, sup).await?),
-            Kind::Campaign => AnyRef::Campaign(spawn(args, sup).await?),
-        };
+        let actor = kinds::spawn(key.kind, args, sup).await?;
         self.ctx
             .metrics
             .activations

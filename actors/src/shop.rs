@@ -31,11 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
-use crate::domain::campaign::CampaignState;
 use crate::domain::cart::{CartCommand, CartState};
-use crate::domain::idempotency::{IdemState, StoredResponse};
+use crate::domain::idempotency::StoredResponse;
 use crate::domain::order::{Order, OrderCommand, OrderState};
-use crate::domain::payment::PaymentState;
 use crate::domain::product::{Product, ProductCommand, ProductState};
 use crate::domain::sku::{SkuCommand, SkuState, SkuView};
 use crate::domain::{Entity, Kind, Millis, Money, ProductStatus};
@@ -45,9 +43,10 @@ use crate::gate::Gate;
 use crate::host::{HostContext, MakeCompanion, Refusal, Request};
 use crate::ids::OrderIdGen;
 use crate::keys::{EntityKey, Partitioner};
+use crate::kinds::{self, KindVisitor, Routed};
 use crate::metrics::ActorMetrics;
-use crate::partition::{PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg, Routed};
-use crate::route::{ForwardError, RemoteAnswer, RemoteCall, Route, Router};
+use crate::partition::{PartitionActor, PartitionArgs, PartitionConfig, PartitionMsg};
+use crate::route::{BoxFuture, ForwardError, RemoteAnswer, RemoteCall, Route, Router};
 use crate::views::{PublishedCopy, Views};
 
 mod background;
@@ -624,15 +623,17 @@ impl Shop {
     /// Serves a command another node forwarded here. The caller (the cluster) has checked
     /// that this node owns the partition at its current epoch.
     pub async fn serve_remote(&self, call: RemoteCall) -> RemoteAnswer {
-        match call.kind {
-            Kind::Product => self.serve_typed::<ProductState>(call).await,
-            Kind::Sku => self.serve_typed::<SkuState>(call).await,
-            Kind::Cart => self.serve_typed::<CartState>(call).await,
-            Kind::Order => self.serve_typed::<OrderState>(call).await,
-            Kind::Idempotency => self.serve_typed::<IdemState>(call).await,
-            Kind::Payment => self.serve_typed::<PaymentState>(call).await,
-            Kind::Campaign => self.serve_typed::<CampaignState>(call).await,
+        struct Serve<'a> {
+            shop: &'a Shop,
+            call: RemoteCall,
         }
+        impl<'a> KindVisitor for Serve<'a> {
+            type Out = BoxFuture<'a, RemoteAnswer>;
+            fn visit<E: Routed>(self) -> Self::Out {
+                Box::pin(self.shop.serve_typed::<E>(self.call))
+            }
+        }
+        kinds::visit(call.kind, Serve { shop: self, call }).await
     }
 
     async fn serve_typed<E: Routed>(&self, call: RemoteCall) -> RemoteAnswer {

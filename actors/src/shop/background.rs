@@ -7,16 +7,13 @@ use std::time::{Duration, Instant};
 use shardmall_persistence::Wal;
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::domain::campaign::CampaignState;
-use crate::domain::cart::CartState;
 use crate::domain::idempotency::{IdemCommand, IdemState};
-use crate::domain::order::{OrderCommand, OrderState, OrderStatus};
-use crate::domain::payment::PaymentState;
-use crate::domain::product::ProductState;
-use crate::domain::sku::{SkuCommand, SkuState};
-use crate::domain::{Entity, Kind};
+use crate::domain::order::{OrderCommand, OrderStatus};
+use crate::domain::sku::SkuCommand;
+use crate::domain::Kind;
 use crate::error::Result;
 use crate::keys::EntityKey;
+use crate::kinds::{self, KindVisitor, Routed};
 use crate::metrics::ActorMetrics;
 use crate::partition::PartitionMsg;
 
@@ -164,28 +161,24 @@ pub(crate) fn fold_entity(
     snapshot: Option<&[u8]>,
     tail: &[(u64, Vec<u8>)],
 ) -> std::result::Result<Option<Vec<u8>>, String> {
-    fn fold<E: Entity>(
-        snapshot: Option<&[u8]>,
-        tail: &[(u64, Vec<u8>)],
-    ) -> std::result::Result<Option<Vec<u8>>, String> {
-        let state: E = crate::codec::rebuild(snapshot, tail.iter().map(|(_, r)| r))
-            .map_err(|e| e.to_string())?;
-        let bytes = crate::codec::encode(&state).map_err(|e| e.to_string())?;
-        // A state equal to the empty one (an expired idempotency key, a discarded SKU)
-        // needs no snapshot.
-        let empty = crate::codec::encode(&E::default()).map_err(|e| e.to_string())?;
-        Ok((bytes != empty).then_some(bytes))
+    struct Fold<'a> {
+        snapshot: Option<&'a [u8]>,
+        tail: &'a [(u64, Vec<u8>)],
+    }
+    impl KindVisitor for Fold<'_> {
+        type Out = std::result::Result<Option<Vec<u8>>, String>;
+        fn visit<E: Routed>(self) -> Self::Out {
+            let state: E = crate::codec::rebuild(self.snapshot, self.tail.iter().map(|(_, r)| r))
+                .map_err(|e| e.to_string())?;
+            let bytes = crate::codec::encode(&state).map_err(|e| e.to_string())?;
+            // A state equal to the empty one (an expired idempotency key, a discarded
+            // SKU) needs no snapshot.
+            let empty = crate::codec::encode(&E::default()).map_err(|e| e.to_string())?;
+            Ok((bytes != empty).then_some(bytes))
+        }
     }
     let key = EntityKey::from_bytes(entity).ok_or("unknown entity key")?;
-    match key.kind {
-        Kind::Product => fold::<ProductState>(snapshot, tail),
-        Kind::Sku => fold::<SkuState>(snapshot, tail),
-        Kind::Cart => fold::<CartState>(snapshot, tail),
-        Kind::Order => fold::<OrderState>(snapshot, tail),
-        Kind::Idempotency => fold::<IdemState>(snapshot, tail),
-        Kind::Payment => fold::<PaymentState>(snapshot, tail),
-        Kind::Campaign => fold::<CampaignState>(snapshot, tail),
-    }
+    kinds::visit(key.kind, Fold { snapshot, tail })
 }
 
 pub(super) fn count_orders_by_status(wal: &Wal, metrics: &ActorMetrics) -> Result<()> {
