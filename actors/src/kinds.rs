@@ -2,7 +2,7 @@
 //!
 //! Everything that has to handle "an entity of any kind" is generated from the table at
 //! the bottom of this file: the [`Envelope`] a partition routes, the handle of a running
-//! entity actor ([`AnyRef`]), starting one ([`spawn`]), and [`visit`], which runs a
+//! entity actor (`AnyRef`), starting one (`spawn`), and [`visit`], which runs a
 //! generic function for the state type of a kind known only at run time (serving a
 //! forwarded command, folding a checkpoint, rebuilding a handed-over partition's
 //! indexes). A new kind is one line in the table.

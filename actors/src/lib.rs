@@ -18,7 +18,6 @@
 //! -> the write-ahead log (group commit) -> answer.
 
 pub mod board;
-pub mod campaigns;
 pub mod clock;
 pub mod codec;
 pub mod domain;
@@ -36,9 +35,9 @@ pub mod route;
 pub mod shop;
 pub mod views;
 
-pub use campaigns::{Bought, NewCampaign};
 pub use clock::{Clock, Hand};
 pub use error::{Result, ShopError};
+pub use shop::campaigns::{self, Bought, NewCampaign};
 pub use shop::{
     AnswerInFrame, Begun, CartLine, IdemStart, NewProduct, NewSku, Page, ProductDetail, Shop,
     ShopConfig,

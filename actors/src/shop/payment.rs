@@ -9,7 +9,7 @@ use crate::error::{Result, ShopError};
 use crate::errors_map::{order_err, sku_err, MOVING};
 use crate::host::{Companion, Refusal};
 
-use super::orders::{all_durable, Durable};
+use super::checkout::{all_durable, Durable};
 
 use super::*;
 
