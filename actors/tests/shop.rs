@@ -63,6 +63,28 @@ fn product(id: &str, skus: &[(&str, u64)]) -> NewProduct {
     }
 }
 
+/// Campaign "c" on SKU "s" at 50 CNY.
+fn campaign(
+    quantity: u64,
+    starts_at: Option<u64>,
+    ends_at: u64,
+    per_buyer_limit: u64,
+) -> shardmall_actors::NewCampaign {
+    shardmall_actors::NewCampaign {
+        campaign_id: "c".into(),
+        sku_id: "s".into(),
+        price: Money {
+            amount: 50,
+            currency: "CNY".into(),
+        },
+        quantity,
+        starts_at,
+        ends_at,
+        per_buyer_limit,
+        payment_timeout: None,
+    }
+}
+
 #[track_caller]
 fn stock(s: &shardmall_actors::domain::sku::SkuView) -> (u64, u64, u64) {
     (s.available, s.reserved, s.sold)
@@ -326,21 +348,9 @@ async fn a_buy_is_one_log_record_and_its_order_is_there_when_it_answers() {
         .await
         .unwrap();
     let now = shardmall_actors::clock::system_ms();
-    shop.create_campaign(shardmall_actors::NewCampaign {
-        campaign_id: "c".into(),
-        sku_id: "s".into(),
-        price: Money {
-            amount: 50,
-            currency: "CNY".into(),
-        },
-        quantity: 10,
-        starts_at: None,
-        ends_at: now + 3_600_000,
-        per_buyer_limit: 5,
-        payment_timeout: None,
-    })
-    .await
-    .unwrap();
+    shop.create_campaign(campaign(10, None, now + 3_600_000, 5))
+        .await
+        .unwrap();
     let before = shop.wal().metrics().appended;
     let mut orders = Vec::new();
     for i in 0..6 {
@@ -402,21 +412,9 @@ async fn business_time_is_the_injected_clock() {
     shop.create_product(product("p", &[("s", 10)]))
         .await
         .unwrap();
-    shop.create_campaign(shardmall_actors::NewCampaign {
-        campaign_id: "c".into(),
-        sku_id: "s".into(),
-        price: Money {
-            amount: 50,
-            currency: "CNY".into(),
-        },
-        quantity: 5,
-        starts_at: Some(start + 3_600_000),
-        ends_at: start + 7_200_000,
-        per_buyer_limit: 1,
-        payment_timeout: None,
-    })
-    .await
-    .unwrap();
+    shop.create_campaign(campaign(5, Some(start + 3_600_000), start + 7_200_000, 1))
+        .await
+        .unwrap();
 
     // The campaign opens when the clock reaches its start, not before.
     assert!(matches!(
