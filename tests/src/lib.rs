@@ -30,38 +30,66 @@ pub use reqwest::header::HeaderMap;
 
 /// The `shardmall` binary these tests start, built by the first call in this process.
 ///
-/// The binary is built with the same profile as the tests (`cargo test --release` starts
-/// a release build) into the same target directory, by the same `cargo` that runs the
-/// tests; an up-to-date binary costs one no-op `cargo build`. A build that fails stops
-/// every test with cargo's own message.
+/// The binary is built with the tests' profile (`cargo test --release` starts a release
+/// build), target triple and target directory, by the same `cargo` that runs the tests,
+/// and its path is the one cargo reports; an up-to-date binary costs one no-op
+/// `cargo build`. A build that fails stops every test with cargo's own message.
 pub fn shardmall_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        // target/<profile>/deps/<test binary>
+        // <target dir>[/<triple>]/<profile>/deps/<test binary>
         let exe = std::env::current_exe().expect("the test binary's path");
         let profile_dir = exe
             .parent()
             .and_then(Path::parent)
-            .expect("the test binary lies in target/<profile>/deps");
-        let target_dir = profile_dir.parent().expect("target/<profile>");
+            .expect("the test binary lies in <target dir>/<profile>/deps");
+        let mut target_dir = profile_dir.parent().expect("<target dir>/<profile>");
+        let mut triple = None;
+        // Cargo tags the root of a target directory; a directory between it and the
+        // profile's is a cross-compilation triple.
+        if !target_dir.join("CACHEDIR.TAG").exists() {
+            if let Some(root) = target_dir
+                .parent()
+                .filter(|r| r.join("CACHEDIR.TAG").exists())
+            {
+                triple = target_dir.file_name().map(|t| t.to_os_string());
+                target_dir = root;
+            }
+        }
         let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
             Some("debug") | None => "dev",
             Some(name) => name,
         };
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let status = Command::new(cargo)
+        let mut build = Command::new(cargo);
+        build
             .args(["build", "--quiet", "-p", "shardmall", "--bin", "shardmall"])
+            .args(["--message-format", "json-render-diagnostics"])
             .args(["--profile", profile])
             .arg("--target-dir")
             .arg(target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
+            .stderr(Stdio::inherit());
+        if let Some(triple) = &triple {
+            build.arg("--target").arg(triple);
+        }
+        let out = build
+            .output()
             .expect("run cargo to build the shardmall binary");
         assert!(
-            status.success(),
-            "building the shardmall binary failed: {status}"
+            out.status.success(),
+            "building the shardmall binary failed: {}",
+            out.status
         );
-        let bin = profile_dir.join(format!("shardmall{}", std::env::consts::EXE_SUFFIX));
+        // The last artifact message for the binary names its executable.
+        let bin = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "shardmall")
+            .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .next()
+            .expect("cargo reported no shardmall executable");
         assert!(bin.is_file(), "cargo built no binary at {}", bin.display());
         bin
     })

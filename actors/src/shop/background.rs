@@ -89,7 +89,8 @@ impl Shop {
         Ok(())
     }
 
-    /// Asks the entity's partition for a timer `after` from now.
+    /// Asks the entity's partition for a timer `after` from now, on business time (the
+    /// timer wheel knows no other: on a manual clock a retry waits for the clock too).
     fn arm_in(&self, key: EntityKey, after: Duration) {
         if let Some(actor) = self
             .inner

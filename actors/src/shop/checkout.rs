@@ -58,7 +58,11 @@ impl Shop {
         }
         let now = self.now_ms();
         let partition = self.inner.partitioner.buyer(buyer);
-        let order_id = self.inner.ids.next(now, partition).to_string();
+        let order_id = self
+            .inner
+            .ids
+            .next(crate::clock::system_ms(), partition)
+            .to_string();
         let deadline = now + millis(self.inner.cfg.payment_timeout);
         let expires_at = deadline + millis(self.inner.cfg.reservation_grace);
 
