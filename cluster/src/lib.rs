@@ -12,6 +12,7 @@ pub mod node;
 pub mod proto;
 pub mod quic;
 pub mod raft;
+pub mod replica;
 pub mod router;
 pub mod transport;
 
