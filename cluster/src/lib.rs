@@ -9,6 +9,7 @@
 pub mod map;
 pub mod memory;
 pub mod node;
+pub mod placement;
 pub mod proto;
 pub mod quic;
 pub mod raft;
