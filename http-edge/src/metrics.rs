@@ -152,6 +152,12 @@ pub async fn render(state: &AppState) -> String {
     );
     scalar(
         &mut out,
+        "shardmall_wal_failed",
+        "gauge",
+        u64::from(state.shop.wal().failure().is_some()),
+    );
+    scalar(
+        &mut out,
         "shardmall_wal_appended_total",
         "counter",
         wal.appended,

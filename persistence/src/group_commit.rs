@@ -85,6 +85,9 @@ pub(crate) struct Shared {
     /// Mutex because checkpoints are synchronous and never held across an await.
     pub checkpoint_lock: Mutex<()>,
     pub tails: Tails,
+    /// Held around every `fdatasync` of a segment and the failure check on either side
+    /// of it (see [`Shared::sync_segment`]).
+    pub sync_lock: Mutex<()>,
     pub log_dir: PathBuf,
     pub segments: Mutex<Segments>,
     /// Size past which the writer starts a new segment.
@@ -106,6 +109,37 @@ impl Shared {
         tracing::error!(error = %msg, "write-ahead log failed; refusing further appends");
         let _ = self.failure.set(msg.clone());
         msg
+    }
+
+    /// Makes `file`'s written data durable, or fails the log for good.
+    ///
+    /// Linux reports a writeback error once per open file description: after one
+    /// `fdatasync` returned it, the next one on the same file succeeds although the data
+    /// may be gone. So the first error fails the log (nothing is acknowledged after it),
+    /// and syncs are serialised with the failure check on both sides: the writer's sync
+    /// of a full segment and the flusher's sync cannot consume each other's error.
+    /// `point` names the call site for fault injection in tests (`wal::sync_roll`,
+    /// `wal::sync_flush`).
+    pub(crate) fn sync_segment(&self, file: &File, what: &str, point: &str) -> Result<()> {
+        let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.check_failed()?;
+        let synced = {
+            #[cfg(feature = "failpoints")]
+            let injected = (|| {
+                fail::fail_point!(point, |_| Err(std::io::Error::other(
+                    "injected fdatasync failure"
+                )));
+                Ok(())
+            })();
+            #[cfg(not(feature = "failpoints"))]
+            let injected = {
+                let _ = point;
+                Ok(())
+            };
+            injected.and_then(|()| file.sync_data())
+        };
+        synced.map_err(|e| Error::Failed(self.fail(what, &e)))?;
+        self.check_failed()
     }
 
     pub(crate) fn segments(&self) -> std::sync::MutexGuard<'_, Segments> {
@@ -343,11 +377,11 @@ fn run_writer(
 /// Closes the full segment (synced, so everything in it is durable before the flusher
 /// moves on to the next file) and starts the next one at `next_lsn`.
 fn roll(shared: &Shared, file: &File, next_lsn: Lsn) -> Option<Arc<File>> {
-    let result = file
-        .sync_data()
-        .map_err(Error::from)
-        .and_then(|()| segment::create_segment(&shared.log_dir, next_lsn));
-    match result {
+    // A failed sync fails the log: the flusher acknowledges nothing more.
+    shared
+        .sync_segment(file, "syncing a full log segment", "wal::sync_roll")
+        .ok()?;
+    match segment::create_segment(&shared.log_dir, next_lsn) {
         Ok(f) => {
             let f = Arc::new(f);
             let mut segs = shared.segments();
@@ -466,10 +500,7 @@ fn sync_and_release(shared: &Shared, h: Handoff) {
         (segs.current.clone(), segs.list.last().map_or(0, |s| s.last))
     };
     let started = Instant::now();
-    let result = shared.check_failed().and_then(|()| {
-        file.sync_data()
-            .map_err(|e| Error::Failed(shared.fail("syncing the log", &e)))
-    });
+    let result = shared.sync_segment(&file, "syncing the log", "wal::sync_flush");
     let result = result.and_then(|()| {
         shared.counters.record_flush(started.elapsed());
         apply(shared, h.written)

@@ -103,6 +103,7 @@ impl Wal {
             failure: OnceLock::new(),
             counters: Counters::default(),
             checkpoint_lock: Mutex::new(()),
+            sync_lock: Mutex::new(()),
             tails,
             log_dir,
             segments: Mutex::new(Segments { list, current }),
@@ -400,6 +401,12 @@ impl Wal {
         shared
             .counters
             .snapshot(shared.durable_lsn.load(Ordering::Acquire), depth)
+    }
+
+    /// Why the log refuses work, once a write, sync or apply has failed; `None` while it
+    /// is healthy. A failed log stays failed until the process restarts.
+    pub fn failure(&self) -> Option<String> {
+        self.shared().failure.get().cloned()
     }
 
     pub fn durability(&self) -> Durability {

@@ -17,6 +17,11 @@ pub async fn healthz() -> Json<Health> {
 
 #[utoipa::path(get, path = "/readyz", responses((status = 200, body = Health), (status = 503, body = crate::error::ErrorBody)))]
 pub async fn readyz(State(st): State<AppState>) -> Response {
+    // A failed log acknowledges no write until the process restarts: take the node out
+    // of rotation and say why.
+    if let Some(why) = st.shop.wal().failure() {
+        return ApiError::unavailable(format!("the write-ahead log failed: {why}")).into_response();
+    }
     if st.shop.is_ready() && st.cluster.is_ready() && !st.shutting_down.is_cancelled() {
         Json(Health { status: "ready" }).into_response()
     } else {
