@@ -8,7 +8,8 @@
 //! Segments are named by the first lsn they may hold (`seg-<lsn>.log`, zero-padded so
 //! names sort in lsn order). Frames are written with one `write` per group-commit batch
 //! and made durable with `fdatasync`. A crash can leave the last segment ending in a
-//! partial frame; recovery cuts it off there. A bad frame anywhere else is corruption.
+//! partial frame; recovery cuts it off there. A bad frame anywhere else, or one followed
+//! by a valid frame, is corruption: start-up refuses and names the file and offset.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
@@ -173,8 +174,9 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Reads every frame of a segment in order, calling `each` for each. A partial or bad
-/// frame ends the read: if `last` the file is cut back to the end of the last good frame
-/// (a write the crash interrupted); otherwise it is corruption.
+/// frame ends the read: if `last` and nothing valid follows it, the file is cut back to
+/// the end of the last good frame (a write the crash interrupted); otherwise it is
+/// corruption, and the frames after it may have been acknowledged, so nothing is cut.
 pub(crate) fn read_segment(
     path: &Path,
     last: bool,
@@ -184,6 +186,7 @@ pub(crate) fn read_segment(
     let size = file.metadata()?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut good: u64 = 0;
+    let mut last_lsn: Lsn = 0;
     let mut header = [0u8; 8];
     let mut body = Vec::new();
     let bad = loop {
@@ -208,6 +211,7 @@ pub(crate) fn read_segment(
         let Some(frame) = decode_body(&body) else {
             break Some("a frame that does not decode");
         };
+        last_lsn = frame.lsn;
         each(frame)?;
         good += 8 + u64::from(len);
     };
@@ -218,12 +222,43 @@ pub(crate) fn read_segment(
                 path.display()
             )));
         }
+        // A crash leaves a torn write only at the very end: a valid later frame means
+        // this one was damaged after it was written, and what follows was acknowledged.
+        let mut rest = Vec::new();
+        let mut file = File::open(path)?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(good))?;
+        file.read_to_end(&mut rest)?;
+        if let Some((at, lsn)) = valid_frame_after(&rest, last_lsn) {
+            return Err(Error::Corrupt(format!(
+                "{} holds {what} at offset {good}, followed by a valid frame (lsn {lsn}) at \
+                 offset {}: records after the damage may have been acknowledged, so the log \
+                 is not cut; see docs/operations.md, \"A damaged log\"",
+                path.display(),
+                good + at as u64
+            )));
+        }
         tracing::warn!(segment = %path.display(), offset = good, "cutting off {what} left by a crash");
         let file = OpenOptions::new().write(true).open(path)?;
         file.set_len(good)?;
         file.sync_all()?;
     }
     Ok(())
+}
+
+/// The offset in `bytes` (after its first byte) and the lsn of the first whole frame
+/// that checks, decodes and comes after `after`.
+fn valid_frame_after(bytes: &[u8], after: Lsn) -> Option<(usize, Lsn)> {
+    (1..bytes.len().saturating_sub(8)).find_map(|at| {
+        let header = &bytes[at..at + 8];
+        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let crc = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        let body = bytes.get(at + 8..(at + 8).checked_add(len)?)?;
+        if len == 0 || crc32fast::hash(body) != crc {
+            return None;
+        }
+        let frame = decode_body(body)?;
+        (frame.lsn > after).then_some((at, frame.lsn))
+    })
 }
 
 #[cfg(test)]
@@ -273,6 +308,40 @@ mod tests {
         .unwrap();
         assert_eq!(seen, vec![1, 2]);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+    }
+
+    #[test]
+    fn a_damaged_frame_with_valid_frames_after_it_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = frame_bytes(1);
+        let second = bytes.len();
+        bytes.extend(frame_bytes(2));
+        bytes[second + 12] ^= 0xff;
+        let third = bytes.len();
+        bytes.extend(frame_bytes(3));
+        let size = bytes.len() as u64;
+        File::create(&path).unwrap().write_all(&bytes).unwrap();
+        let mut seen = Vec::new();
+        let err = read_segment(&path, true, |f| {
+            seen.push(f.lsn);
+            Ok(())
+        })
+        .unwrap_err();
+        let Error::Corrupt(why) = err else {
+            panic!("not corruption: {err}")
+        };
+        assert!(
+            why.contains(&format!("at offset {second}"))
+                && why.contains(&format!("(lsn 3) at offset {third}")),
+            "{why}"
+        );
+        assert_eq!(seen, vec![1]);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            size,
+            "nothing is cut"
+        );
     }
 
     #[test]
