@@ -157,3 +157,63 @@ async fn a_full_disk_fails_the_log_and_loses_nothing_acknowledged() {
     drop(node);
     drop(disk);
 }
+
+/// A frame damaged in the middle of the last log segment, with acknowledged frames after
+/// it: the node refuses to start and names the file and the offsets, and cuts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_log_refuses_to_start_and_cuts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = admin();
+    let mut node = Node::config().dir(dir.path()).start().await;
+    for i in 0..20 {
+        let id = format!("p{i}");
+        let (st, body) = node
+            .post(
+                "/v1/products",
+                &admin,
+                &product_body(&id, &[(&format!("{id}-s"), 100, 10)]),
+            )
+            .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    node.kill9();
+
+    let log_dir = dir.path().join("db").join("log");
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&log_dir)
+        .expect("the log dir")
+        .map(|e| e.expect("an entry").path())
+        .collect();
+    segments.sort();
+    let last = segments.last().expect("a segment").clone();
+    let mut bytes = std::fs::read(&last).expect("the last segment");
+    assert!(
+        bytes.len() > 4_096,
+        "20 products logged: {} bytes",
+        bytes.len()
+    );
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&last, &bytes).expect("damage a frame");
+
+    let mut again = Node::config().dir(dir.path()).spawn_expecting_failure();
+    let status = poll_until(
+        "the node refuses its damaged log",
+        std::time::Duration::from_secs(30),
+        || {
+            let st = again.try_exit();
+            async move { st }
+        },
+    )
+    .await;
+    assert!(!status.success());
+    let log = again.log_tail(200);
+    assert!(
+        log.contains(&last.display().to_string()) && log.contains("followed by a valid frame"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::metadata(&last).expect("still there").len(),
+        bytes.len() as u64,
+        "the damaged segment was cut"
+    );
+}
