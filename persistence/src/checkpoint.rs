@@ -31,8 +31,26 @@ impl Wal {
     /// each entity's log, and exactly that prefix is dropped once its snapshot is stored.
     // The fold's type is spelled out in the signature on purpose: it is the contract
     // the domain's checkpointer is written against.
+    ///
+    /// A storage error (disk full, an I/O error) fails the log like a failed write: the
+    /// store may hold part of what was written, and nothing more is acknowledged.
     #[allow(clippy::type_complexity)]
     pub fn checkpoint_partition(
+        &self,
+        partition: u16,
+        fold: &mut dyn FnMut(
+            &[u8],
+            Option<&[u8]>,
+            &[(Lsn, Vec<u8>)],
+        ) -> std::result::Result<Option<Vec<u8>>, String>,
+    ) -> Result<CheckpointStats> {
+        let folded = self.checkpoint_partition_folding(partition, fold);
+        self.shared()
+            .fail_on_storage_error("checkpointing a partition", folded)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn checkpoint_partition_folding(
         &self,
         partition: u16,
         fold: &mut dyn FnMut(
@@ -110,8 +128,19 @@ impl Wal {
     /// Deletes the log segments whose records are all folded into snapshots, after
     /// flushing the store so those snapshots (and the records' index changes) are on
     /// disk. Answers how many segments went. Blocking: call it after a round of
-    /// checkpoints, off the async workers.
+    /// checkpoints, off the async workers. A storage error fails the log (see
+    /// [`Wal::checkpoint_partition`]).
     pub fn release_log(&self) -> Result<usize> {
+        let released = self.release_folded();
+        self.shared()
+            .fail_on_storage_error("checkpointing (flushing the store)", released)
+    }
+
+    fn release_folded(&self) -> Result<usize> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("checkpoint::release", |_| Err(crate::Error::Io(
+            std::io::Error::other("injected: no space left on device")
+        )));
         let shared = self.shared();
         let _serial = shared
             .checkpoint_lock

@@ -142,6 +142,15 @@ impl Shared {
         self.check_failed()
     }
 
+    /// Fails the log when `result` is a storage error (the store or the file system),
+    /// answering `Failed` from then on; other errors pass through.
+    pub(crate) fn fail_on_storage_error<T>(&self, what: &str, result: Result<T>) -> Result<T> {
+        match result {
+            Err(e @ (Error::Sled(_) | Error::Io(_))) => Err(Error::Failed(self.fail(what, &e))),
+            other => other,
+        }
+    }
+
     pub(crate) fn segments(&self) -> std::sync::MutexGuard<'_, Segments> {
         // Every update under this lock is a single field change: poisoning is harmless.
         self.segments.lock().unwrap_or_else(|p| p.into_inner())

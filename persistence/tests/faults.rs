@@ -78,3 +78,41 @@ async fn a_failed_sync_of_the_log_fails_it_for_good() {
     fail::remove("wal::sync_flush");
     scenario.teardown();
 }
+
+#[tokio::test]
+async fn a_checkpoint_that_cannot_write_the_store_fails_the_log() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let acked = wal
+        .append(record(1, b"e", b"kept"))
+        .await
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    fail::cfg("checkpoint::release", "return").unwrap();
+    let err = wal.release_log().unwrap_err();
+    assert!(matches!(err, Error::Failed(_)), "{err}");
+    let why = wal.failure().expect("the log says it failed");
+    assert!(why.contains("checkpointing"), "{why}");
+    let later = match wal.append(record(1, b"e", b"after")).await {
+        Ok(ack) => ack.durable().await,
+        Err(e) => Err(e),
+    };
+    assert!(
+        later.is_err(),
+        "an append after a failed checkpoint was acknowledged"
+    );
+    fail::remove("checkpoint::release");
+    drop(wal);
+    scenario.teardown();
+
+    let wal = open(dir.path(), Durability::Sync);
+    assert_eq!(
+        load_list(&wal, 1, b"e"),
+        vec![b"kept".to_vec()],
+        "lsn {acked}"
+    );
+    wal.shutdown().await.unwrap();
+}
