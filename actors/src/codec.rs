@@ -11,6 +11,21 @@ use crate::domain::Entity;
 /// The version byte of the current layout.
 pub const FORMAT_V1: u8 = 1;
 
+/// The most memory one decode may claim. A damaged record whose length prefixes claim
+/// more is refused instead of aborting the process on an allocation it cannot make; a
+/// real record is far below it (the largest, a campaign with a million buyers, is about
+/// 600 MB in memory).
+pub const DECODE_LIMIT: usize = 4 << 30;
+
+/// bincode's standard configuration with [`DECODE_LIMIT`].
+pub fn decode_config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODE_LIMIT>,
+> {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     #[error("empty record")]
@@ -36,7 +51,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if version != FORMAT_V1 {
         return Err(CodecError::UnknownVersion(version));
     }
-    let (value, _) = bincode::serde::decode_from_slice(body, bincode::config::standard())
+    let (value, _) = bincode::serde::decode_from_slice(body, decode_config())
         .map_err(|e| CodecError::Decode(e.to_string()))?;
     Ok(value)
 }
@@ -88,5 +103,22 @@ mod tests {
             Err(CodecError::Decode(_))
         ));
         assert_eq!(decode::<u64>(&encode(&42u64).unwrap()).unwrap(), 42);
+    }
+
+    /// A dozen bytes claiming a string of a terabyte: refused, not an allocation that
+    /// aborts the process.
+    #[test]
+    fn a_length_claiming_more_than_the_limit_is_refused() {
+        let mut record = vec![FORMAT_V1, 253];
+        record.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        record.extend_from_slice(b"abc");
+        assert!(matches!(
+            decode::<String>(&record),
+            Err(CodecError::Decode(_))
+        ));
+        assert!(matches!(
+            decode::<Vec<u64>>(&record),
+            Err(CodecError::Decode(_))
+        ));
     }
 }

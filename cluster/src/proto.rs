@@ -76,6 +76,11 @@ pub struct Install {
 #[error("malformed frame: {0}")]
 pub struct WireError(String);
 
+/// The most memory decoding one frame may claim: a frame whose length prefixes claim more
+/// is refused instead of aborting the process on an allocation it cannot make. A
+/// partition's handoff, the largest frame, stays well below it.
+const DECODE_LIMIT: usize = 2 << 30;
+
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     let mut out = vec![WIRE_V1];
     // Encoding into a Vec cannot fail for these types (no maps with non-string keys
@@ -93,7 +98,8 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 pub fn decode<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, WireError> {
     match frame.split_first() {
         Some((&WIRE_V1, body)) => {
-            let (msg, used) = bincode::serde::decode_from_slice(body, bincode::config::standard())
+            let config = bincode::config::standard().with_limit::<DECODE_LIMIT>();
+            let (msg, used) = bincode::serde::decode_from_slice(body, config)
                 .map_err(|e| WireError(e.to_string()))?;
             if used != body.len() {
                 return Err(WireError(format!(
@@ -105,5 +111,21 @@ pub fn decode<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, WireErr
         }
         Some((v, _)) => Err(WireError(format!("unknown wire version {v}"))),
         None => Err(WireError("empty frame".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame of a dozen bytes claiming a string of a terabyte is malformed, not an
+    /// allocation that aborts the process.
+    #[test]
+    fn a_frame_claiming_more_than_the_limit_is_malformed() {
+        let mut frame = vec![WIRE_V1, 253];
+        frame.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        frame.extend_from_slice(b"abc");
+        assert!(decode::<String>(&frame).is_err());
+        assert!(decode::<Request>(&frame).is_err());
     }
 }

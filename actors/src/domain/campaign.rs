@@ -847,7 +847,7 @@ mod legacy {
     /// Decodes a snapshot body (after the format byte) of the first layout.
     pub(super) fn decode(body: &[u8]) -> Option<CampaignState> {
         let (v1, _): (StateV1, usize) =
-            bincode::serde::decode_from_slice(body, bincode::config::standard()).ok()?;
+            bincode::serde::decode_from_slice(body, crate::codec::decode_config()).ok()?;
         let campaign = v1.campaign.map(|c| Campaign {
             terms: c.terms.clone(),
             phase: c.phase,
