@@ -293,6 +293,43 @@ async fn a_refused_checkout_leaves_nothing_reserved() {
     shop.shutdown().await;
 }
 
+/// The per-line limit holds for the merged order: two lines of one SKU are one line of
+/// their sum, so splitting a line does not get past the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_lines_of_one_sku_are_limited_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let shop = open(dir.path(), config()).await;
+    shop.create_product(product("p", &[("a", 50_000)]))
+        .await
+        .unwrap();
+    let err = shop
+        .checkout(
+            "hoarder",
+            Some(vec![("a".into(), 10_000), ("a".into(), 10_000)]),
+            None,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ShopError::BadRequest(ref why) if why.contains("at most 10000")),
+        "{err:?}"
+    );
+    assert_eq!(stock(&shop.get_sku("a").await.unwrap()), (50_000, 0, 0));
+    let order = shop
+        .checkout(
+            "buyer",
+            Some(vec![("a".into(), 4_000), ("a".into(), 6_000)]),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(order.lines.len(), 1);
+    assert_eq!(order.lines[0].quantity, 10_000);
+    shop.shutdown().await;
+}
+
 #[test]
 fn buyer_data_shares_a_partition() {
     let p = Partitioner::new(256);

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use shardmall_persistence::{AuxOp, Part};
 
-use crate::domain::cart::CartCommand;
+use crate::domain::cart::{CartCommand, MAX_QUANTITY};
 use crate::domain::order::{CancelReason, Line, Order, OrderCommand, OrderState};
 use crate::domain::sku::SkuCommand;
 use crate::domain::{Address, Entity, Kind};
@@ -48,6 +48,12 @@ impl Shop {
             *q = q
                 .checked_add(qty)
                 .ok_or_else(|| ShopError::BadRequest("quantity too large".into()))?;
+        }
+        // Checked on the merged lines: two lines of one SKU are one line of their sum.
+        if let Some((sku, q)) = merged.iter().find(|(_, q)| **q > MAX_QUANTITY) {
+            return Err(ShopError::BadRequest(format!(
+                "quantity of {sku} must be at most {MAX_QUANTITY} (lines of one SKU are added up; {q} asked)"
+            )));
         }
         if merged.is_empty() {
             return Err(ShopError::BadRequest(if from_cart {
