@@ -10,25 +10,45 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::AppState;
 
-/// A JSON body: 413 past the body limit, 400 for anything that is not the expected shape.
+/// Reads the whole body: 413 past the body limit, 408 when it has not arrived within the
+/// edge's body-read timeout (a client sending its body a byte at a time holds a request
+/// in flight for no longer than that), 400 when the connection fails meanwhile.
+async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    // Most bodies arrive with their headers: the timer is registered only if the read
+    // has to wait.
+    match tokio::time::timeout(
+        state.limits.body_read_timeout,
+        Bytes::from_request(req, state),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Err(ApiError::payload_too_large())
+        }
+        Ok(Err(_)) => Err(ApiError::bad_request("the request body could not be read")),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body did not arrive in time",
+        )),
+    }
+}
+
+/// A JSON body: 413 past the body limit, 408 if it is too slow to arrive (see
+/// [`read_body`]), 400 for anything that is not the expected shape.
 pub struct ApiJson<T>(pub T, pub Bytes);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"));
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::payload_too_large()
-            } else {
-                ApiError::bad_request("the request body could not be read")
-            }
-        })?;
+        let bytes = read_body(req, state).await?;
         if !is_json {
             return Err(ApiError::bad_request(
                 "Content-Type must be application/json",
@@ -40,23 +60,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
-/// The raw body (for signature checks), with the same 413 as [`ApiJson`].
+/// The raw body (for signature checks), with the same 413 and 408 as [`ApiJson`].
 pub struct RawBody(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for RawBody {
+impl FromRequest<AppState> for RawBody {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Bytes::from_request(req, state)
-            .await
-            .map(RawBody)
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::payload_too_large()
-                } else {
-                    ApiError::bad_request("the request body could not be read")
-                }
-            })
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        read_body(req, state).await.map(RawBody)
     }
 }
 

@@ -18,6 +18,7 @@ pub mod extract;
 pub mod idem;
 pub mod metrics;
 pub mod routes;
+pub mod serve;
 pub mod validate;
 
 use std::convert::Infallible;
@@ -26,7 +27,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, StatusCode};
@@ -34,12 +35,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use shardmall_actors::Shop;
-use std::future::IntoFuture;
 use tokio_util::sync::CancellationToken;
 use utoipa::OpenApi;
 
 pub use auth::{Claims, JwtKeys, Role};
 use error::ApiError;
+pub use serve::{serve, ConnLimits, Connections};
 
 /// What every handler shares: one pointer, so the state that axum clones for every
 /// request and every middleware costs one reference count, not one per field.
@@ -71,6 +72,10 @@ pub struct Edge {
     pub cluster: shardmall_cluster::node::ClusterNode,
     /// Admission control: one permit per request in flight (see [`admit`]).
     pub admission: Arc<tokio::sync::Semaphore>,
+    /// Timeouts and caps of the HTTP connections ([`serve`]).
+    pub limits: ConnLimits,
+    /// The open connections, counted by [`serve`].
+    pub connections: Arc<Connections>,
 }
 
 #[derive(OpenApi)]
@@ -460,25 +465,6 @@ fn next_request_id() -> axum::http::HeaderValue {
 
 /// Serves until `state.shutting_down` is cancelled, then stops accepting and drains
 /// in-flight requests for at most `drain`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    drain: Duration,
-) -> std::io::Result<()> {
-    let shutdown = state.shutting_down.clone();
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        res = &mut server => res,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(drain).await } => {
-            tracing::warn!(?drain, "drain period over; dropping the requests still in flight");
-            Ok(())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

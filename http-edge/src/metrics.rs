@@ -152,6 +152,18 @@ pub async fn render(state: &AppState) -> String {
     );
     scalar(
         &mut out,
+        "shardmall_http_connections_open",
+        "gauge",
+        state.connections.open(),
+    );
+    scalar(
+        &mut out,
+        "shardmall_http_connections_refused_total",
+        "counter",
+        state.connections.refused.load(Ordering::Relaxed),
+    );
+    scalar(
+        &mut out,
         "shardmall_wal_failed",
         "gauge",
         u64::from(state.shop.wal().failure().is_some()),

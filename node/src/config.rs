@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::Deserialize;
+use shardmall_http_edge::ConnLimits;
 use shardmall_persistence::Durability;
 
 use crate::cli::ServeArgs;
@@ -27,6 +28,10 @@ pub struct FileConfig {
     pub refund_window: Option<String>,
     pub idle_timeout: Option<String>,
     pub drain_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
     pub cache_mb: Option<u64>,
     pub max_active: Option<usize>,
     pub max_inflight: Option<usize>,
@@ -54,6 +59,8 @@ pub struct Config {
     pub refund_window: Duration,
     pub idle_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Timeouts and caps of the HTTP connections.
+    pub conn_limits: ConnLimits,
     pub cache_mb: u64,
     pub max_active: usize,
     pub max_inflight: usize,
@@ -67,6 +74,26 @@ pub struct Config {
 }
 
 const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
+fn at_least_one(name: &str, value: Option<usize>, default: usize) -> anyhow::Result<usize> {
+    match value.unwrap_or(default) {
+        0 => anyhow::bail!("{name} must be at least 1"),
+        n => Ok(n),
+    }
+}
+
+/// A whole number from the environment variable `name`, if it is set.
+fn env_number(name: &str) -> anyhow::Result<Option<usize>> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            v.trim()
+                .parse()
+                .with_context(|| format!("{name}: {v:?} is not a whole number"))
+        })
+        .transpose()
+}
 
 fn duration(name: &str, value: Option<String>, default: &str) -> anyhow::Result<Duration> {
     let text = value.unwrap_or_else(|| default.to_owned());
@@ -175,6 +202,28 @@ impl Config {
                 env("SHARDMALL_DRAIN_TIMEOUT").or(file.drain_timeout),
                 "10s",
             )?,
+            conn_limits: ConnLimits {
+                header_read_timeout: duration(
+                    "header_read_timeout",
+                    env("SHARDMALL_HEADER_READ_TIMEOUT").or(file.header_read_timeout),
+                    "10s",
+                )?,
+                body_read_timeout: duration(
+                    "body_read_timeout",
+                    env("SHARDMALL_BODY_READ_TIMEOUT").or(file.body_read_timeout),
+                    "30s",
+                )?,
+                max_connections: at_least_one(
+                    "max_connections",
+                    env_number("SHARDMALL_MAX_CONNECTIONS")?.or(file.max_connections),
+                    16_384,
+                )?,
+                max_connections_per_ip: at_least_one(
+                    "max_connections_per_ip",
+                    env_number("SHARDMALL_MAX_CONNECTIONS_PER_IP")?.or(file.max_connections_per_ip),
+                    4_096,
+                )?,
+            },
             cache_mb,
             max_active,
             max_inflight,

@@ -275,6 +275,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         http_metrics: Default::default(),
         shutting_down: shutting_down.clone(),
         admission: Arc::new(tokio::sync::Semaphore::new(config.max_inflight)),
+        limits: config.conn_limits,
+        connections: Default::default(),
         cluster: node,
     });
     tokio::spawn(watch_signals(shutting_down.clone()));
