@@ -51,6 +51,16 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// 400 `idempotency_key_required`: a POST marked (idem) in API.md came without an
+    /// `Idempotency-Key`.
+    pub fn idempotency_key_required() -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "idempotency_key_required",
+            "the Idempotency-Key header is required",
+        )
+    }
+
     pub fn payload_too_large() -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -42,9 +42,7 @@ where
 {
     let key = match key_of(headers) {
         Ok(Some(k)) => k.to_owned(),
-        Ok(None) => {
-            return ApiError::bad_request("the Idempotency-Key header is required").into_response()
-        }
+        Ok(None) => return ApiError::idempotency_key_required().into_response(),
         Err(e) => return e.into_response(),
     };
     let scope = format!("{route}\n{key}");

@@ -81,7 +81,8 @@ pub struct FlashOpts {
     /// Units per buy.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub buy_quantity: u64,
-    /// Send an Idempotency-Key with every buy.
+    /// Accepted for older scripts: every buy carries an Idempotency-Key, which the node
+    /// requires.
     #[arg(long)]
     pub idempotency_keys: bool,
 }

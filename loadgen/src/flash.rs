@@ -102,7 +102,8 @@ impl FlashSale {
             buyers: a.buyers.max(1),
             buyer_prefix: format!("buyer-{run_id}-"),
             buy_quantity: a.buy_quantity,
-            key_prefix: a.idempotency_keys.then(|| format!("lg-{run_id}-")),
+            // The node requires a key on every buy (API.md: buy is marked idem).
+            key_prefix: Some(format!("lg-{run_id}-")),
         })
     }
 

@@ -45,9 +45,10 @@ async fn campaign(api: &Api, id: &str) -> Value {
 }
 
 async fn buy(api: &Api, id: &str, buyer: &str, quantity: i64) -> Resp {
-    api.post(
+    api.post_idem(
         &format!("/v1/campaigns/{id}/buy"),
         &customer(buyer),
+        &key(),
         &json!({"quantity": quantity}),
     )
     .await
@@ -346,9 +347,27 @@ async fn bad_campaign_input_is_refused_clearly() {
     assert_eq!(st, 403);
     create_campaign(&node, &campaign_body("ok", "bp-s", 1, 1)).await;
     let (st, _) = node
-        .post("/v1/campaigns/ok/buy", &admin(), &json!({"quantity": 1}))
+        .post_idem(
+            "/v1/campaigns/ok/buy",
+            &admin(),
+            &key(),
+            &json!({"quantity": 1}),
+        )
         .await;
     assert_eq!(st, 403);
+    // A buy needs an Idempotency-Key, like checkout and pay.
+    let (st, v) = node
+        .post(
+            "/v1/campaigns/ok/buy",
+            &customer("y"),
+            &json!({"quantity": 1}),
+        )
+        .await;
+    assert_eq!(
+        (st, &v["error"]["code"]),
+        (400, &json!("idempotency_key_required")),
+        "{v}"
+    );
     let (st, v) = buy(&node, "ok", "y", 0).await;
     assert_eq!(st, 400, "{v}");
     let (st, v) = buy(&node, "missing", "y", 1).await;
@@ -501,6 +520,7 @@ async fn a_hot_campaign_past_its_queue_bound_answers_429() {
                 &[
                     ("authorization", &format!("Bearer {token}")),
                     ("content-type", "application/json"),
+                    ("idempotency-key", &key()),
                 ],
                 Some(br#"{"quantity":1}"#.to_vec()),
             )
@@ -560,7 +580,7 @@ async fn kill9_in_the_middle_of_a_flash_sale_loses_no_acknowledged_buy() {
                         reqwest::Method::POST,
                         "/v1/campaigns/crash/buy",
                         Some(&customer(&buyer)),
-                        None,
+                        Some(&key()),
                         Some(&json!({"quantity": 1})),
                     )
                     .await;

@@ -232,9 +232,10 @@ async fn a_flash_sale_with_buyers_on_every_node_sells_exactly_its_quantity() {
             tasks.push(tokio::spawn(async move {
                 let buyer = format!("b{n}-{i}");
                 let r = api
-                    .post(
+                    .post_idem(
                         "/v1/campaigns/cfs/buy",
                         &customer(&buyer),
+                        &key(),
                         &json!({"quantity": 1}),
                     )
                     .await;

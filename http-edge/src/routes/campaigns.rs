@@ -174,10 +174,16 @@ pub async fn buy(
     };
     // The campaign keeps the key with the buy itself: one durable record answers both
     // (ADR 0012). A refused buy writes nothing, so a repeat of it is decided afresh.
+    // Required, like checkout's and pay's: a buy retried after a lost answer must not
+    // buy twice.
     let idem = match idem_key {
-        Ok(key) => {
-            key.map(|k| idem::tag(&caller, &format!("POST /v1/campaigns/{id}/buy"), &k, &raw))
-        }
+        Ok(Some(k)) => Some(idem::tag(
+            &caller,
+            &format!("POST /v1/campaigns/{id}/buy"),
+            &k,
+            &raw,
+        )),
+        Ok(None) => return ApiError::idempotency_key_required().into_response(),
         Err(e) => return e.into_response(),
     };
     match st
