@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use shardmall_http_edge::{Claims, JwtKeys, Role};
 
-pub const SECRET: &str = "bench-secret";
+pub const SECRET: &str = "bench-secret-of-at-least-thirty-two-bytes";
 
 pub struct Node {
     pub child: Child,

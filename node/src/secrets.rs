@@ -11,13 +11,28 @@ use shardmall_persistence::Wal;
 
 use crate::config::Config;
 
+/// The fewest bytes a signing secret (JWT, payment callbacks) may have: an HMAC-SHA256
+/// key shorter than the hash's 32 bytes is weaker than the signature it makes.
+pub const MIN_SIGNING_SECRET: usize = 32;
+
+/// Refuses a signing secret shorter than [`MIN_SIGNING_SECRET`].
+fn long_enough(what: &str, secret: Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    if secret.len() < MIN_SIGNING_SECRET {
+        anyhow::bail!(
+            "{what} is {} bytes; it must be at least {MIN_SIGNING_SECRET} (make one with `openssl rand -hex 32`)",
+            secret.len()
+        );
+    }
+    Ok(secret)
+}
+
 /// The JWT signing secret: configured, or `DIR/jwt.secret` (created when `create`).
 pub fn jwt_secret(config: &Config, create: bool) -> anyhow::Result<Vec<u8>> {
     if let Some(s) = &config.jwt_secret {
-        return Ok(s.as_bytes().to_vec());
+        return long_enough("SHARDMALL_JWT_SECRET", s.as_bytes().to_vec());
     }
     let path = config.data_dir.join("jwt.secret");
-    if create {
+    let secret = if create {
         file_secret(&path)
     } else {
         read_secret(&path).with_context(|| {
@@ -26,14 +41,18 @@ pub fn jwt_secret(config: &Config, create: bool) -> anyhow::Result<Vec<u8>> {
                 path.display()
             )
         })
-    }
+    }?;
+    long_enough(&path.display().to_string(), secret)
 }
 
 /// The payment callback secret: configured, or `DIR/payment.secret`.
 pub fn payment_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     match &config.payment_secret {
-        Some(s) => Ok(s.as_bytes().to_vec()),
-        None => file_secret(&config.data_dir.join("payment.secret")),
+        Some(s) => long_enough("SHARDMALL_PAYMENT_SECRET", s.as_bytes().to_vec()),
+        None => {
+            let path = config.data_dir.join("payment.secret");
+            long_enough(&path.display().to_string(), file_secret(&path)?)
+        }
     }
 }
 

@@ -98,7 +98,7 @@ pub fn shardmall_bin() -> &'static Path {
 /// The JWT secret every test node is started with (`SHARDMALL_JWT_SECRET`).
 pub const JWT_SECRET: &str = "e2e-jwt-secret-do-not-use-in-production";
 /// The payment-callback secret every test node is started with.
-pub const PAYMENT_SECRET: &str = "e2e-payment-secret";
+pub const PAYMENT_SECRET: &str = "e2e-payment-secret-do-not-use-in-production";
 
 /// How long a node may take to print its address, and then to become ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);

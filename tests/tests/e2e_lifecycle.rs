@@ -486,7 +486,12 @@ async fn order_and_pay_idempotency() {
     let r = node
         .post("/v1/orders", &alice, &order_body(&[(&skus[0], 1)]))
         .await;
-    assert_error(&r, 400, "bad_request", "create without Idempotency-Key");
+    assert_error(
+        &r,
+        400,
+        "idempotency_key_required",
+        "create without Idempotency-Key",
+    );
 
     // Pay: a replay answers the first (paid) response, not invalid_state.
     let pk = key();

@@ -1014,3 +1014,29 @@ async fn edge_cases_keep_the_json_shape() {
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// A signing secret shorter than 32 bytes is refused at start, with the reason.
+#[tokio::test]
+async fn short_signing_secrets_are_refused_at_start() {
+    for (var, value) in [
+        ("SHARDMALL_JWT_SECRET", "too-short-jwt-secret"),
+        ("SHARDMALL_PAYMENT_SECRET", "too-short-payment-secret"),
+    ] {
+        let mut node = Node::config().env(var, value).spawn_expecting_failure();
+        let status = poll_until(
+            "a node with a short secret gives up",
+            std::time::Duration::from_secs(30),
+            || {
+                let st = node.try_exit();
+                async move { st }
+            },
+        )
+        .await;
+        assert!(!status.success(), "{var}");
+        let log = node.log_tail(100);
+        assert!(
+            log.contains(var) && log.contains("at least 32"),
+            "{var}: {log}"
+        );
+    }
+}
