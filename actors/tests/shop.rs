@@ -484,3 +484,41 @@ async fn business_time_is_the_injected_clock() {
     }
     shop.shutdown().await;
 }
+
+/// A keyed repeat of an accepted buy answers the first answer even after the campaign
+/// sold out (the board must not refuse it), while a new buy is refused `sold_out`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_repeat_after_the_sell_out_replays_its_order() {
+    use shardmall_actors::domain::campaign::IdemTag;
+    let dir = tempfile::tempdir().unwrap();
+    let shop = open(dir.path(), config()).await;
+    shop.create_product(product("p", &[("s", 100)]))
+        .await
+        .unwrap();
+    let now = shardmall_actors::clock::system_ms();
+    shop.create_campaign(campaign(2, None, now + 3_600_000, 1))
+        .await
+        .unwrap();
+    let tag = |n: u128| Some(IdemTag { key: n, body: 7 });
+    let first = shop.buy_keyed("c", "ann", 1, None, tag(1)).await.unwrap();
+    assert!(!first.replayed);
+    shop.buy_keyed("c", "bob", 1, None, tag(2)).await.unwrap();
+    // The campaign is sold out, and the board knows it.
+    assert!(matches!(
+        shop.buy_keyed("c", "cat", 1, None, tag(3)).await,
+        Err(ShopError::SoldOut(_))
+    ));
+    assert!(matches!(
+        shop.buy_keyed("c", "dan", 1, None, tag(4)).await,
+        Err(ShopError::SoldOut(_))
+    ));
+    let again = shop.buy_keyed("c", "ann", 1, None, tag(1)).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.order.order_id, first.order.order_id);
+    // The same buyer with a new key is refused like anyone else.
+    assert!(matches!(
+        shop.buy_keyed("c", "ann", 1, None, tag(9)).await,
+        Err(ShopError::SoldOut(_)) | Err(ShopError::LimitExceeded { .. })
+    ));
+    shop.shutdown().await;
+}

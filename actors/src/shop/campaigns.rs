@@ -23,7 +23,7 @@ use crate::domain::campaign::{
     BoughtOrder, CampaignCommand, CampaignError, CampaignState, CampaignStatus, CampaignTerms,
     CampaignView, IdemTag,
 };
-use crate::domain::order::{Line, Order, OrderCommand, OrderError, OrderState};
+use crate::domain::order::{Line, Order, OrderCommand, OrderError, OrderState, BUYER_INDEX_PREFIX};
 use crate::domain::sku::SkuCommand;
 use crate::domain::Entity;
 use crate::domain::{Address, Kind, Millis, Money};
@@ -280,6 +280,21 @@ impl Shop {
             .map(|b| b.order)
     }
 
+    /// False only when `buyer` certainly holds no order: their partition is served here
+    /// and its order index lists nothing for them (an accepted buy's order is indexed
+    /// before its 201 leaves). A repeat of an accepted buy always finds one.
+    fn may_have_bought(&self, buyer: &str) -> bool {
+        let partition = self.inner.partitioner.buyer(buyer);
+        if !self.serves_partition(partition) {
+            return true;
+        }
+        let prefix = [BUYER_INDEX_PREFIX, buyer.as_bytes(), b"/"].concat();
+        self.inner
+            .wal
+            .aux_scan(&prefix, None, false, 1)
+            .map_or(true, |page| !page.is_empty())
+    }
+
     /// A flash-sale buy. The campaign decides it in one event that carries the claim,
     /// the order's opening and the idempotency key (ADR 0012). When the buyer's
     /// partition is served here, the order's record is written in the campaign's frame
@@ -300,8 +315,17 @@ impl Shop {
         if quantity == 0 {
             return Err(ShopError::BadRequest("quantity must be at least 1".into()));
         }
-        // A buy the campaign could only refuse is refused here: no message, no write.
-        match self.inner.board.verdict(campaign_id, self.now_ms()) {
+        // A buy the campaign could only refuse is refused here: no message, no write. A
+        // keyed buy by a buyer who may hold an order could be the repeat of one the
+        // campaign accepted, which it answers with its first answer even once sold out
+        // or ended: the campaign decides those.
+        let verdict = match self.inner.board.verdict(campaign_id, self.now_ms()) {
+            Verdict::SoldOut | Verdict::Ended if idem.is_some() && self.may_have_bought(buyer) => {
+                Verdict::Ask
+            }
+            v => v,
+        };
+        match verdict {
             Verdict::SoldOut => return Err(ShopError::SoldOut(campaign_id.to_owned())),
             Verdict::NotStarted => {
                 return Err(ShopError::CampaignNotStarted(campaign_id.to_owned()))
