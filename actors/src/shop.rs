@@ -308,6 +308,15 @@ impl Shop {
         self.inner.cfg.clock.now_ms()
     }
 
+    /// A new order id in the buyer's `partition`. On the system clock, not the business
+    /// one: ids must stay unique and in creation order whatever a test's clock says.
+    pub(crate) fn mint_order_id(&self, partition: u16) -> String {
+        self.inner
+            .ids
+            .next(crate::clock::system_ms(), partition)
+            .to_string()
+    }
+
     pub fn clock(&self) -> &Clock {
         &self.inner.cfg.clock
     }

@@ -63,6 +63,19 @@ fn product(id: &str, skus: &[(&str, u64)]) -> NewProduct {
     }
 }
 
+/// A shop with product "p", SKU "s" (100 units) and campaign "c" on it, live for an hour.
+async fn shop_with_campaign(dir: &std::path::Path, quantity: u64, per_buyer_limit: u64) -> Shop {
+    let shop = open(dir, config()).await;
+    shop.create_product(product("p", &[("s", 100)]))
+        .await
+        .unwrap();
+    let now = shardmall_actors::clock::system_ms();
+    shop.create_campaign(campaign(quantity, None, now + 3_600_000, per_buyer_limit))
+        .await
+        .unwrap();
+    shop
+}
+
 /// Campaign "c" on SKU "s" at 50 CNY.
 fn campaign(
     quantity: u64,
@@ -380,14 +393,7 @@ async fn the_memory_budget_passivates_the_least_recently_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_buy_is_one_log_record_and_its_order_is_there_when_it_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let shop = open(dir.path(), config()).await;
-    shop.create_product(product("p", &[("s", 100)]))
-        .await
-        .unwrap();
-    let now = shardmall_actors::clock::system_ms();
-    shop.create_campaign(campaign(10, None, now + 3_600_000, 5))
-        .await
-        .unwrap();
+    let shop = shop_with_campaign(dir.path(), 10, 5).await;
     let before = shop.wal().metrics().appended;
     let mut orders = Vec::new();
     for i in 0..6 {
@@ -491,14 +497,7 @@ async fn business_time_is_the_injected_clock() {
 async fn a_keyed_repeat_after_the_sell_out_replays_its_order() {
     use shardmall_actors::domain::campaign::IdemTag;
     let dir = tempfile::tempdir().unwrap();
-    let shop = open(dir.path(), config()).await;
-    shop.create_product(product("p", &[("s", 100)]))
-        .await
-        .unwrap();
-    let now = shardmall_actors::clock::system_ms();
-    shop.create_campaign(campaign(2, None, now + 3_600_000, 1))
-        .await
-        .unwrap();
+    let shop = shop_with_campaign(dir.path(), 2, 1).await;
     let tag = |n: u128| Some(IdemTag { key: n, body: 7 });
     let first = shop.buy_keyed("c", "ann", 1, None, tag(1)).await.unwrap();
     assert!(!first.replayed);

@@ -21,6 +21,10 @@ const ENTITIES_PER_BATCH: usize = 512;
 /// each logged byte is rewritten a bounded number of times.
 const LARGE_SNAPSHOT: usize = 64 * 1024;
 
+/// The fold [`Wal::checkpoint_partition`] takes.
+type Folder<'a> = dyn FnMut(&[u8], Option<&[u8]>, &[(Lsn, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String>
+    + 'a;
+
 impl Wal {
     /// Folds every logged entity of the partition into its snapshot.
     ///
@@ -29,11 +33,11 @@ impl Wal {
     /// entity (logged as a warning; its records stay in the log). Tails are lists in lsn
     /// order that only grow at the end, so the copy taken here is a gap-free prefix of
     /// each entity's log, and exactly that prefix is dropped once its snapshot is stored.
-    // The fold's type is spelled out in the signature on purpose: it is the contract
-    // the domain's checkpointer is written against.
     ///
     /// A storage error (disk full, an I/O error) fails the log like a failed write: the
     /// store may hold part of what was written, and nothing more is acknowledged.
+    // The fold's type is spelled out in the signature on purpose: it is the contract
+    // the domain's checkpointer is written against.
     #[allow(clippy::type_complexity)]
     pub fn checkpoint_partition(
         &self,
@@ -49,15 +53,10 @@ impl Wal {
             .fail_on_storage_error("checkpointing a partition", folded)
     }
 
-    #[allow(clippy::type_complexity)]
     fn checkpoint_partition_folding(
         &self,
         partition: u16,
-        fold: &mut dyn FnMut(
-            &[u8],
-            Option<&[u8]>,
-            &[(Lsn, Vec<u8>)],
-        ) -> std::result::Result<Option<Vec<u8>>, String>,
+        fold: &mut Folder<'_>,
     ) -> Result<CheckpointStats> {
         let shared = self.shared();
         // Poisoning only means another checkpoint panicked inside `fold`; the store itself

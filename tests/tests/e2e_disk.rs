@@ -74,6 +74,16 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Creates product `id` with one SKU.
+async fn create_product(node: &Node, admin: &str, id: &str) -> Resp {
+    node.post(
+        "/v1/products",
+        admin,
+        &product_body(id, &[(&format!("{id}-s"), 100, 10)]),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_the_log_and_loses_nothing_acknowledged() {
     let Some(disk) = SmallDisk::mount("48m") else {
@@ -85,13 +95,7 @@ async fn a_full_disk_fails_the_log_and_loses_nothing_acknowledged() {
     let mut acknowledged = Vec::new();
     for i in 0..5 {
         let id = format!("before-{i}");
-        let (st, body) = node
-            .post(
-                "/v1/products",
-                &admin,
-                &product_body(&id, &[(&format!("{id}-s"), 100, 10)]),
-            )
-            .await;
+        let (st, body) = create_product(&node, &admin, &id).await;
         assert_eq!(st, 201, "{body}");
         acknowledged.push(id);
     }
@@ -102,13 +106,7 @@ async fn a_full_disk_fails_the_log_and_loses_nothing_acknowledged() {
     let mut failed = None;
     for i in 0..2_000 {
         let id = format!("during-{i}");
-        let (st, body) = node
-            .post(
-                "/v1/products",
-                &admin,
-                &product_body(&id, &[(&format!("{id}-s"), 100, 10)]),
-            )
-            .await;
+        let (st, body) = create_product(&node, &admin, &id).await;
         match st {
             201 => acknowledged.push(id),
             503 => {
@@ -131,13 +129,7 @@ async fn a_full_disk_fails_the_log_and_loses_nothing_acknowledged() {
         Some(1.0)
     );
     std::fs::remove_file(&filler).expect("make room again");
-    let (st, body) = node
-        .post(
-            "/v1/products",
-            &admin,
-            &product_body("after", &[("after-s", 100, 10)]),
-        )
-        .await;
+    let (st, body) = create_product(&node, &admin, "after").await;
     assert_eq!(
         st, 503,
         "a failed log acknowledged a write once the disk had room: {body}"
@@ -166,14 +158,7 @@ async fn a_damaged_log_refuses_to_start_and_cuts_nothing() {
     let admin = admin();
     let mut node = Node::config().dir(dir.path()).start().await;
     for i in 0..20 {
-        let id = format!("p{i}");
-        let (st, body) = node
-            .post(
-                "/v1/products",
-                &admin,
-                &product_body(&id, &[(&format!("{id}-s"), 100, 10)]),
-            )
-            .await;
+        let (st, body) = create_product(&node, &admin, &format!("p{i}")).await;
         assert_eq!(st, 201, "{body}");
     }
     node.kill9();

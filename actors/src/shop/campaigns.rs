@@ -334,11 +334,7 @@ impl Shop {
             Verdict::Ask => {}
         }
         let partition = self.inner.partitioner.buyer(buyer);
-        let order_id = self
-            .inner
-            .ids
-            .next(crate::clock::system_ms(), partition)
-            .to_string();
+        let order_id = self.mint_order_id(partition);
         let cmd = CampaignCommand::Buy {
             order_id: order_id.clone(),
             buyer: buyer.to_owned(),

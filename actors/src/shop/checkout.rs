@@ -64,11 +64,7 @@ impl Shop {
         }
         let now = self.now_ms();
         let partition = self.inner.partitioner.buyer(buyer);
-        let order_id = self
-            .inner
-            .ids
-            .next(crate::clock::system_ms(), partition)
-            .to_string();
+        let order_id = self.mint_order_id(partition);
         let deadline = now + millis(self.inner.cfg.payment_timeout);
         let expires_at = deadline + millis(self.inner.cfg.reservation_grace);
 
