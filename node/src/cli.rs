@@ -124,11 +124,22 @@ pub struct TokenArgs {
     #[arg(long)]
     pub role: String,
     /// The user the token is for.
-    #[arg(long)]
-    pub sub: String,
-    /// Lifetime, e.g. 1h, 30m, 7days.
+    #[arg(long, required_unless_present = "count", conflicts_with = "count")]
+    pub sub: Option<String>,
+    /// Lifetime, e.g. 1h, 30m, 7days (at most 365 days).
     #[arg(long, default_value = "1h")]
     pub ttl: String,
+    /// Mint this many tokens, one a line, for subjects PREFIX0 .. PREFIX(N-1): load tests
+    /// then need the tokens, not the signing secret.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub count: Option<u64>,
+    /// Subject prefix with --count.
+    #[arg(long, default_value = "buyer-", requires = "count")]
+    pub prefix: String,
+    /// With --count: write the tokens to this file (created with mode 0600, never
+    /// overwritten) instead of standard output.
+    #[arg(long, requires = "count")]
+    pub out: Option<PathBuf>,
     #[command(flatten)]
     pub serve: TokenServeArgs,
 }

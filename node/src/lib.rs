@@ -9,6 +9,7 @@ pub mod cli;
 pub mod cluster_cmd;
 pub mod config;
 pub mod secrets;
+mod token_cmd;
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use shardmall_cluster::proto::Joined;
 use shardmall_cluster::quic::{QuicConfig, QuicTransport, TlsIdentity};
 use shardmall_cluster::raft::{ControlConfig, ControlPlane};
 use shardmall_cluster::ClusterRouter;
-use shardmall_http_edge::{AppState, Claims, Edge, JwtKeys, Role};
+use shardmall_http_edge::{AppState, Edge, JwtKeys};
 use shardmall_persistence::{Wal, WalConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -38,32 +39,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(serve(config))
         }
         Command::Cluster(args) => std::process::exit(cluster_cmd::run(args)),
-        Command::Token(args) => {
-            let config = Config::load(&cli::ServeArgs {
-                config: args.serve.config.clone(),
-                data_dir: args.serve.data_dir.clone(),
-                ..Default::default()
-            })?;
-            let secret = secrets::jwt_secret(&config, false)?;
-            let role = Role::parse(&args.role).with_context(|| {
-                format!("unknown role {:?}: customer, admin or operator", args.role)
-            })?;
-            if !shardmall_http_edge::validate::is_id(&args.sub) {
-                anyhow::bail!("--sub must match [A-Za-z0-9._-]{{1,64}}");
-            }
-            let ttl = humantime::parse_duration(&args.ttl)
-                .with_context(|| format!("--ttl {:?}", args.ttl))?;
-            let exp = shardmall_http_edge::extract::now_secs() + ttl.as_secs();
-            println!(
-                "{}",
-                JwtKeys::new(secret).sign(&Claims {
-                    sub: args.sub,
-                    role,
-                    exp
-                })
-            );
-            Ok(())
-        }
+        Command::Token(args) => token_cmd::run(args),
     }
 }
 

@@ -895,6 +895,67 @@ async fn cli_token_from_data_dir() {
     // Our own secret is not this node's secret.
     let r = node.get("/v1/cart", Some(&customer("frank"))).await;
     assert_unauthorized(&r, "token signed with a secret the node does not use");
+
+    // A file of tokens for a load test: one a line, subjects PREFIX0.., mode 0600, never
+    // written over an existing file.
+    let file = dir.path().join("tokens.txt");
+    let batch = |out: &std::path::Path| {
+        std::process::Command::new(shardmall_bin())
+            .args([
+                "token", "--role", "customer", "--count", "3", "--prefix", "lt-",
+            ])
+            .arg("--out")
+            .arg(out)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env_remove("SHARDMALL_JWT_SECRET")
+            .env_remove("SHARDMALL_DATA_DIR")
+            .output()
+            .expect("run shardmall token --count")
+    };
+    let out = batch(&file);
+    assert!(
+        out.status.success(),
+        "shardmall token --count failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file)
+            .expect("tokens file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the tokens file is its owner's only");
+    }
+    let tokens: Vec<String> = std::fs::read_to_string(&file)
+        .expect("tokens file")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(tokens.len(), 3);
+    for (i, t) in tokens.iter().enumerate() {
+        assert_status(
+            &node.get("/v1/orders", Some(t)).await,
+            200,
+            "a token from the file",
+        );
+        let payload = t.split('.').nth(1).expect("a JWT");
+        use base64::Engine;
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .expect("base64url payload"),
+        )
+        .expect("JSON claims");
+        assert_eq!(claims["sub"], format!("lt-{i}"));
+        assert_eq!(claims["role"], "customer");
+    }
+    let again = batch(&file);
+    assert!(
+        !again.status.success(),
+        "an existing tokens file was written over"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 3);
 }
 
 /// Cluster endpoints (API.md: Cluster and operations): operator and admin read the
