@@ -287,8 +287,17 @@ impl Shop {
     }
 
     /// True once every partition has recovered and re-armed its timers.
+    /// True once every partition has recovered and re-armed its timers, and while every
+    /// partition's actor runs: a partition that died (a bug: no input makes one panic)
+    /// leaves its entities unserved, and the node must say so.
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire)
+            && self.inner.partitions.iter().all(|p| {
+                !matches!(
+                    p.get_status(),
+                    ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+                )
+            })
     }
 
     pub fn metrics(&self) -> &ActorMetrics {
@@ -378,6 +387,22 @@ mod tests {
             ..ShopConfig::default()
         };
         Shop::start(wal, cfg).await.expect("start")
+    }
+
+    #[tokio::test]
+    async fn a_dead_partition_makes_the_shop_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let shop = shop(dir.path()).await;
+        assert!(shop.is_ready());
+        shop.inner.partitions[2].kill();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while shop.is_ready() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a dead partition left the shop ready"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn sku(id: &str, stock: u64) -> NewSku {
