@@ -136,18 +136,14 @@ impl Config {
         if cache_mb == 0 {
             anyhow::bail!("cache_mb must be at least 1");
         }
-        let max_active = args.max_active.or(file.max_active).unwrap_or(4096);
-        if max_active == 0 {
-            anyhow::bail!("max_active must be at least 1");
-        }
-        let entity_queue = args.entity_queue.or(file.entity_queue).unwrap_or(512);
-        if entity_queue == 0 {
-            anyhow::bail!("entity_queue must be at least 1");
-        }
-        let max_inflight = args.max_inflight.or(file.max_inflight).unwrap_or(4096);
-        if max_inflight == 0 {
-            anyhow::bail!("max_inflight must be at least 1");
-        }
+        let max_active = at_least_one("max_active", args.max_active.or(file.max_active), 4096)?;
+        let entity_queue =
+            at_least_one("entity_queue", args.entity_queue.or(file.entity_queue), 512)?;
+        let max_inflight = at_least_one(
+            "max_inflight",
+            args.max_inflight.or(file.max_inflight),
+            4096,
+        )?;
         Ok(Config {
             data_dir: args
                 .data_dir
