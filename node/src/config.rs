@@ -129,8 +129,11 @@ impl Config {
             .partitions
             .or(file.partitions)
             .unwrap_or(shardmall_actors::keys::DEFAULT_PARTITIONS);
-        if partitions == 0 {
-            anyhow::bail!("partitions must be at least 1");
+        if partitions == 0 || partitions == shardmall_persistence::RAFT_PARTITION {
+            anyhow::bail!(
+                "partitions must be between 1 and {}",
+                shardmall_persistence::RAFT_PARTITION - 1
+            );
         }
         let cache_mb = args.cache_mb.or(file.cache_mb).unwrap_or(64);
         if cache_mb == 0 {

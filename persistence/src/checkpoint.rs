@@ -151,12 +151,14 @@ impl Wal {
             .tails
             .min_lsn()
             .map_or(applied + 1, |m| m.min(applied + 1));
+        // Segments also stay for the consensus frames a replica group still needs.
+        let keep_segments_from = shared.raft.hold().map_or(keep_from, |h| h.min(keep_from));
         let done: Vec<std::path::PathBuf> = {
             let segs = shared.segments();
             let n = segs.list.len().saturating_sub(1);
             segs.list[..n]
                 .iter()
-                .take_while(|s| s.last < keep_from)
+                .take_while(|s| s.last < keep_segments_from)
                 .map(|s| s.path.clone())
                 .collect()
         };
@@ -176,6 +178,7 @@ impl Wal {
         shared.tree.insert(FOLDED, &keep_from.to_be_bytes()[..])?;
         shared.db.flush()?;
         shared.stable_lsn.store(applied, Ordering::Release);
+        shared.folded_below.fetch_max(keep_from, Ordering::AcqRel);
         for path in &done {
             std::fs::remove_file(path)?;
         }

@@ -94,6 +94,11 @@ pub(crate) struct Shared {
     pub segment_bytes: u64,
     /// Aux changes applied but not yet written to the store ([`crate::overlay`]).
     pub overlay: crate::overlay::Overlay,
+    /// Replica groups' frames, holds and hook ([`crate::replicated`]).
+    pub raft: crate::replicated::RaftState,
+    /// Every record below this lsn is folded and stable on disk (see
+    /// [`crate::Wal::folded_below`]).
+    pub folded_below: AtomicU64,
 }
 
 impl Shared {
@@ -229,7 +234,7 @@ pub(crate) enum AckTx {
 }
 
 impl AckTx {
-    fn send(self, outcome: Result<Lsn>) {
+    pub(crate) fn send(self, outcome: Result<Lsn>) {
         match self {
             AckTx::Channel(tx) => {
                 let _ = tx.send(outcome);
@@ -420,6 +425,10 @@ fn apply(shared: &Shared, written: Vec<Written>) -> Result<()> {
     let mut tails = Vec::with_capacity(written.len());
     let mut aux = Vec::new();
     for w in written {
+        // A consensus frame is applied by its group once committed, not here.
+        if w.rec.partition == crate::replicated::RAFT_PARTITION {
+            continue;
+        }
         aux.extend(w.rec.aux);
         tails.push((w.rec.partition, w.rec.entity, w.lsn, w.rec.payload));
         for (partition, entity, payload) in w.rec.also {

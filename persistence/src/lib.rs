@@ -32,6 +32,7 @@ mod keys;
 mod metrics;
 mod overlay;
 mod record;
+mod replicated;
 mod segment;
 mod tails;
 mod wal;
@@ -41,6 +42,7 @@ pub use group_commit::Ack;
 pub use handoff::{Fold, PartitionData};
 pub use metrics::WalMetrics;
 pub use record::{AuxOp, CheckpointStats, EntityLog, Lsn, Part, Record};
+pub use replicated::{RaftFrame, RaftFrameKind, Replicate, RAFT_PARTITION};
 pub use wal::{QueueFull, Wal};
 
 /// Everything that can go wrong in the persistence layer.

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::group_commit::{self, Ack, AckTx, Msg, Prepared, SegmentInfo, Segments, Shared};
 use crate::keys;
 use crate::metrics::{Counters, WalMetrics};
+use crate::replicated::{RaftFrame, RAFT_PARTITION};
 use crate::segment;
 use crate::tails::Tails;
 use crate::{Durability, EntityLog, Error, Lsn, Record, Result, WalConfig};
@@ -82,7 +83,7 @@ impl Wal {
             Some(v) => keys::decode_high_water(&v)?,
             None => 0,
         };
-        let (segments, last) = recover(&tree, &tails, &log_dir, high, folded)?;
+        let (segments, last, raft_frames) = recover(&tree, &tails, &log_dir, high, folded)?;
         let next = high.max(last) + 1;
         let current = Arc::new(segment::create_segment(&log_dir, next)?);
         let mut list = segments;
@@ -109,6 +110,11 @@ impl Wal {
             segments: Mutex::new(Segments { list, current }),
             segment_bytes: cfg.segment_bytes,
             overlay: Default::default(),
+            raft: crate::replicated::RaftState {
+                recovered: std::sync::Mutex::new(raft_frames),
+                ..Default::default()
+            },
+            folded_below: folded.into(),
         });
         let (tx, rx) = mpsc::channel(cfg.queue_capacity);
         let (stopped_tx, stopped_rx) = watch::channel(false);
@@ -145,6 +151,12 @@ impl Wal {
         Ok(Ack { rx })
     }
 
+    /// Queues a record on this node's own queue, whatever its partition.
+    pub(crate) async fn enqueue_local(&self, rec: Record, ack: AckTx) -> Result<()> {
+        let msg = self.prepare(rec, ack)?;
+        self.inner.tx.send(msg).await.map_err(|_| Error::Closed)
+    }
+
     /// Like [`Wal::append`], but instead of an [`Ack`] to await, `on_durable` is called
     /// with the outcome as soon as it is known, on the log's own thread: no task has to
     /// wait for it. The callback MUST be quick and never block (answer a reply port,
@@ -177,6 +189,10 @@ impl Wal {
         on_durable: impl FnOnce(Result<Lsn>) + Send + 'static,
     ) -> Result<Option<QueueFull>> {
         let guard = CalledOnce(Some(Box::new(on_durable)));
+        if let Some(replicate) = self.replicate_for(&rec) {
+            replicate.submit(rec, Box::new(guard.into_fn()));
+            return Ok(None);
+        }
         let msg = self.prepare(rec, AckTx::Callback(Box::new(guard.into_fn())))?;
         match self.inner.tx.try_send(msg) {
             Ok(()) => Ok(None),
@@ -190,6 +206,10 @@ impl Wal {
     }
 
     async fn enqueue(&self, rec: Record, ack: AckTx) -> Result<()> {
+        if let Some(replicate) = self.replicate_for(&rec) {
+            replicate.submit(rec, Box::new(move |outcome| ack.send(outcome)));
+            return Ok(());
+        }
         let msg = self.prepare(rec, ack)?;
         self.inner.tx.send(msg).await.map_err(|_| Error::Closed)
     }
@@ -439,8 +459,9 @@ fn recover(
     dir: &Path,
     stable: Lsn,
     folded: Lsn,
-) -> Result<(Vec<SegmentInfo>, Lsn)> {
+) -> Result<(Vec<SegmentInfo>, Lsn, Vec<(Lsn, RaftFrame)>)> {
     const AUX_PER_BATCH: usize = 10_000;
+    let mut raft = Vec::new();
     let found = segment::list_segments(dir)?;
     let mut kept = Vec::new();
     let mut last_lsn: Lsn = 0;
@@ -462,6 +483,14 @@ fn recover(
             last_lsn = frame.lsn;
             seg_last = frame.lsn;
             records += 1;
+            if frame.partition == RAFT_PARTITION {
+                // Kept for its group, which applies what it commits.
+                raft.push((
+                    frame.lsn,
+                    RaftFrame::from_parts(&frame.entity, frame.payload)?,
+                ));
+                return Ok(());
+            }
             let aux = if frame.lsn > stable {
                 frame.aux
             } else {
@@ -520,7 +549,7 @@ fn recover(
             "log replayed"
         );
     }
-    Ok((kept, last_lsn))
+    Ok((kept, last_lsn, raft))
 }
 
 type Callback = Box<dyn FnOnce(Result<Lsn>) + Send>;

@@ -1,0 +1,216 @@
+//! The log as the Raft log of replica groups: consensus frames kept across a restart and
+//! held against release, committed entries applied like local records, and records of
+//! replicated partitions handed to the replication hook.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::{open, record};
+use shardmall_persistence::{
+    AuxOp, Durability, Lsn, RaftFrame, RaftFrameKind, Record, Replicate, Result,
+};
+use tokio::sync::oneshot;
+
+fn frame(group: u16, kind: RaftFrameKind, payload: &[u8]) -> RaftFrame {
+    RaftFrame {
+        group,
+        kind,
+        payload: payload.to_vec(),
+    }
+}
+
+async fn append_raft(wal: &shardmall_persistence::Wal, f: RaftFrame) -> Lsn {
+    let (tx, rx) = oneshot::channel();
+    wal.append_raft(f, move |outcome| {
+        let _ = tx.send(outcome);
+    })
+    .await
+    .unwrap();
+    rx.await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn consensus_frames_come_back_in_order_after_a_restart_and_stay_out_of_the_tails() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let a = append_raft(&wal, frame(3, RaftFrameKind::Entries, b"e1")).await;
+    wal.append(record(1, b"sku", b"x"))
+        .await
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    let b = append_raft(&wal, frame(7, RaftFrameKind::Truncate, b"t")).await;
+    assert!(a < b);
+    // A frame is no entity's record.
+    assert_eq!(wal.partitions_with_log().unwrap(), vec![1]);
+    assert!(wal.take_raft_frames().is_empty(), "nothing was recovered");
+    wal.shutdown().await.unwrap();
+    drop(wal);
+
+    let wal = open(dir.path(), Durability::Sync);
+    assert_eq!(
+        wal.take_raft_frames(),
+        vec![
+            (a, frame(3, RaftFrameKind::Entries, b"e1")),
+            (b, frame(7, RaftFrameKind::Truncate, b"t")),
+        ]
+    );
+    assert!(wal.take_raft_frames().is_empty(), "taken once");
+    assert_eq!(wal.partitions_with_log().unwrap(), vec![1]);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_held_frame_keeps_its_segment_through_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let held = append_raft(&wal, frame(0, RaftFrameKind::Entries, &[7; 64])).await;
+    wal.hold_log_from(0, Some(held));
+    // Enough local records to roll many 4 KiB segments, all folded.
+    for i in 0..200u32 {
+        wal.append(record(2, b"e", &i.to_be_bytes()))
+            .await
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
+    }
+    wal.checkpoint_partition(2, &mut |_, _, tail| {
+        Ok(Some(tail.last().unwrap().1.clone()))
+    })
+    .unwrap();
+    wal.release_log().unwrap();
+    assert!(
+        wal.folded_below() > held,
+        "the data is folded past the frame"
+    );
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    let wal = open(dir.path(), Durability::Sync);
+    let frames = wal.take_raft_frames();
+    assert_eq!(frames.len(), 1, "the held frame survived release");
+    assert_eq!(frames[0].0, held);
+
+    // Released once no group holds it.
+    wal.hold_log_from(0, None);
+    for i in 0..200u32 {
+        wal.append(record(2, b"e", &i.to_be_bytes()))
+            .await
+            .unwrap()
+            .durable()
+            .await
+            .unwrap();
+    }
+    wal.checkpoint_partition(2, &mut |_, _, tail| {
+        Ok(Some(tail.last().unwrap().1.clone()))
+    })
+    .unwrap();
+    wal.release_log().unwrap();
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    let wal = open(dir.path(), Durability::Sync);
+    assert!(wal.take_raft_frames().is_empty());
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_applied_entry_loads_and_indexes_like_a_local_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let lsn = append_raft(&wal, frame(1, RaftFrameKind::Entries, b"batch")).await;
+    let mut rec = record(5, b"order-1", b"placed");
+    rec.aux = vec![AuxOp::Put(b"idx/1".to_vec(), b"v".to_vec())];
+    rec.also = vec![shardmall_persistence::Part {
+        partition: 5,
+        entity: b"sku-1".to_vec(),
+        payload: b"sold".to_vec(),
+    }];
+    wal.apply_replicated(lsn, vec![rec]).unwrap();
+    assert_eq!(
+        wal.load_entity(5, b"order-1").unwrap().tail,
+        vec![(lsn, b"placed".to_vec())]
+    );
+    assert_eq!(
+        wal.load_entity(5, b"sku-1").unwrap().tail,
+        vec![(lsn, b"sold".to_vec())]
+    );
+    assert_eq!(wal.aux_get(b"idx/1").unwrap(), Some(b"v".to_vec()));
+    // Folded by a checkpoint like any record: the snapshot covers the frame's lsn.
+    wal.checkpoint_partition(5, &mut |_, _, tail| {
+        Ok(Some(tail.last().unwrap().1.clone()))
+    })
+    .unwrap();
+    wal.release_log().unwrap();
+    assert!(wal.folded_below() > lsn);
+    let log = wal.load_entity(5, b"order-1").unwrap();
+    assert_eq!(log.snapshot, Some(b"placed".to_vec()));
+    assert!(log.tail.is_empty());
+    // Applied again after a restart (the group replays what it had not folded): the
+    // snapshot's lsn keeps it from counting twice.
+    wal.apply_replicated(lsn, vec![record(5, b"order-1", b"placed")])
+        .unwrap();
+    assert!(wal.load_entity(5, b"order-1").unwrap().tail.is_empty());
+    wal.shutdown().await.unwrap();
+}
+
+/// Takes every record of odd partitions.
+#[derive(Default)]
+struct OddPartitions {
+    taken: Mutex<Vec<Record>>,
+}
+
+impl Replicate for OddPartitions {
+    fn replicated(&self, partition: u16) -> bool {
+        partition % 2 == 1
+    }
+
+    fn submit(&self, rec: Record, done: Box<dyn FnOnce(Result<Lsn>) + Send>) {
+        self.taken.lock().unwrap().push(rec);
+        done(Ok(42));
+    }
+}
+
+#[tokio::test]
+async fn records_of_replicated_partitions_go_to_the_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let hook = Arc::new(OddPartitions::default());
+    wal.set_replicate(hook.clone());
+    let replicated = wal
+        .append(record(1, b"a", b"1"))
+        .await
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    assert_eq!(replicated, 42);
+    let (tx, rx) = oneshot::channel();
+    let queued = wal
+        .try_append_then(record(3, b"b", b"2"), move |o| {
+            let _ = tx.send(o);
+        })
+        .unwrap();
+    assert!(queued.is_none());
+    assert_eq!(rx.await.unwrap().unwrap(), 42);
+    let local = wal
+        .append(record(2, b"c", b"3"))
+        .await
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    assert_ne!(local, 42);
+    let taken = hook.taken.lock().unwrap().clone();
+    assert_eq!(
+        taken.iter().map(|r| r.partition).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
+    assert!(
+        wal.load_entity(1, b"a").unwrap().tail.is_empty(),
+        "not written here"
+    );
+    assert_eq!(wal.partitions_with_log().unwrap(), vec![2]);
+    wal.shutdown().await.unwrap();
+}
