@@ -6,6 +6,7 @@
 //! Dependencies point one way: this crate drives `shardmall-actors` (through its
 //! [`shardmall_actors::route::Router`] hook) and knows nothing of HTTP.
 
+pub mod group;
 pub mod map;
 pub mod memory;
 pub mod node;

@@ -356,6 +356,7 @@ impl ClusterNode {
                 node_id: self.inner.me.node_id,
                 map: (*self.map()).clone(),
             },
+            Request::Group(_) => Response::Error("this node runs no replica groups".into()),
         }
     }
 

@@ -28,6 +28,8 @@ pub enum Request {
     Install(Install),
     /// Who are you, and which map do you hold?
     Ping,
+    /// A replica group's consensus traffic (ADR 0016); the group layer encodes its body.
+    Group(Vec<u8>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +48,7 @@ pub enum Response {
     },
     /// The request could not be served; the text says why.
     Error(String),
+    Group(Vec<u8>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -22,7 +22,7 @@ const ENTITIES_PER_BATCH: usize = 512;
 const LARGE_SNAPSHOT: usize = 64 * 1024;
 
 /// The fold [`Wal::checkpoint_partition`] takes.
-type Folder<'a> = dyn FnMut(&[u8], Option<&[u8]>, &[(Lsn, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String>
+pub type Folder<'a> = dyn FnMut(&[u8], Option<&[u8]>, &[(Lsn, Vec<u8>)]) -> std::result::Result<Option<Vec<u8>>, String>
     + 'a;
 
 impl Wal {
@@ -48,7 +48,19 @@ impl Wal {
             &[(Lsn, Vec<u8>)],
         ) -> std::result::Result<Option<Vec<u8>>, String>,
     ) -> Result<CheckpointStats> {
-        let folded = self.checkpoint_partition_folding(partition, fold);
+        let folded = self.checkpoint_partition_folding(partition, fold, true);
+        self.shared()
+            .fail_on_storage_error("checkpointing a partition", folded)
+    }
+
+    /// [`Wal::checkpoint_partition`] without deferring large snapshots: every entity
+    /// whose log folds is folded (a replica group's snapshot needs all of them).
+    pub fn checkpoint_partition_fully(
+        &self,
+        partition: u16,
+        fold: &mut Folder<'_>,
+    ) -> Result<CheckpointStats> {
+        let folded = self.checkpoint_partition_folding(partition, fold, false);
         self.shared()
             .fail_on_storage_error("checkpointing a partition", folded)
     }
@@ -57,6 +69,7 @@ impl Wal {
         &self,
         partition: u16,
         fold: &mut Folder<'_>,
+        defer_large: bool,
     ) -> Result<CheckpointStats> {
         let shared = self.shared();
         // Poisoning only means another checkpoint panicked inside `fold`; the store itself
@@ -90,7 +103,7 @@ impl Wal {
                 }
                 let old_len = old.as_ref().map_or(0, |s| s.len());
                 let tail_len: usize = tail[first_new..].iter().map(|(_, r)| r.len()).sum();
-                if old_len >= LARGE_SNAPSHOT && tail_len * 2 < old_len {
+                if defer_large && old_len >= LARGE_SNAPSHOT && tail_len * 2 < old_len {
                     stats.deferred += 1;
                     continue;
                 }

@@ -73,6 +73,10 @@ pub enum Error {
     /// The writer thread could not be started.
     #[error("starting the log writer: {0}")]
     Io(#[from] std::io::Error),
+    /// A replicated record was not committed by its replica group: this node does not
+    /// lead the group, or the group lost its leader or its quorum.
+    #[error("replication: {0}")]
+    Replication(String),
     /// Loading an entity raced checkpoints of that entity too many times in a row.
     #[error("loading the entity raced {attempts} checkpoints in a row")]
     Contended { attempts: u32 },

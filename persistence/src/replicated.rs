@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crate::group_commit::AckTx;
 use crate::{keys, AuxOp, Error, Lsn, Record, Result, Wal};
@@ -104,7 +104,8 @@ pub(crate) struct RaftState {
     pub recovered: std::sync::Mutex<Vec<(Lsn, RaftFrame)>>,
     /// Per group, the lowest lsn of a frame it still needs.
     pub holds: std::sync::Mutex<BTreeMap<u16, Lsn>>,
-    pub replicate: std::sync::OnceLock<Arc<dyn Replicate>>,
+    /// Weak: the hook holds the log, the log must not keep the hook alive.
+    pub replicate: std::sync::OnceLock<Weak<dyn Replicate>>,
 }
 
 impl RaftState {
@@ -117,17 +118,19 @@ impl RaftState {
 
 impl Wal {
     /// Sends the records of partitions `replicate` claims to it from now on. Set once,
-    /// before the first such record; later calls are ignored.
-    pub fn set_replicate(&self, replicate: Arc<dyn Replicate>) {
-        let _ = self.shared().raft.replicate.set(replicate);
+    /// before the first such record; later calls are ignored. The log keeps only a weak
+    /// reference: once the hook is dropped, records are refused.
+    pub fn set_replicate(&self, replicate: &Arc<dyn Replicate>) {
+        let _ = self.shared().raft.replicate.set(Arc::downgrade(replicate));
     }
 
     /// The hook that takes `rec`, if its partition is replicated.
-    pub(crate) fn replicate_for(&self, rec: &Record) -> Option<&Arc<dyn Replicate>> {
+    pub(crate) fn replicate_for(&self, rec: &Record) -> Option<Arc<dyn Replicate>> {
         self.shared()
             .raft
             .replicate
             .get()
+            .and_then(Weak::upgrade)
             .filter(|r| r.replicated(rec.partition))
     }
 

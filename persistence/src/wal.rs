@@ -459,7 +459,7 @@ fn recover(
     dir: &Path,
     stable: Lsn,
     folded: Lsn,
-) -> Result<(Vec<SegmentInfo>, Lsn, Vec<(Lsn, RaftFrame)>)> {
+) -> Result<Recovered> {
     const AUX_PER_BATCH: usize = 10_000;
     let mut raft = Vec::new();
     let found = segment::list_segments(dir)?;
@@ -551,6 +551,9 @@ fn recover(
     }
     Ok((kept, last_lsn, raft))
 }
+
+/// What recovery found: the segments kept, the last lsn, the consensus frames.
+type Recovered = (Vec<SegmentInfo>, Lsn, Vec<(Lsn, RaftFrame)>);
 
 type Callback = Box<dyn FnOnce(Result<Lsn>) + Send>;
 

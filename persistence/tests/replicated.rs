@@ -177,7 +177,8 @@ async fn records_of_replicated_partitions_go_to_the_hook() {
     let dir = tempfile::tempdir().unwrap();
     let wal = open(dir.path(), Durability::Sync);
     let hook = Arc::new(OddPartitions::default());
-    wal.set_replicate(hook.clone());
+    let dyn_hook: Arc<dyn Replicate> = hook.clone();
+    wal.set_replicate(&dyn_hook);
     let replicated = wal
         .append(record(1, b"a", b"1"))
         .await

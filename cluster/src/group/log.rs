@@ -1,0 +1,422 @@
+//! A group's Raft log as a view on the node's write-ahead log (openraft storage v2).
+//!
+//! `append` encodes the entries as one consensus frame, queues it on the shared log and
+//! returns; openraft's `LogFlushed` callback runs from the log's flusher after the
+//! `fdatasync` that covered it, together with every other group's appends. The entries
+//! stay in memory (readable at once, as openraft requires) until purged, each with the
+//! lsn of the frame that carried it here, which is where the state machine applies it.
+//! A truncation is a frame too, so a replay meets entries and cuts in their order. The
+//! vote and the purge point are small, rare writes kept in the store's meta tree.
+
+// The error types are openraft's, fixed by the traits implemented here.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    AnyError, Entry, LogId, LogState, RaftLogReader, StorageError, StorageIOError, Vote,
+};
+use shardmall_persistence::{Lsn, RaftFrame, RaftFrameKind, Wal};
+use tokio::sync::{oneshot, Notify};
+
+use super::GroupConfig;
+
+pub(crate) type StorageResult<T> = Result<T, StorageError<u64>>;
+
+pub(crate) fn read_err(e: impl std::fmt::Display) -> StorageError<u64> {
+    StorageIOError::read(AnyError::error(e.to_string())).into()
+}
+
+pub(crate) fn write_err(e: impl std::fmt::Display) -> StorageError<u64> {
+    StorageIOError::write(AnyError::error(e.to_string())).into()
+}
+
+/// An entry and, once its frame is written, that frame's lsn.
+struct Stored {
+    entry: Entry<GroupConfig>,
+    lsn: Option<Lsn>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: BTreeMap<u64, Stored>,
+    vote: Option<Vote<u64>>,
+    purged: Option<LogId<u64>>,
+}
+
+/// The log of one group replica; clones share it.
+#[derive(Clone)]
+pub(crate) struct GroupLog {
+    group: u16,
+    wal: Wal,
+    state: Arc<Mutex<State>>,
+    /// Woken whenever an entry learns its lsn.
+    written: Arc<Notify>,
+}
+
+fn meta_key(group: u16, what: &str) -> String {
+    format!("group/{group}/{what}")
+}
+
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, String> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| e.to_string())
+}
+
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let config = bincode::config::standard().with_limit::<{ 1 << 31 }>();
+    match bincode::serde::decode_from_slice(bytes, config) {
+        Ok((v, used)) if used == bytes.len() => Ok(v),
+        Ok(_) => Err("bytes left over after a consensus value".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+pub(crate) fn meta_get<T: serde::de::DeserializeOwned>(
+    wal: &Wal,
+    group: u16,
+    what: &str,
+) -> Result<Option<T>, String> {
+    match wal
+        .meta_get(&meta_key(group, what))
+        .map_err(|e| e.to_string())?
+    {
+        Some(bytes) => decode(&bytes).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Stores a small value durably (the store is flushed), off the async workers.
+pub(crate) async fn meta_put<T: serde::Serialize>(
+    wal: &Wal,
+    group: u16,
+    what: &str,
+    value: &T,
+) -> StorageResult<()> {
+    let bytes = encode(value).map_err(write_err)?;
+    let wal = wal.clone();
+    let key = meta_key(group, what);
+    tokio::task::spawn_blocking(move || wal.meta_put(&key, &bytes))
+        .await
+        .map_err(write_err)?
+        .map_err(write_err)
+}
+
+impl GroupLog {
+    /// The group's log as the frames recovered at open (in lsn order) and the stored
+    /// vote and purge point describe it.
+    pub(crate) fn open(
+        group: u16,
+        wal: Wal,
+        frames: Vec<(Lsn, RaftFrame)>,
+    ) -> Result<GroupLog, String> {
+        let mut state = State {
+            vote: meta_get(&wal, group, "vote")?,
+            purged: meta_get(&wal, group, "purged")?,
+            ..Default::default()
+        };
+        for (lsn, frame) in frames {
+            match frame.kind {
+                RaftFrameKind::Entries => {
+                    let entries: Vec<Entry<GroupConfig>> = decode(&frame.payload)
+                        .map_err(|e| format!("group {group}: a log frame at lsn {lsn}: {e}"))?;
+                    for entry in entries {
+                        state.entries.insert(
+                            entry.log_id.index,
+                            Stored {
+                                entry,
+                                lsn: Some(lsn),
+                            },
+                        );
+                    }
+                }
+                RaftFrameKind::Truncate => {
+                    let since: u64 = decode(&frame.payload)
+                        .map_err(|e| format!("group {group}: a cut at lsn {lsn}: {e}"))?;
+                    state.entries.split_off(&since);
+                }
+            }
+        }
+        if let Some(purged) = state.purged {
+            state.entries = state.entries.split_off(&(purged.index + 1));
+        }
+        let log = GroupLog {
+            group,
+            wal,
+            state: Arc::new(Mutex::new(state)),
+            written: Arc::new(Notify::new()),
+        };
+        log.update_hold();
+        Ok(log)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update under this lock leaves the state whole: poisoning is harmless.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the segments from the first frame the group still needs.
+    fn update_hold(&self) {
+        let from = self.state().entries.values().filter_map(|s| s.lsn).min();
+        if from.is_some() {
+            self.wal.hold_log_from(self.group, from);
+        } else if self.state().entries.is_empty() {
+            self.wal.hold_log_from(self.group, None);
+        }
+    }
+
+    /// The lsn of the frame that carried entry `log_id` here, once it is durable.
+    pub(crate) async fn lsn_of(&self, log_id: &LogId<u64>) -> StorageResult<Lsn> {
+        loop {
+            let notified = self.written.notified();
+            {
+                let state = self.state();
+                match state.entries.get(&log_id.index) {
+                    Some(s) if s.entry.log_id == *log_id => {
+                        if let Some(lsn) = s.lsn {
+                            return Ok(lsn);
+                        }
+                    }
+                    _ => {
+                        return Err(read_err(format!(
+                            "group {}: entry {log_id} is not in the log",
+                            self.group
+                        )))
+                    }
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The frame lsn of the last entry at or below `index` whose frame is written.
+    pub(crate) fn written_lsn_at(&self, index: u64) -> Option<Lsn> {
+        self.state()
+            .entries
+            .range(..=index)
+            .next_back()
+            .and_then(|(_, s)| s.lsn)
+    }
+}
+
+impl GroupLog {
+    /// Writes the entries after `index` again, in a new frame: a snapshot installed here
+    /// took an lsn above their old frames, and an entry must be applied above the
+    /// snapshot it follows (or its records would count as already in it).
+    pub(crate) async fn rewrite_after(&self, index: u64) -> StorageResult<()> {
+        let entries: Vec<Entry<GroupConfig>> = self
+            .state()
+            .entries
+            .range(index + 1..)
+            .map(|(_, s)| s.entry.clone())
+            .collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let frame = RaftFrame {
+            group: self.group,
+            kind: RaftFrameKind::Entries,
+            payload: encode(&entries).map_err(write_err)?,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.wal
+            .append_raft(frame, move |outcome| {
+                let _ = tx.send(outcome);
+            })
+            .await
+            .map_err(write_err)?;
+        let lsn = rx
+            .await
+            .map_err(|_| write_err("the log stopped"))?
+            .map_err(write_err)?;
+        {
+            let mut state = self.state();
+            for e in &entries {
+                if let Some(s) = state.entries.get_mut(&e.log_id.index) {
+                    if s.entry.log_id == e.log_id {
+                        s.lsn = Some(lsn);
+                    }
+                }
+            }
+        }
+        self.update_hold();
+        Ok(())
+    }
+}
+
+impl RaftLogReader<GroupConfig> for GroupLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<GroupConfig>>> {
+        Ok(self
+            .state()
+            .entries
+            .range(range)
+            .map(|(_, s)| s.entry.clone())
+            .collect())
+    }
+}
+
+impl RaftLogStorage<GroupConfig> for GroupLog {
+    type LogReader = GroupLog;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<GroupConfig>> {
+        let state = self.state();
+        let last = state.entries.values().next_back().map(|s| s.entry.log_id);
+        Ok(LogState {
+            last_purged_log_id: state.purged,
+            last_log_id: last.or(state.purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
+        meta_put(&self.wal, self.group, "vote", vote).await?;
+        self.state().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
+        Ok(self.state().vote)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<GroupConfig>,
+    ) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<GroupConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry<GroupConfig>> = entries.into_iter().collect();
+        let payload = encode(&entries).map_err(write_err)?;
+        let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+        {
+            let mut state = self.state();
+            if state.entries.is_empty() {
+                // Until its lsn is known, a frame queued now lands above what is applied.
+                self.wal
+                    .hold_log_from(self.group, Some(self.wal.applied_lsn() + 1));
+            }
+            for entry in entries {
+                state
+                    .entries
+                    .insert(entry.log_id.index, Stored { entry, lsn: None });
+            }
+        }
+        let frame = RaftFrame {
+            group: self.group,
+            kind: RaftFrameKind::Entries,
+            payload,
+        };
+        let state = self.state.clone();
+        let written = self.written.clone();
+        self.wal
+            .append_raft(frame, move |outcome| match outcome {
+                Ok(lsn) => {
+                    {
+                        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+                        for i in &indexes {
+                            if let Some(s) = state.entries.get_mut(i) {
+                                s.lsn.get_or_insert(lsn);
+                            }
+                        }
+                    }
+                    written.notify_waiters();
+                    callback.log_io_completed(Ok(()));
+                }
+                Err(e) => callback.log_io_completed(Err(std::io::Error::other(e))),
+            })
+            .await
+            .map_err(write_err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        self.state().entries.split_off(&log_id.index);
+        let frame = RaftFrame {
+            group: self.group,
+            kind: RaftFrameKind::Truncate,
+            payload: encode(&log_id.index).map_err(write_err)?,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.wal
+            .append_raft(frame, move |outcome| {
+                let _ = tx.send(outcome);
+            })
+            .await
+            .map_err(write_err)?;
+        rx.await
+            .map_err(|_| write_err("the log stopped"))?
+            .map_err(write_err)?;
+        self.update_hold();
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        meta_put(&self.wal, self.group, "purged", &log_id).await?;
+        {
+            let mut state = self.state();
+            state.purged = Some(log_id);
+            state.entries = state.entries.split_off(&(log_id.index + 1));
+        }
+        self.update_hold();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::group::{Batch, WireAux, WirePart, WireRecord};
+
+    /// The bytes of a log frame's entries are on disk: a change of their layout (ours or
+    /// openraft's serde form) must be deliberate.
+    #[test]
+    fn an_entries_frame_encodes_as_pinned() {
+        let entry: Entry<GroupConfig> = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(3, 2), 17),
+            payload: EntryPayload::Normal(Batch(vec![WireRecord {
+                partition: 5,
+                entity: b"sku".to_vec(),
+                payload: vec![1, 2],
+                aux: vec![
+                    WireAux::Put(b"k".to_vec(), b"v".to_vec()),
+                    WireAux::Delete(b"d".to_vec()),
+                ],
+                also: vec![WirePart {
+                    partition: 5,
+                    entity: b"o".to_vec(),
+                    payload: vec![9],
+                }],
+            }])),
+        };
+        let bytes = encode(&vec![entry.clone()]).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex,
+            "0103021101010503736b750201020200016b01760101640105016f0109"
+        );
+        let back: Vec<Entry<GroupConfig>> = decode(&bytes).unwrap();
+        assert_eq!(back[0].log_id, entry.log_id);
+        match &back[0].payload {
+            EntryPayload::Normal(b) => assert_eq!(
+                b,
+                &Batch(vec![match &entry.payload {
+                    EntryPayload::Normal(b) => b.0[0].clone(),
+                    _ => unreachable!(),
+                }])
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! Replica groups (ADR 0016): each group of partitions is one openraft instance per
+//! replica, its log kept in the node's one write-ahead log ([`log`]), its committed
+//! entries applied with the log's own apply path ([`sm`]), its messages carried as
+//! [`Request::Group`](crate::proto::Request::Group) frames ([`network`]).
+//!
+//! A record of a replicated partition reaches its group through the log's
+//! [`Replicate`] hook ([`Groups`]): the group's proposer gathers the records queued
+//! since its last proposal into one entry ([`Batch`]), so consensus costs one entry, one
+//! `AppendEntries` per follower and one commit per batch, not per record. Each record is
+//! answered once its entry is committed and applied here.
+
+pub(crate) mod log;
+pub(crate) mod network;
+pub(crate) mod sm;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Cursor;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::error::{InitializeError, RaftError};
+use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use shardmall_persistence::{
+    AuxOp, Error as WalError, Lsn, Part, PartitionData, Record, Replicate, Wal,
+};
+use tokio::sync::mpsc;
+
+use crate::map::NodeId;
+use crate::transport::{BoxFuture, Transport};
+
+pub use network::GroupService;
+
+openraft::declare_raft_types!(
+    /// A replica group's consensus types: an entry is a batch of log records, applying
+    /// it answers the lsn it was applied at on this node.
+    pub GroupConfig:
+        D = Batch,
+        R = AppliedAt,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// The group a partition belongs to, fixed at creation: partition `p` of a cluster with
+/// `groups` groups is in group `p % groups`.
+pub fn group_of(partition: u16, groups: u16) -> u16 {
+    partition % groups.max(1)
+}
+
+/// One log record as it travels in an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireRecord {
+    pub partition: u16,
+    #[serde(with = "serde_bytes")]
+    pub entity: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    pub aux: Vec<WireAux>,
+    pub also: Vec<WirePart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireAux {
+    Put(
+        #[serde(with = "serde_bytes")] Vec<u8>,
+        #[serde(with = "serde_bytes")] Vec<u8>,
+    ),
+    Delete(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WirePart {
+    pub partition: u16,
+    #[serde(with = "serde_bytes")]
+    pub entity: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+impl From<Record> for WireRecord {
+    fn from(r: Record) -> Self {
+        WireRecord {
+            partition: r.partition,
+            entity: r.entity,
+            payload: r.payload,
+            aux: r
+                .aux
+                .into_iter()
+                .map(|op| match op {
+                    AuxOp::Put(k, v) => WireAux::Put(k, v),
+                    AuxOp::Delete(k) => WireAux::Delete(k),
+                })
+                .collect(),
+            also: r
+                .also
+                .into_iter()
+                .map(|p| WirePart {
+                    partition: p.partition,
+                    entity: p.entity,
+                    payload: p.payload,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<WireRecord> for Record {
+    fn from(r: WireRecord) -> Self {
+        Record {
+            partition: r.partition,
+            entity: r.entity,
+            payload: r.payload,
+            aux: r
+                .aux
+                .into_iter()
+                .map(|op| match op {
+                    WireAux::Put(k, v) => AuxOp::Put(k, v),
+                    WireAux::Delete(k) => AuxOp::Delete(k),
+                })
+                .collect(),
+            also: r
+                .also
+                .into_iter()
+                .map(|p| Part {
+                    partition: p.partition,
+                    entity: p.entity,
+                    payload: p.payload,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One entry's payload: the records a leader queued for the group between two proposals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<WireRecord>);
+
+/// What applying an entry answered: the lsn its records were applied at on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedAt(pub Lsn);
+
+/// What a group needs from the node that hosts it: the domain's fold, to turn a group's
+/// partitions into snapshots and back (ADR 0016, "Snapshots are the checkpoints").
+pub trait GroupHost: Send + Sync + 'static {
+    /// Folds every unfolded record of `partition` into its entity's snapshot. Blocking.
+    fn checkpoint(&self, partition: u16) -> Result<(), String>;
+    /// The partition's whole state.
+    fn export(&self, partition: u16) -> BoxFuture<'static, Result<PartitionData, String>>;
+    /// Replaces this node's copy of the partition with `data`, durably.
+    fn install(
+        &self,
+        partition: u16,
+        data: PartitionData,
+    ) -> BoxFuture<'static, Result<(), String>>;
+}
+
+/// Timing and batching of the data groups.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    pub groups: u16,
+    pub partitions: u16,
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+    /// Records gathered into one entry at most.
+    pub max_batch: usize,
+    /// A snapshot (a checkpoint of the group's partitions) after this many entries; the
+    /// log before it is then purged.
+    pub snapshot_every: u64,
+}
+
+impl GroupSettings {
+    pub fn new(partitions: u16, groups: u16) -> Self {
+        GroupSettings {
+            groups,
+            partitions,
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(500),
+            election_max: Duration::from_millis(1000),
+            max_batch: 512,
+            snapshot_every: 20_000,
+        }
+    }
+
+    fn raft_config(&self) -> Result<Arc<Config>, String> {
+        let config = Config {
+            cluster_name: "shardmall-data".into(),
+            heartbeat_interval: self.heartbeat.as_millis() as u64,
+            election_timeout_min: self.election_min.as_millis() as u64,
+            election_timeout_max: self.election_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: 0,
+            max_payload_entries: 64,
+            ..Default::default()
+        };
+        config.validate().map(Arc::new).map_err(|e| e.to_string())
+    }
+
+    /// The partitions of `group`.
+    pub fn partitions_of(&self, group: u16) -> Vec<u16> {
+        (0..self.partitions)
+            .filter(|p| group_of(*p, self.groups) == group)
+            .collect()
+    }
+}
+
+/// A record waiting for its group to commit it.
+struct Proposal {
+    rec: Record,
+    done: Box<dyn FnOnce(Result<Lsn, WalError>) + Send>,
+}
+
+/// This node's replica of one group.
+pub struct GroupReplica {
+    pub group: u16,
+    pub raft: Raft<GroupConfig>,
+    proposals: mpsc::UnboundedSender<Proposal>,
+}
+
+impl GroupReplica {
+    /// Whether this replica leads its group now (as far as it knows).
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        m.current_leader == Some(m.id)
+    }
+
+    /// The leader this replica knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+}
+
+/// Every group replica this node holds, and the log's hook into them.
+pub struct Groups {
+    me: NodeId,
+    settings: GroupSettings,
+    wal: Wal,
+    host: Arc<dyn GroupHost>,
+    transport: Arc<dyn Transport>,
+    by_group: RwLock<HashMap<u16, Arc<GroupReplica>>>,
+    /// Recovered consensus frames per group, until the group starts here.
+    recovered: std::sync::Mutex<BTreeMap<u16, Vec<(Lsn, shardmall_persistence::RaftFrame)>>>,
+}
+
+impl Groups {
+    /// Takes the consensus frames the log recovered. Install it as the log's
+    /// [`Replicate`] hook with [`Wal::set_replicate`].
+    pub fn new(
+        me: NodeId,
+        settings: GroupSettings,
+        wal: Wal,
+        host: Arc<dyn GroupHost>,
+        transport: Arc<dyn Transport>,
+    ) -> Arc<Groups> {
+        let mut recovered: BTreeMap<u16, Vec<_>> = BTreeMap::new();
+        for (lsn, frame) in wal.take_raft_frames() {
+            recovered.entry(frame.group).or_default().push((lsn, frame));
+        }
+        Arc::new(Groups {
+            me,
+            settings,
+            wal,
+            host,
+            transport,
+            by_group: RwLock::new(HashMap::new()),
+            recovered: std::sync::Mutex::new(recovered),
+        })
+    }
+
+    pub fn settings(&self) -> &GroupSettings {
+        &self.settings
+    }
+
+    pub fn replica(&self, group: u16) -> Option<Arc<GroupReplica>> {
+        self.by_group
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .cloned()
+    }
+
+    /// Starts this node's replica of `group` (from what the log holds of it), if it is
+    /// not running yet.
+    pub async fn start(&self, group: u16) -> Result<Arc<GroupReplica>, String> {
+        if let Some(r) = self.replica(group) {
+            return Ok(r);
+        }
+        let frames = self
+            .recovered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group)
+            .unwrap_or_default();
+        let log = log::GroupLog::open(group, self.wal.clone(), frames)?;
+        let sm = sm::GroupSm::open(
+            group,
+            self.wal.clone(),
+            log.clone(),
+            self.host.clone(),
+            self.settings.partitions_of(group),
+        )?;
+        let network = network::GroupNetwork {
+            group,
+            transport: self.transport.clone(),
+        };
+        let raft = Raft::new(self.me, self.settings.raft_config()?, network, log, sm)
+            .await
+            .map_err(|e| format!("starting replica group {group}: {e}"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(propose(raft.clone(), rx, self.settings.max_batch));
+        let replica = Arc::new(GroupReplica {
+            group,
+            raft,
+            proposals: tx,
+        });
+        let mut by_group = self.by_group.write().unwrap_or_else(|p| p.into_inner());
+        Ok(by_group.entry(group).or_insert(replica).clone())
+    }
+
+    /// Forms `group` with `voters` (id and cluster address) as its first members. Called
+    /// on one of them; a group already formed is left as it is.
+    pub async fn initialize(
+        &self,
+        group: u16,
+        voters: &BTreeMap<NodeId, String>,
+    ) -> Result<(), String> {
+        let replica = self.start(group).await?;
+        let members: BTreeMap<NodeId, BasicNode> = voters
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        match replica.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(format!("forming replica group {group}: {e}")),
+        }
+    }
+
+    /// Stops every replica (their state stays in the log).
+    pub async fn shutdown(&self) {
+        let all: Vec<_> = self
+            .by_group
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, r)| r)
+            .collect();
+        for r in all {
+            let _ = r.raft.shutdown().await;
+        }
+    }
+
+    /// The groups this node holds a replica of.
+    pub fn running(&self) -> BTreeSet<u16> {
+        self.by_group
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect()
+    }
+}
+
+impl Replicate for Groups {
+    fn replicated(&self, partition: u16) -> bool {
+        partition < self.settings.partitions
+    }
+
+    fn submit(&self, rec: Record, done: Box<dyn FnOnce(Result<Lsn, WalError>) + Send>) {
+        let group = group_of(rec.partition, self.settings.groups);
+        // A frame's parts are applied together: they must all belong to one group.
+        if let Some(p) = rec
+            .also
+            .iter()
+            .find(|p| group_of(p.partition, self.settings.groups) != group)
+        {
+            done(Err(WalError::Replication(format!(
+                "a record of partition {} carries one of partition {}, in another replica group",
+                rec.partition, p.partition
+            ))));
+            return;
+        }
+        match self.replica(group) {
+            Some(replica) => {
+                if let Err(mpsc::error::SendError(p)) =
+                    replica.proposals.send(Proposal { rec, done })
+                {
+                    (p.done)(Err(WalError::Replication(format!(
+                        "replica group {group} is shutting down"
+                    ))));
+                }
+            }
+            None => done(Err(WalError::Replication(format!(
+                "this node holds no replica of group {group}"
+            )))),
+        }
+    }
+}
+
+/// The group's proposer: gathers what is queued into one entry, hands it to consensus in
+/// queue order (records of one entity keep their order), and answers each record once its
+/// entry is applied here.
+async fn propose(
+    raft: Raft<GroupConfig>,
+    mut rx: mpsc::UnboundedReceiver<Proposal>,
+    max_batch: usize,
+) {
+    let mut queued = Vec::with_capacity(max_batch);
+    while rx.recv_many(&mut queued, max_batch).await > 0 {
+        let (records, waiters): (Vec<WireRecord>, Vec<_>) = queued
+            .drain(..)
+            .map(|p| (WireRecord::from(p.rec), p.done))
+            .unzip();
+        let answer = match raft.client_write_ff(Batch(records)).await {
+            Ok(rx) => rx,
+            Err(e) => {
+                let msg = e.to_string();
+                for done in waiters {
+                    done(Err(WalError::Replication(msg.clone())));
+                }
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let outcome = match answer.await {
+                Ok(Ok(written)) => Ok(written.data.0),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("the replica group stopped".to_string()),
+            };
+            for done in waiters {
+                done(outcome.clone().map_err(WalError::Replication));
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,190 @@
+//! Replica groups' consensus messages over the node transport: one
+//! [`Request::Group`](crate::proto::Request::Group) frame per RPC, its body a bincode
+//! [`GroupEnvelope`] naming the group.
+
+// The error types are openraft's, fixed by the traits implemented here.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+
+use super::{GroupConfig, Groups};
+use crate::proto::{self, Request, Response};
+use crate::transport::{BoxFuture, Transport};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum GroupMsg {
+    Append(AppendEntriesRequest<GroupConfig>),
+    Vote(VoteRequest<u64>),
+    Snapshot(InstallSnapshotRequest<GroupConfig>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct GroupEnvelope {
+    pub(crate) group: u16,
+    pub(crate) msg: GroupMsg,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum GroupReply {
+    Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    /// The receiver holds no replica of the group (yet).
+    NoReplica,
+}
+
+/// Makes a client per peer of one group.
+pub(crate) struct GroupNetwork {
+    pub(crate) group: u16,
+    pub(crate) transport: Arc<dyn Transport>,
+}
+
+impl RaftNetworkFactory<GroupConfig> for GroupNetwork {
+    type Network = GroupPeer;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupPeer {
+        GroupPeer {
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+            transport: self.transport.clone(),
+        }
+    }
+}
+
+pub(crate) struct GroupPeer {
+    group: u16,
+    target: u64,
+    addr: String,
+    transport: Arc<dyn Transport>,
+}
+
+type RpcError<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
+
+impl GroupPeer {
+    async fn send<E: std::error::Error>(
+        &self,
+        msg: GroupMsg,
+        option: &RPCOption,
+    ) -> Result<GroupReply, RpcError<E>> {
+        let body = proto::encode(&GroupEnvelope {
+            group: self.group,
+            msg,
+        });
+        let frame = proto::encode(&Request::Group(body));
+        let answer =
+            tokio::time::timeout(option.hard_ttl(), self.transport.call(&self.addr, frame))
+                .await
+                .map_err(|_| {
+                    RPCError::Unreachable(Unreachable::new(&std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("{} did not answer in time", self.addr),
+                    )))
+                })?
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        match proto::decode::<Response>(&answer) {
+            Ok(Response::Group(body)) => proto::decode(&body).map_err(|e| network_error(&e)),
+            Ok(other) => Err(network_error(&std::io::Error::other(format!(
+                "unexpected answer {other:?}"
+            )))),
+            Err(e) => Err(network_error(&e)),
+        }
+    }
+
+    fn unexpected<E: std::error::Error>(&self, reply: GroupReply) -> RpcError<E> {
+        network_error(&std::io::Error::other(format!(
+            "node {} answered a group {} message with {reply:?}",
+            self.target, self.group
+        )))
+    }
+}
+
+fn network_error<E: std::error::Error>(e: &(impl std::error::Error + 'static)) -> RpcError<E> {
+    RPCError::Network(NetworkError::new(e))
+}
+
+impl RaftNetwork<GroupConfig> for GroupPeer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<GroupConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RpcError> {
+        match self.send(GroupMsg::Append(rpc), &option).await? {
+            GroupReply::Append(Ok(r)) => Ok(r),
+            GroupReply::Append(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<GroupConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RpcError<InstallSnapshotError>> {
+        match self.send(GroupMsg::Snapshot(rpc), &option).await? {
+            GroupReply::Snapshot(Ok(r)) => Ok(r),
+            GroupReply::Snapshot(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RpcError> {
+        match self.send(GroupMsg::Vote(rpc), &option).await? {
+            GroupReply::Vote(Ok(r)) => Ok(r),
+            GroupReply::Vote(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            other => Err(self.unexpected(other)),
+        }
+    }
+}
+
+/// Serves the group messages that arrive at this node.
+pub trait GroupService: Send + Sync + 'static {
+    /// Answers one [`Request::Group`] body.
+    fn serve_group(&self, body: Vec<u8>) -> BoxFuture<'static, Vec<u8>>;
+}
+
+impl GroupService for Arc<Groups> {
+    fn serve_group(&self, body: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        let groups = self.clone();
+        Box::pin(async move {
+            let envelope: GroupEnvelope = match proto::decode(&body) {
+                Ok(e) => e,
+                Err(e) => return proto::encode(&Response::Error(e.to_string())),
+            };
+            let reply = match groups.replica(envelope.group) {
+                None => GroupReply::NoReplica,
+                Some(replica) => match envelope.msg {
+                    GroupMsg::Append(rpc) => {
+                        GroupReply::Append(replica.raft.append_entries(rpc).await)
+                    }
+                    GroupMsg::Vote(rpc) => GroupReply::Vote(replica.raft.vote(rpc).await),
+                    GroupMsg::Snapshot(rpc) => {
+                        GroupReply::Snapshot(replica.raft.install_snapshot(rpc).await)
+                    }
+                },
+            };
+            proto::encode(&Response::Group(proto::encode(&reply)))
+        })
+    }
+}

@@ -1,0 +1,339 @@
+//! Replica groups of three in one process, over the in-memory network, each replica with
+//! a log of its own on disk: what a leader acknowledges is on every replica, survives the
+//! leader's death and a replica's restart, and reaches a replica that lost its disk.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shardmall_persistence::{Durability, Fold, Lsn, PartitionData, Record, Wal, WalConfig};
+
+use super::*;
+use crate::memory::MemoryNet;
+use crate::proto::{self, Request, Response};
+use crate::transport::Service;
+
+/// An entity's state is its payloads joined with `|`.
+fn fold() -> Fold {
+    Box::new(|_, snapshot, tail| {
+        let mut state = snapshot.map(<[u8]>::to_vec).unwrap_or_default();
+        for (_, payload) in tail {
+            if !state.is_empty() {
+                state.push(b'|');
+            }
+            state.extend_from_slice(payload);
+        }
+        Ok(Some(state))
+    })
+}
+
+struct Host(Wal);
+
+impl GroupHost for Host {
+    fn checkpoint(&self, partition: u16) -> Result<(), String> {
+        let mut f = fold();
+        self.0
+            .checkpoint_partition_fully(partition, &mut f)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn export(&self, partition: u16) -> BoxFuture<'static, Result<PartitionData, String>> {
+        let wal = self.0.clone();
+        Box::pin(async move {
+            wal.export_partition(partition, fold())
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn install(
+        &self,
+        partition: u16,
+        data: PartitionData,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let wal = self.0.clone();
+        Box::pin(async move {
+            wal.install_partition(partition, data, Vec::new(), Vec::new(), Vec::new())
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Answers group frames with the node's groups.
+struct Serve(Arc<Groups>);
+
+impl Service for Serve {
+    fn serve(&self, frame: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        match proto::decode::<Request>(&frame) {
+            Ok(Request::Group(body)) => self.0.serve_group(body),
+            _ => Box::pin(async { proto::encode(&Response::Error("not a group frame".into())) }),
+        }
+    }
+}
+
+const PARTITIONS: u16 = 4;
+const GROUPS: u16 = 2;
+
+struct Replica {
+    id: NodeId,
+    dir: PathBuf,
+    wal: Wal,
+    groups: Arc<Groups>,
+}
+
+fn addr(id: NodeId) -> String {
+    format!("n{id}")
+}
+
+fn settings(snapshot_every: u64) -> GroupSettings {
+    let mut s = GroupSettings::new(PARTITIONS, GROUPS);
+    s.heartbeat = Duration::from_millis(50);
+    s.election_min = Duration::from_millis(200);
+    s.election_max = Duration::from_millis(400);
+    s.snapshot_every = snapshot_every;
+    s
+}
+
+async fn open_wal(dir: &Path) -> Wal {
+    let mut cfg = WalConfig::new(dir);
+    cfg.durability = Durability::Sync;
+    cfg.cache_bytes = 8 << 20;
+    cfg.segment_bytes = 64 * 1024;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Wal::open(cfg.clone()) {
+            Ok(w) => return w,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("reopen retry: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("opening {}: {e}", dir.display()),
+        }
+    }
+}
+
+async fn start(net: &MemoryNet, id: NodeId, dir: PathBuf, snapshot_every: u64) -> Replica {
+    let wal = open_wal(&dir).await;
+    let groups = Groups::new(
+        id,
+        settings(snapshot_every),
+        wal.clone(),
+        Arc::new(Host(wal.clone())),
+        Arc::new(net.endpoint(&addr(id))),
+    );
+    let hook: Arc<dyn shardmall_persistence::Replicate> = groups.clone();
+    wal.set_replicate(&hook);
+    for g in 0..GROUPS {
+        groups.start(g).await.unwrap();
+    }
+    net.register(&addr(id), Arc::new(Serve(groups.clone())));
+    Replica {
+        id,
+        dir,
+        wal,
+        groups,
+    }
+}
+
+async fn stop(net: &MemoryNet, r: Replica) -> PathBuf {
+    net.unregister(&addr(r.id));
+    r.groups.shutdown().await;
+    r.wal.shutdown().await.unwrap();
+    r.dir
+}
+
+async fn cluster(net: &MemoryNet, root: &Path, snapshot_every: u64) -> Vec<Replica> {
+    let mut replicas = Vec::new();
+    for id in 1..=3 {
+        replicas.push(start(net, id, root.join(format!("n{id}")), snapshot_every).await);
+    }
+    let voters: BTreeMap<NodeId, String> = (1..=3).map(|id| (id, addr(id))).collect();
+    for g in 0..GROUPS {
+        replicas[0].groups.initialize(g, &voters).await.unwrap();
+    }
+    replicas
+}
+
+/// The replica that leads `group`, once one does.
+async fn leader(replicas: &[Replica], group: u16) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        for (i, r) in replicas.iter().enumerate() {
+            if r.groups.replica(group).is_some_and(|g| g.is_leader()) {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "group {group} elected no leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn record(partition: u16, entity: &str, payload: &str) -> Record {
+    Record {
+        partition,
+        entity: entity.as_bytes().to_vec(),
+        payload: payload.as_bytes().to_vec(),
+        aux: Vec::new(),
+        also: Vec::new(),
+    }
+}
+
+/// Writes `n` records to entity `e` of partition `p` through the leader's log, one after
+/// the other, and answers the payloads acknowledged.
+async fn write(r: &Replica, p: u16, e: &str, from: usize, n: usize) -> Vec<String> {
+    let mut acked = Vec::new();
+    for i in from..from + n {
+        let payload = format!("{i}");
+        let ack = r.wal.append(record(p, e, &payload)).await.unwrap();
+        let lsn: Lsn = ack.durable().await.unwrap();
+        assert!(lsn > 0);
+        acked.push(payload);
+    }
+    acked
+}
+
+/// The entity's state on a replica: snapshot and tail folded.
+fn state(r: &Replica, p: u16, e: &str) -> String {
+    let log = r.wal.load_entity(p, e.as_bytes()).unwrap();
+    let mut f = fold();
+    let s = f(e.as_bytes(), log.snapshot.as_deref(), &log.tail).unwrap();
+    String::from_utf8(s.unwrap_or_default()).unwrap()
+}
+
+async fn converges(r: &Replica, p: u16, e: &str, want: &[String]) {
+    let want = want.join("|");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = state(r, p, e);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {} has {got:?} of {e}, not {want:?}",
+            r.id
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_record_is_on_every_replica() {
+    let root = tempfile::tempdir().unwrap();
+    let net = MemoryNet::new();
+    let replicas = cluster(&net, root.path(), 20_000).await;
+    let l = leader(&replicas, 1).await;
+    // Partition 3 is in group 1.
+    let acked = write(&replicas[l], 3, "sku-1", 0, 20).await;
+    for r in &replicas {
+        converges(r, 3, "sku-1", &acked).await;
+    }
+    // A follower does not take writes: the record is refused, nothing is written.
+    let f = (l + 1) % 3;
+    let refused = replicas[f]
+        .wal
+        .append(record(3, "sku-1", "nope"))
+        .await
+        .unwrap()
+        .durable()
+        .await;
+    assert!(
+        matches!(refused, Err(shardmall_persistence::Error::Replication(_))),
+        "{refused:?}"
+    );
+    for r in replicas {
+        stop(&net, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_dies_and_another_serves_everything_it_acknowledged() {
+    let root = tempfile::tempdir().unwrap();
+    let net = MemoryNet::new();
+    let mut replicas = cluster(&net, root.path(), 20_000).await;
+    let l = leader(&replicas, 0).await;
+    let mut acked = write(&replicas[l], 2, "sku-2", 0, 30).await;
+    let dead = replicas.remove(l);
+    let dead_id = dead.id;
+    let dead_dir = stop(&net, dead).await;
+    let l = leader(&replicas, 0).await;
+    acked.extend(write(&replicas[l], 2, "sku-2", 30, 10).await);
+    for r in &replicas {
+        converges(r, 2, "sku-2", &acked).await;
+    }
+    // The old leader comes back as a follower and catches up from its own log.
+    replicas.push(start(&net, dead_id, dead_dir, 20_000).await);
+    for r in &replicas {
+        converges(r, 2, "sku-2", &acked).await;
+    }
+    for r in replicas {
+        stop(&net, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_restarts_with_what_was_acknowledged_across_snapshots() {
+    let root = tempfile::tempdir().unwrap();
+    let net = MemoryNet::new();
+    // A snapshot (a full checkpoint of the group) every 10 entries.
+    let replicas = cluster(&net, root.path(), 10).await;
+    let l = leader(&replicas, 0).await;
+    let acked = write(&replicas[l], 0, "order-7", 0, 45).await;
+    for r in &replicas {
+        converges(r, 0, "order-7", &acked).await;
+    }
+    let mut dirs = Vec::new();
+    for r in replicas {
+        dirs.push((r.id, stop(&net, r).await));
+    }
+    let mut replicas = Vec::new();
+    for (id, dir) in dirs {
+        replicas.push(start(&net, id, dir, 10).await);
+    }
+    let l = leader(&replicas, 0).await;
+    let mut all = acked.clone();
+    all.extend(write(&replicas[l], 0, "order-7", 45, 5).await);
+    for r in &replicas {
+        converges(r, 0, "order-7", &all).await;
+    }
+    for r in replicas {
+        stop(&net, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_is_rebuilt_from_a_snapshot() {
+    let root = tempfile::tempdir().unwrap();
+    let net = MemoryNet::new();
+    let mut replicas = cluster(&net, root.path(), 10).await;
+    let l = leader(&replicas, 1).await;
+    let f = (l + 1) % 3;
+    let acked = write(&replicas[l], 1, "campaign-1", 0, 40).await;
+    converges(&replicas[f], 1, "campaign-1", &acked).await;
+    let lost = replicas.remove(f);
+    let lost_id = lost.id;
+    let dir = stop(&net, lost).await;
+    std::fs::remove_dir_all(&dir).unwrap();
+    // The log the lost replica would need is purged behind the leader's snapshots.
+    let l = leader(&replicas, 1).await;
+    let mut all = acked.clone();
+    all.extend(write(&replicas[l], 1, "campaign-1", 40, 25).await);
+    let mut metrics = replicas[l].groups.replica(1).unwrap().raft.metrics();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        metrics.wait_for(|m| m.purged.is_some_and(|p| p.index > 20)),
+    )
+    .await
+    .expect("the leader purges its log behind its snapshots")
+    .unwrap();
+    replicas.push(start(&net, lost_id, dir, 10).await);
+    for r in &replicas {
+        converges(r, 1, "campaign-1", &all).await;
+    }
+    for r in replicas {
+        stop(&net, r).await;
+    }
+}
