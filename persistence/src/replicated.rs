@@ -209,6 +209,27 @@ impl Wal {
         Ok(())
     }
 
+    /// The lowest lsn of a record of `partitions` not yet folded into a snapshot.
+    pub fn unfolded_from(&self, partitions: &[u16]) -> Option<Lsn> {
+        let tails = &self.shared().tails;
+        partitions.iter().filter_map(|p| tails.min_lsn_of(*p)).min()
+    }
+
+    /// Makes everything the store holds durable: snapshots of checkpoints and the index
+    /// changes of applied records. Blocking.
+    pub fn flush_store(&self) -> Result<()> {
+        let shared = self.shared();
+        let _serial = shared
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let flushed = shared
+            .overlay
+            .write_to(&shared.tree)
+            .and_then(|()| shared.db.flush().map(drop).map_err(Into::into));
+        shared.fail_on_storage_error("flushing the store", flushed)
+    }
+
     /// Every record below this lsn is folded into a snapshot and its index changes are
     /// in the store, on disk: what a group's log holds below it is no longer needed to
     /// rebuild this node's state. Moves with [`Wal::release_log`].

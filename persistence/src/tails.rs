@@ -105,6 +105,15 @@ impl Tails {
         out
     }
 
+    /// The lowest lsn not yet folded in `partition`, if any.
+    pub fn min_lsn_of(&self, partition: u16) -> Option<Lsn> {
+        self.shard(partition)
+            .get(&partition)?
+            .values()
+            .filter_map(|l| l.first().map(|(lsn, _)| *lsn))
+            .min()
+    }
+
     /// The lowest lsn not yet folded, if any.
     pub fn min_lsn(&self) -> Option<Lsn> {
         (0..SHARDS)

@@ -78,14 +78,18 @@ impl GroupSm {
             for p in partitions {
                 host.checkpoint(p)?;
             }
-            wal.release_log().map(drop).map_err(|e| e.to_string())
+            wal.flush_store().map_err(|e| e.to_string())
         })
         .await
         .map_err(write_err)?
         .map_err(write_err)?;
-        // Every entry up to `last` was applied at or below this lsn.
+        // Every entry up to `last` was applied at or below this lsn: no record of the
+        // group's partitions at or below it may be left unfolded.
         Ok(match self.log.written_lsn_at(last.index) {
-            Some(lsn) => self.wal.folded_below() > lsn,
+            Some(lsn) => self
+                .wal
+                .unfolded_from(&self.partitions)
+                .is_none_or(|m| m > lsn),
             // Nothing of the group is in the log (all purged): nothing to fold.
             None => true,
         })
