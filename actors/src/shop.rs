@@ -61,7 +61,7 @@ mod routing;
 
 pub use background::checkpoint_all;
 use background::count_orders_by_status;
-pub(crate) use background::fold_entity;
+pub use background::fold_entity;
 pub(crate) use checkout::take_opened;
 pub use idempotency::AnswerInFrame;
 
@@ -102,6 +102,11 @@ pub struct ShopConfig {
     pub start_fenced: bool,
     /// Business time: the system clock, or a manual one in tests (see [`crate::clock`]).
     pub clock: Clock,
+    /// Replica groups of a replicated cluster (ADR 0016; partition `p` is in group
+    /// `p % replica_groups`); 0 when the node's one log holds every partition. Records
+    /// of two groups are committed independently, so a frame never carries another
+    /// group's record and a request waits for each of its writes before the next.
+    pub replica_groups: u16,
 }
 
 impl Default for ShopConfig {
@@ -117,6 +122,7 @@ impl Default for ShopConfig {
             max_active: 4096,
             max_entity_queue: 512,
             timer_tick: Duration::from_millis(250),
+            replica_groups: 0,
             checkpoint_interval: Duration::from_secs(30),
             checkpoint_log_bytes: 64 * 1024 * 1024,
             call_timeout: Duration::from_secs(10),

@@ -16,6 +16,7 @@ pub mod quic;
 pub mod raft;
 pub mod replica;
 pub mod router;
+pub mod serving;
 pub mod transport;
 
 pub use map::{ClusterMap, MapCommand, Member, MemberStatus, NodeId};

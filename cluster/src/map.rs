@@ -76,6 +76,16 @@ pub struct ClusterMap {
     /// (the partition's data then travels with it).
     #[serde(default)]
     pub emptied: BTreeMap<u16, u64>,
+    /// Copies of every partition (ADR 0016); 0 and 1 both mean one copy, served by its
+    /// owner in `owners`. Set once, right after creation.
+    #[serde(default)]
+    pub replication_factor: u8,
+    /// With replication: partition `p` is in group `p % groups`, and `replicas[g]` are
+    /// the members holding a replica of group `g` (empty until placed).
+    #[serde(default)]
+    pub groups: u16,
+    #[serde(default)]
+    pub replicas: Vec<Vec<NodeId>>,
 }
 
 /// A change to the map. Variants are only ever appended (they are replicated and
@@ -114,6 +124,16 @@ pub enum MapCommand {
     /// Changes nothing but the epoch: once a node has applied the map it produced, that
     /// node has applied every change committed before it (a read barrier).
     Barrier,
+    /// Makes the cluster keep `factor` copies of every partition in `groups` replica
+    /// groups. Only right after creation, before any group is placed.
+    SetReplication {
+        factor: u8,
+        groups: u16,
+    },
+    /// Places the replica groups: `replicas[g]` hold group `g`.
+    PlaceGroups {
+        replicas: Vec<Vec<NodeId>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -142,6 +162,16 @@ pub enum MapError {
     NoTarget,
     #[error("node name {name} clashes with member {member} (same name or order-id tag): pick another --node-id")]
     NameClash { name: String, member: String },
+    #[error("replication is set once, when the cluster is created")]
+    ReplicationSet,
+    #[error("replication factor {0} is not 1, 3 or 5")]
+    BadReplicationFactor(u8),
+    #[error("{groups} replica groups do not divide {partitions} partitions")]
+    BadGroups { groups: u16, partitions: u16 },
+    #[error(
+        "a placement must name {want} replicas for each of {groups} groups, all active members"
+    )]
+    BadPlacement { groups: u16, want: u8 },
     #[error("{name} is a member with another data dir: if its data is lost, remove it with `shardmall cluster remove {name} --force` first, then join again")]
     OtherIncarnation { name: String },
 }
@@ -157,6 +187,29 @@ pub struct Move {
 impl ClusterMap {
     pub fn is_initialised(&self) -> bool {
         !self.owners.is_empty()
+    }
+
+    /// Whether partitions are replicated (ADR 0016): served by their group's leader, not
+    /// by an owner.
+    pub fn is_replicated(&self) -> bool {
+        self.replication_factor > 1
+    }
+
+    /// The replication factor, 1 when unset.
+    pub fn copies(&self) -> u8 {
+        self.replication_factor.max(1)
+    }
+
+    /// The replica group of `partition` (replicated clusters only).
+    pub fn group_of(&self, partition: u16) -> u16 {
+        crate::group::group_of(partition, self.groups)
+    }
+
+    /// The members holding a replica of `group` (empty until placed).
+    pub fn replicas_of(&self, group: u16) -> &[NodeId] {
+        self.replicas
+            .get(usize::from(group))
+            .map_or(&[], Vec::as_slice)
     }
 
     pub fn owner(&self, partition: u16) -> Option<NodeId> {
@@ -237,6 +290,47 @@ impl ClusterMap {
             }
             MapCommand::Barrier => {
                 self.initialised()?;
+            }
+            MapCommand::SetReplication { factor, groups } => {
+                self.initialised()?;
+                if self.replication_factor > 1 || !self.replicas.is_empty() {
+                    return Err(MapError::ReplicationSet);
+                }
+                if ![1, 3, 5].contains(factor) {
+                    return Err(MapError::BadReplicationFactor(*factor));
+                }
+                if *groups == 0 || *groups > self.partitions {
+                    return Err(MapError::BadGroups {
+                        groups: *groups,
+                        partitions: self.partitions,
+                    });
+                }
+                self.replication_factor = *factor;
+                self.groups = if *factor > 1 { *groups } else { 0 };
+            }
+            MapCommand::PlaceGroups { replicas } => {
+                self.initialised()?;
+                let want = self.replication_factor;
+                let bad = MapError::BadPlacement {
+                    groups: self.groups,
+                    want,
+                };
+                if want <= 1 || replicas.len() != usize::from(self.groups) {
+                    return Err(bad);
+                }
+                for group in replicas {
+                    let distinct: std::collections::BTreeSet<_> = group.iter().collect();
+                    let active = group.iter().all(|n| {
+                        self.members
+                            .get(n)
+                            .is_some_and(|m| m.status == MemberStatus::Active)
+                    });
+                    if group.len() != usize::from(want) || distinct.len() != group.len() || !active
+                    {
+                        return Err(bad);
+                    }
+                }
+                self.replicas = replicas.clone();
             }
             MapCommand::SetStatus { node, status } => {
                 self.initialised()?;

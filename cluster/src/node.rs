@@ -27,10 +27,12 @@ use shardmall_actors::route::{RemoteAnswer, RemoteCall, ScanPage, ScanRequest};
 use shardmall_actors::Shop;
 use tokio::task::JoinSet;
 
+use crate::group::Groups;
 use crate::map::{ClusterMap, MapCommand, MapError, Member, MemberStatus, NodeId};
 use crate::proto::{self, Install, JoinRequest, Joined, Request, Response};
 use crate::raft::{ControlError, ControlPlane};
 use crate::router::ClusterRouter;
+use crate::serving::{GroupRoute, Leaders};
 use crate::transport::{BoxFuture, Service, Transport, TransportError};
 
 /// How long a node whose map is behind a caller's waits for its map to catch up.
@@ -116,6 +118,16 @@ struct Inner {
     reconciled: AtomicBool,
     /// Shared with the [`ClusterRouter`], which counts the forwarded calls.
     metrics: Arc<ClusterMetrics>,
+    /// This node's replica groups, in a replicated cluster (ADR 0016).
+    replication: Option<Replication>,
+}
+
+/// What a node of a replicated cluster runs: its group replicas, and the table of who
+/// serves each group (shared with the router).
+#[derive(Clone)]
+pub struct Replication {
+    pub groups: Arc<Groups>,
+    pub leaders: Arc<Leaders>,
 }
 
 /// What a member looks like to an operator.
@@ -137,6 +149,22 @@ pub struct ClusterStatus {
     /// The leader's name, or `null` while there is none.
     pub leader: Option<String>,
     pub nodes: Vec<NodeStatus>,
+    /// Copies of every partition (1: each partition has one owner).
+    pub replication_factor: u8,
+    /// The replica groups of a replicated cluster (empty otherwise).
+    pub groups: Vec<GroupStatus>,
+}
+
+/// One replica group as this node sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupStatus {
+    pub group_id: u16,
+    pub partitions: Vec<u16>,
+    /// The leader's name as this node knows it, `null` while there is none.
+    pub leader: Option<String>,
+    pub replicas: Vec<String>,
+    /// Entries each replica is behind the leader's log; known when this node leads.
+    pub lag: BTreeMap<String, u64>,
 }
 
 /// The outcome of a rebalance (or of the moves a leave made).
@@ -163,6 +191,7 @@ impl ClusterNode {
         transport: Arc<dyn Transport>,
         secrets: SharedSecrets,
         router: &ClusterRouter,
+        replication: Option<Replication>,
     ) -> ClusterNode {
         let partitions = usize::from(shop.partitioner().count());
         ClusterNode {
@@ -178,6 +207,7 @@ impl ClusterNode {
                 fence_lock: tokio::sync::Mutex::new(()),
                 reconciled: AtomicBool::new(false),
                 metrics: router.metrics(),
+                replication,
             }),
         }
     }
@@ -214,6 +244,17 @@ impl ClusterNode {
         }
         if !self.inner.reconciled.load(Ordering::Acquire) {
             return false;
+        }
+        if map.is_replicated() {
+            // Every group this node holds a replica of has a leader somewhere.
+            let Some(r) = &self.inner.replication else {
+                return false;
+            };
+            return !map.replicas.is_empty()
+                && (0..map.groups).all(|g| {
+                    !map.replicas_of(g).contains(&self.inner.me.node_id)
+                        || r.leaders.leader(g).is_some()
+                });
         }
         // A partition in handoff answers (after a short wait) from its new owner; it does
         // not take the whole node out of a load balancer's rotation.
@@ -258,6 +299,11 @@ impl ClusterNode {
         if !map.is_initialised() {
             return;
         }
+        if map.is_replicated() {
+            self.reconcile_groups(&map).await;
+            inner.reconciled.store(true, Ordering::Release);
+            return;
+        }
         for p in 0..map.partitions {
             let owned = map.owner(p) == Some(inner.me.node_id);
             let serving = inner.serving[usize::from(p)].load(Ordering::Acquire);
@@ -295,6 +341,81 @@ impl ClusterNode {
             }
         }
         inner.reconciled.store(true, Ordering::Release);
+    }
+
+    /// A replicated cluster: places the groups once enough members are active (the
+    /// control plane's leader does), and starts this node's replicas of the groups the
+    /// map places here; each replica's watcher serves its partitions while it leads.
+    async fn reconcile_groups(&self, map: &ClusterMap) {
+        let inner = &self.inner;
+        let Some(r) = &inner.replication else {
+            tracing::error!(
+                "the cluster is replicated but this node was started without replica groups"
+            );
+            return;
+        };
+        let me = inner.me.node_id;
+        if map.replicas.is_empty() {
+            let active: Vec<NodeId> = map.active_members().map(|m| m.node_id).collect();
+            if active.len() >= usize::from(map.copies()) && inner.control.leader() == Some(me) {
+                let empty = vec![Vec::new(); usize::from(map.groups)];
+                let plan = crate::placement::plan(&empty, &active, usize::from(map.copies()));
+                let node = self.clone();
+                tokio::spawn(async move {
+                    match node
+                        .inner
+                        .control
+                        .propose(MapCommand::PlaceGroups {
+                            replicas: plan.groups,
+                        })
+                        .await
+                    {
+                        Ok(_) => tracing::info!("replica groups placed"),
+                        Err(e) => tracing::warn!(error = %e, "placing the replica groups"),
+                    }
+                });
+            }
+            return;
+        }
+        let settings = r.groups.settings().clone();
+        for g in 0..map.groups {
+            let replicas = map.replicas_of(g);
+            if !replicas.contains(&me) || r.groups.replica(g).is_some() {
+                continue;
+            }
+            let replica = match r.groups.start(g).await {
+                Ok(replica) => replica,
+                Err(e) => {
+                    tracing::error!(group = g, error = %e, "cannot start this node's replica of a group");
+                    continue;
+                }
+            };
+            tokio::spawn(crate::serving::watch_group(
+                replica,
+                r.leaders.clone(),
+                inner.shop.clone(),
+                settings.partitions_of(g),
+                settings.heartbeat,
+                settings.lease(),
+            ));
+            if replicas.first() == Some(&me) {
+                let voters: BTreeMap<NodeId, String> = replicas
+                    .iter()
+                    .filter_map(|n| map.members.get(n).map(|m| (*n, m.cluster_addr.clone())))
+                    .collect();
+                let groups = r.groups.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = groups.initialize(g, &voters).await {
+                        tracing::error!(group = g, error = %e, "cannot form a replica group");
+                    }
+                });
+            }
+        }
+    }
+
+    /// This node's replica groups, in a replicated cluster.
+    pub fn replication(&self) -> Option<&Replication> {
+        self.inner.replication.as_ref()
     }
 
     /// A partition the map handed to this node without its data (its owner was lost and
@@ -356,13 +477,31 @@ impl ClusterNode {
                 node_id: self.inner.me.node_id,
                 map: (*self.map()).clone(),
             },
-            Request::Group(_) => Response::Error("this node runs no replica groups".into()),
+            Request::Group(body) => match &self.inner.replication {
+                Some(r) => crate::group::network::answer(&r.groups, body).await,
+                None => Response::Error("this node runs no replica groups".into()),
+            },
         }
     }
 
     async fn serve_entity(&self, epoch: u64, call: RemoteCall) -> RemoteAnswer {
         let me = self.inner.me.node_id;
         let mut map = self.map();
+        if map.is_replicated() {
+            let here =
+                self.inner.replication.as_ref().is_some_and(|r| {
+                    r.leaders.route(map.group_of(call.partition)) == GroupRoute::Here
+                });
+            if !here {
+                self.inner
+                    .metrics
+                    .wrong_owner
+                    .fetch_add(1, Ordering::Relaxed);
+                // Not the group's leader (any more, or yet): the caller routes again.
+                return RemoteAnswer::Moving;
+            }
+            return self.inner.shop.serve_remote(call).await;
+        }
         if map.owner(call.partition) != Some(me) && epoch > map.epoch {
             // The caller knows a newer map: this node may be about to own it.
             map = self.inner.control.wait_for_epoch(epoch, CATCH_UP).await;
@@ -695,6 +834,14 @@ impl ClusterNode {
                 up.insert(id, alive);
             }
         }
+        let groups = self.group_status(&map);
+        // Replicated: a node serves the partitions of the groups it leads.
+        let mut led: HashMap<String, u32> = HashMap::new();
+        for g in &groups {
+            if let Some(l) = &g.leader {
+                *led.entry(l.clone()).or_default() += g.partitions.len() as u32;
+            }
+        }
         let nodes = map
             .members
             .values()
@@ -710,7 +857,11 @@ impl ClusterNode {
                         MemberStatus::Leaving => "leaving".into(),
                     }
                 },
-                partitions: map.owned_by(m.node_id).len() as u32,
+                partitions: if map.is_replicated() {
+                    led.get(&m.name).copied().unwrap_or(0)
+                } else {
+                    map.owned_by(m.node_id).len() as u32
+                },
             })
             .collect();
         ClusterStatus {
@@ -719,7 +870,45 @@ impl ClusterNode {
             partitions: u32::from(map.partitions),
             leader,
             nodes,
+            replication_factor: map.copies(),
+            groups,
         }
+    }
+
+    fn group_status(&self, map: &ClusterMap) -> Vec<GroupStatus> {
+        let Some(r) = self
+            .inner
+            .replication
+            .as_ref()
+            .filter(|_| map.is_replicated())
+        else {
+            return Vec::new();
+        };
+        let name = |id: NodeId| {
+            map.members
+                .get(&id)
+                .map_or_else(|| id.to_string(), |m| m.name.clone())
+        };
+        (0..map.groups)
+            .map(|g| {
+                let mut lag = BTreeMap::new();
+                if let Some(replica) = r.groups.replica(g) {
+                    let m = replica.raft.metrics().borrow().clone();
+                    let last = m.last_log_index.unwrap_or(0);
+                    for (id, matched) in m.replication.iter().flatten() {
+                        let at = matched.map_or(0, |l| l.index);
+                        lag.insert(name(*id), last.saturating_sub(at));
+                    }
+                }
+                GroupStatus {
+                    group_id: g,
+                    partitions: r.groups.settings().partitions_of(g),
+                    leader: r.leaders.leader(g).map(name),
+                    replicas: map.replicas_of(g).iter().map(|n| name(*n)).collect(),
+                    lag,
+                }
+            })
+            .collect()
     }
 
     async fn probe(&self, m: &Member) -> bool {

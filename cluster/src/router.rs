@@ -21,6 +21,7 @@ use crate::map::{Member, NodeId};
 use crate::node::{lock, ClusterMetrics};
 use crate::proto::{self, Request, Response};
 use crate::raft::ControlPlane;
+use crate::serving::{GroupRoute, Leaders};
 use crate::transport::{Transport, TransportError};
 
 /// How long to wait for this node's map to reach an epoch an owner reported.
@@ -43,10 +44,17 @@ struct Parts {
     /// Nodes that just failed to answer, until when they are not tried.
     suspects: Mutex<HashMap<NodeId, Instant>>,
     metrics: Arc<ClusterMetrics>,
+    /// Who serves each replica group (a replicated cluster, ADR 0016).
+    leaders: Arc<Leaders>,
 }
 
 impl ClusterRouter {
-    pub fn new(me: &Member, control: ControlPlane, transport: Arc<dyn Transport>) -> ClusterRouter {
+    pub fn new(
+        me: &Member,
+        control: ControlPlane,
+        transport: Arc<dyn Transport>,
+        leaders: Arc<Leaders>,
+    ) -> ClusterRouter {
         ClusterRouter {
             parts: Arc::new(Parts {
                 me: me.node_id,
@@ -54,8 +62,14 @@ impl ClusterRouter {
                 transport,
                 suspects: Mutex::new(HashMap::new()),
                 metrics: Arc::default(),
+                leaders,
             }),
         }
+    }
+
+    /// Who serves each replica group, as this node knows.
+    pub fn leaders(&self) -> &Arc<Leaders> {
+        &self.parts.leaders
     }
 
     /// The counters of forwarded calls, shared with the node's other cluster metrics.
@@ -70,6 +84,13 @@ impl Router for ClusterRouter {
         if !map.is_initialised() {
             return Route::Unavailable("the cluster map is not known yet".into());
         }
+        if map.is_replicated() {
+            // Not served here: the forward finds the leader, or asks to route again.
+            return match self.parts.leaders.route(map.group_of(partition)) {
+                GroupRoute::Here => Route::Local,
+                _ => Route::Remote,
+            };
+        }
         match map.owner(partition) {
             Some(owner) if owner == self.parts.me => Route::Local,
             Some(owner) if map.members.contains_key(&owner) => Route::Remote,
@@ -81,7 +102,16 @@ impl Router for ClusterRouter {
         let inner = self.parts.clone();
         Box::pin(async move {
             let map = inner.control.map();
-            let Some(owner) = map.owner_member(call.partition).cloned() else {
+            let target = if map.is_replicated() {
+                match inner.leaders.route(map.group_of(call.partition)) {
+                    GroupRoute::Leader(l) => map.members.get(&l),
+                    // Electing, or this node just became leader: route again shortly.
+                    GroupRoute::Here | GroupRoute::Unknown => return Err(ForwardError::Moved),
+                }
+            } else {
+                map.owner_member(call.partition)
+            };
+            let Some(owner) = target.cloned() else {
                 return Err(ForwardError::Unavailable(format!(
                     "partition {} has no owner",
                     call.partition

@@ -146,7 +146,12 @@ impl Cluster {
             }
         }
         let wal = open_wal(&dir).await;
-        let router = ClusterRouter::new(&me, control.clone(), transport.clone());
+        let router = ClusterRouter::new(
+            &me,
+            control.clone(),
+            transport.clone(),
+            shardmall_cluster::serving::Leaders::new(me.node_id, 0),
+        );
         let shop = Shop::start_routed(
             wal,
             ShopConfig {
@@ -171,6 +176,7 @@ impl Cluster {
                 payment: b"pay".to_vec(),
             },
             &router,
+            None,
         );
         dispatcher.set_node(node.clone());
         node.start();

@@ -22,6 +22,7 @@ pub struct FileConfig {
     pub node_id: Option<String>,
     pub durability: Option<String>,
     pub partitions: Option<u16>,
+    pub replication_factor: Option<u8>,
     pub payment_timeout: Option<String>,
     pub auto_confirm_after: Option<String>,
     pub reservation_grace: Option<String>,
@@ -53,6 +54,8 @@ pub struct Config {
     pub node_id: String,
     pub durability: Durability,
     pub partitions: u16,
+    /// Copies of every partition when this node creates the cluster (1, 3 or 5).
+    pub replication_factor: u8,
     pub payment_timeout: Duration,
     pub auto_confirm_after: Duration,
     pub reservation_grace: Duration,
@@ -135,6 +138,13 @@ impl Config {
                 shardmall_persistence::RAFT_PARTITION - 1
             );
         }
+        let replication_factor = args
+            .replication_factor
+            .or(file.replication_factor)
+            .unwrap_or(1);
+        if ![1, 3, 5].contains(&replication_factor) {
+            anyhow::bail!("replication_factor must be 1, 3 or 5, not {replication_factor}");
+        }
         let cache_mb = args.cache_mb.or(file.cache_mb).unwrap_or(64);
         if cache_mb == 0 {
             anyhow::bail!("cache_mb must be at least 1");
@@ -171,6 +181,7 @@ impl Config {
                 .unwrap_or_else(|| "node-1".into()),
             durability,
             partitions,
+            replication_factor,
             payment_timeout: duration(
                 "payment_timeout",
                 args.payment_timeout.clone().or(file.payment_timeout),

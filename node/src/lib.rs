@@ -15,14 +15,20 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use shardmall_actors::{Shop, ShopConfig};
-use shardmall_cluster::map::{node_id_of, Member, MemberStatus};
+use shardmall_cluster::group::{GroupSettings, Groups};
+use shardmall_cluster::map::{node_id_of, MapCommand, Member, MemberStatus};
+use shardmall_cluster::node::Replication;
 use shardmall_cluster::node::{ClusterError, ClusterNode, Dispatcher, SharedSecrets};
 use shardmall_cluster::proto::Joined;
 use shardmall_cluster::quic::{QuicConfig, QuicTransport, TlsIdentity};
 use shardmall_cluster::raft::{ControlConfig, ControlPlane};
+use shardmall_cluster::serving::{Leaders, ShopHost};
 use shardmall_cluster::ClusterRouter;
 use shardmall_http_edge::{AppState, Edge, JwtKeys};
-use shardmall_persistence::{Wal, WalConfig};
+use shardmall_persistence::{Replicate, Wal, WalConfig};
+
+/// Replica groups of a replicated cluster (ADR 0016), at most one per partition.
+const REPLICA_GROUPS: u16 = 16;
 use tokio_util::sync::CancellationToken;
 
 use cli::{Cli, Command};
@@ -166,6 +172,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 .bootstrap(secrets::cluster_id(&wal)?, partitions)
                 .await
                 .context("creating the cluster")?;
+            if config.replication_factor > 1 {
+                control
+                    .propose(MapCommand::SetReplication {
+                        factor: config.replication_factor,
+                        groups: REPLICA_GROUPS.min(partitions),
+                    })
+                    .await
+                    .context("setting the replication factor")?;
+            }
         }
     }
     let map = control.map();
@@ -208,6 +223,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    // A replicated cluster: the groups take the log's records of every partition before
+    // the shop writes its first (ADR 0016).
+    let replication = map.is_replicated().then(|| {
+        let host = Arc::new(ShopHost::default());
+        let groups = Groups::new(
+            me.node_id,
+            GroupSettings::new(partitions, map.groups),
+            wal.clone(),
+            host.clone(),
+            quic.clone(),
+        );
+        let hook: Arc<dyn Replicate> = groups.clone();
+        wal.set_replicate(&hook);
+        let leaders = Leaders::new(me.node_id, map.groups);
+        (Replication { groups, leaders }, host)
+    });
+    let leaders = replication
+        .as_ref()
+        .map_or_else(|| Leaders::new(me.node_id, 0), |(r, _)| r.leaders.clone());
     let shop_cfg = ShopConfig {
         partitions,
         node_tag: config.node_tag(),
@@ -219,9 +253,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_active: config.max_active,
         max_entity_queue: config.entity_queue,
         start_fenced: true,
+        replica_groups: if map.is_replicated() { map.groups } else { 0 },
         ..ShopConfig::default()
     };
-    let router = ClusterRouter::new(&me, control.clone(), quic.clone());
+    let router = ClusterRouter::new(&me, control.clone(), quic.clone(), leaders);
     let shop = Shop::start_routed(wal, shop_cfg, Arc::new(router.clone()))
         .await
         .context("starting the actors")?;
@@ -235,7 +270,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             payment: payment.clone(),
         },
         &router,
+        replication.as_ref().map(|(r, _)| r.clone()),
     );
+    if let Some((_, host)) = &replication {
+        host.set(shop.clone());
+    }
     dispatcher.set_node(node.clone());
     node.start();
     tracing::info!(node = %me.name, http = %local, cluster = %me.cluster_addr, data_dir = %config.data_dir.display(), durability = %config.durability, partitions, recovered_in = ?started.elapsed(), "shardmall is serving");
@@ -259,6 +298,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     shardmall_http_edge::serve(listener, state, config.drain_timeout).await?;
     tracing::info!("stopped accepting; stopping actors and flushing the log");
     shop.shutdown().await;
+    if let Some((r, _)) = &replication {
+        r.groups.shutdown().await;
+    }
     control.shutdown().await;
     quic.close().await;
     tracing::info!("shutdown complete");

@@ -166,6 +166,9 @@ impl Shared {
 /// type by the appender, so that the allocations and copies happen on the callers'
 /// threads and the single writer thread, the pipeline's bottleneck, only encodes frames.
 pub(crate) struct Prepared {
+    /// Lsns the record takes: 1, or, for a consensus frame, one per record its entries
+    /// carry (the frame is written at the last of them; see [`crate::Wal::append_raft`]).
+    pub(crate) span: u64,
     partition: u16,
     entity: Vec<u8>,
     payload: sled::IVec,
@@ -184,6 +187,7 @@ impl Prepared {
             })
             .collect();
         Prepared {
+            span: 1,
             partition: rec.partition,
             entity: rec.entity,
             payload: rec.payload.into(),
@@ -309,8 +313,8 @@ fn run_writer(
                 Msg::Append { rec, ack } => {
                     // Queue order is lsn order, so the records of one caller, appended one
                     // after the other, get increasing lsns.
-                    let lsn = next_lsn;
-                    next_lsn += 1;
+                    let lsn = next_lsn + rec.span - 1;
+                    next_lsn += rec.span;
                     segment::encode_frame(
                         &mut buf,
                         lsn,

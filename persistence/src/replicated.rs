@@ -135,10 +135,17 @@ impl Wal {
     }
 
     /// Appends one consensus frame; `on_durable` runs on the log's thread once it is
-    /// durable (or failed), exactly once.
+    /// durable (or failed), exactly once, with the frame's lsn.
+    ///
+    /// The frame takes `span` lsns and is written at the last: the records its entries
+    /// carry are applied at the lsns before it, one each, so that two records of one
+    /// entity never share an lsn (a checkpoint between them would count the second as
+    /// folded already). The lsns a frame reserves follow from its contents: a replay
+    /// after a restart assigns the same ones.
     pub async fn append_raft(
         &self,
         frame: RaftFrame,
+        span: u64,
         on_durable: impl FnOnce(Result<Lsn>) + Send + 'static,
     ) -> Result<()> {
         let rec = Record {
@@ -148,7 +155,7 @@ impl Wal {
             aux: Vec::new(),
             also: Vec::new(),
         };
-        self.enqueue_local(rec, AckTx::Callback(Box::new(on_durable)))
+        self.enqueue_local(rec, span, AckTx::Callback(Box::new(on_durable)))
             .await
     }
 
@@ -179,17 +186,18 @@ impl Wal {
         };
     }
 
-    /// Applies a committed entry's records here, at `lsn` (the frame that carried the
-    /// entry): into the tails and the index overlay, as a durable local record is.
-    /// Entries of one group MUST be applied in log order.
-    pub fn apply_replicated(&self, lsn: Lsn, records: Vec<Record>) -> Result<()> {
+    /// Applies a committed entry's records here, record `i` at lsn `first + i` (lsns the
+    /// frame that carried the entry reserved, see [`Wal::append_raft`]): into the tails
+    /// and the index overlay, as a durable local record is. Entries of one group MUST be
+    /// applied in log order.
+    pub fn apply_replicated(&self, first: Lsn, records: Vec<Record>) -> Result<()> {
         let shared = self.shared();
         shared.check_failed()?;
         for rec in &records {
             keys::check_entity(&rec.entity)?;
         }
         let mut aux = Vec::new();
-        for rec in records {
+        for (lsn, rec) in (first..).zip(records) {
             aux.extend(rec.aux.into_iter().map(|op| match op {
                 AuxOp::Put(k, v) => (keys::aux_key(&k).into(), Some(v.into())),
                 AuxOp::Delete(k) => (keys::aux_key(&k).into(), None),

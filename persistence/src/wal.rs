@@ -151,9 +151,13 @@ impl Wal {
         Ok(Ack { rx })
     }
 
-    /// Queues a record on this node's own queue, whatever its partition.
-    pub(crate) async fn enqueue_local(&self, rec: Record, ack: AckTx) -> Result<()> {
-        let msg = self.prepare(rec, ack)?;
+    /// Queues a record on this node's own queue, whatever its partition, taking `span`
+    /// lsns (it is written at the last).
+    pub(crate) async fn enqueue_local(&self, rec: Record, span: u64, ack: AckTx) -> Result<()> {
+        let mut msg = self.prepare(rec, ack)?;
+        if let Msg::Append { rec, .. } = &mut msg {
+            rec.span = span.max(1);
+        }
         self.inner.tx.send(msg).await.map_err(|_| Error::Closed)
     }
 

@@ -22,7 +22,7 @@ fn frame(group: u16, kind: RaftFrameKind, payload: &[u8]) -> RaftFrame {
 
 async fn append_raft(wal: &shardmall_persistence::Wal, f: RaftFrame) -> Lsn {
     let (tx, rx) = oneshot::channel();
-    wal.append_raft(f, move |outcome| {
+    wal.append_raft(f, 1, move |outcome| {
         let _ = tx.send(outcome);
     })
     .await
@@ -213,5 +213,51 @@ async fn records_of_replicated_partitions_go_to_the_hook() {
         "not written here"
     );
     assert_eq!(wal.partitions_with_log().unwrap(), vec![2]);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_frame_reserves_one_lsn_per_record_and_a_checkpoint_between_them_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let (tx, rx) = oneshot::channel();
+    wal.append_raft(frame(0, RaftFrameKind::Entries, b"two"), 3, move |o| {
+        let _ = tx.send(o);
+    })
+    .await
+    .unwrap();
+    let at = rx.await.unwrap().unwrap();
+    let next = wal
+        .append(record(9, b"x", b"y"))
+        .await
+        .unwrap()
+        .durable()
+        .await
+        .unwrap();
+    assert_eq!(next, at + 1, "the frame took the lsns before it");
+    let first = at - 2;
+    // Two entries of the frame, one record each on the same entity, committed apart
+    // with a checkpoint in between.
+    let fold = |_: &[u8], s: Option<&[u8]>, tail: &[(Lsn, Vec<u8>)]| {
+        let mut v = s.map(<[u8]>::to_vec).unwrap_or_default();
+        for (_, r) in tail {
+            v.extend_from_slice(r);
+        }
+        Ok(Some(v))
+    };
+    wal.apply_replicated(first, vec![record(4, b"sku", b"a")])
+        .unwrap();
+    wal.checkpoint_partition(4, &mut { fold }).unwrap();
+    wal.apply_replicated(
+        first + 1,
+        vec![record(4, b"sku", b"b"), record(4, b"sku", b"c")],
+    )
+    .unwrap();
+    let log = wal.load_entity(4, b"sku").unwrap();
+    assert_eq!(log.snapshot, Some(b"a".to_vec()));
+    assert_eq!(
+        log.tail,
+        vec![(first + 1, b"b".to_vec()), (first + 2, b"c".to_vec())]
+    );
     wal.shutdown().await.unwrap();
 }

@@ -157,7 +157,9 @@ pub fn checkpoint_all(wal: &Wal) -> std::result::Result<(), shardmall_persistenc
     Ok(())
 }
 
-pub(crate) fn fold_entity(
+/// Folds an entity's snapshot and log tail into its current state (the checkpoint's and
+/// a handoff's fold).
+pub fn fold_entity(
     entity: &[u8],
     snapshot: Option<&[u8]>,
     tail: &[(u64, Vec<u8>)],

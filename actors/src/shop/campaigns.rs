@@ -345,7 +345,7 @@ impl Shop {
         };
         let p = self.inner.partitioner.catalog(Kind::Campaign, campaign_id);
         // The buyer's partition served here too: the order rides in the claim's frame.
-        if self.serves_partition(partition) {
+        if self.may_ride_along(partition, p) {
             let opened = Arc::new(OnceLock::new());
             let also = self.order_companion::<CampaignState>(
                 partition,

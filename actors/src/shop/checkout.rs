@@ -85,7 +85,7 @@ impl Shop {
                 expires_at,
             };
             let p = self.inner.partitioner.catalog(Kind::Sku, sku_id);
-            let answer = if i == last && self.serves_partition(partition) {
+            let answer = if i == last && self.may_ride_along(partition, p) {
                 let place = PlaceAfter {
                     order_id: order_id.clone(),
                     buyer: buyer.to_owned(),

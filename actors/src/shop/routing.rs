@@ -154,7 +154,9 @@ impl Shop {
         std::result::Result<E::View, Refusal<E::Error>>,
         Option<oneshot::Receiver<std::result::Result<(), String>>>,
     ) {
-        if self.route(partition) == Route::Local {
+        // Replica groups commit independently: no early answer, whose durability would
+        // be told by another group's log.
+        if self.inner.cfg.replica_groups == 0 && self.route(partition) == Route::Local {
             let (tx, rx) = oneshot::channel();
             match self
                 .ask_local_with::<E>(partition, id, cmd.clone(), Some(tx), None)
@@ -193,6 +195,13 @@ impl Shop {
     /// True when `partition` is served by this node now.
     pub(crate) fn serves_partition(&self, partition: u16) -> bool {
         self.route(partition) == Route::Local
+    }
+
+    /// True when a record of `partition` may ride in a frame of `decider`'s: both are
+    /// served here and written to the same log (one log, or one replica group).
+    pub(crate) fn may_ride_along(&self, partition: u16, decider: u16) -> bool {
+        let groups = self.inner.cfg.replica_groups;
+        (groups == 0 || partition % groups == decider % groups) && self.serves_partition(partition)
     }
 
     /// Sends one command to this node's partition actor.

@@ -35,10 +35,40 @@ pub(crate) fn write_err(e: impl std::fmt::Display) -> StorageError<u64> {
     StorageIOError::write(AnyError::error(e.to_string())).into()
 }
 
-/// An entry and, once its frame is written, that frame's lsn.
+/// An entry and, once its frame is written, where.
 struct Stored {
     entry: Entry<GroupConfig>,
-    lsn: Option<Lsn>,
+    at: Option<At>,
+}
+
+/// Where an entry was written: its frame's lsn, and the lsn of the first of its records
+/// (each record has its own, reserved by the frame: see `Wal::append_raft`).
+#[derive(Debug, Clone, Copy)]
+struct At {
+    frame: Lsn,
+    first: Lsn,
+}
+
+/// The lsns a frame of `entries` takes, and the offset of each entry's first record.
+fn layout(entries: &[Entry<GroupConfig>]) -> (u64, Vec<u64>) {
+    let mut offsets = Vec::with_capacity(entries.len());
+    let mut n = 0u64;
+    for e in entries {
+        offsets.push(n);
+        if let openraft::EntryPayload::Normal(batch) = &e.payload {
+            n += batch.0.len() as u64;
+        }
+    }
+    (n.max(1), offsets)
+}
+
+/// Where each entry of a frame written at `frame` is.
+fn places(frame: Lsn, span: u64, offsets: &[u64]) -> impl Iterator<Item = At> + '_ {
+    let base = (frame + 1).saturating_sub(span);
+    offsets.iter().map(move |o| At {
+        frame,
+        first: base + o,
+    })
 }
 
 #[derive(Default)]
@@ -123,12 +153,14 @@ impl GroupLog {
                 RaftFrameKind::Entries => {
                     let entries: Vec<Entry<GroupConfig>> = decode(&frame.payload)
                         .map_err(|e| format!("group {group}: a log frame at lsn {lsn}: {e}"))?;
-                    for entry in entries {
+                    let (span, offsets) = layout(&entries);
+                    let at: Vec<At> = places(lsn, span, &offsets).collect();
+                    for (entry, at) in entries.into_iter().zip(at) {
                         state.entries.insert(
                             entry.log_id.index,
                             Stored {
                                 entry,
-                                lsn: Some(lsn),
+                                at: Some(at),
                             },
                         );
                     }
@@ -160,7 +192,12 @@ impl GroupLog {
 
     /// Keeps the segments from the first frame the group still needs.
     fn update_hold(&self) {
-        let from = self.state().entries.values().filter_map(|s| s.lsn).min();
+        let from = self
+            .state()
+            .entries
+            .values()
+            .filter_map(|s| s.at.map(|a| a.frame))
+            .min();
         if from.is_some() {
             self.wal.hold_log_from(self.group, from);
         } else if self.state().entries.is_empty() {
@@ -168,16 +205,20 @@ impl GroupLog {
         }
     }
 
-    /// The lsn of the frame that carried entry `log_id` here, once it is durable.
-    pub(crate) async fn lsn_of(&self, log_id: &LogId<u64>) -> StorageResult<Lsn> {
+    /// The lsn of the first record of entry `log_id` here, once its frame is durable.
+    pub(crate) async fn first_lsn_of(&self, log_id: &LogId<u64>) -> StorageResult<Lsn> {
         loop {
+            // Registered before the check: a wake-up between the check and the wait is
+            // not lost.
             let notified = self.written.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             {
                 let state = self.state();
                 match state.entries.get(&log_id.index) {
                     Some(s) if s.entry.log_id == *log_id => {
-                        if let Some(lsn) = s.lsn {
-                            return Ok(lsn);
+                        if let Some(at) = s.at {
+                            return Ok(at.first);
                         }
                     }
                     _ => {
@@ -198,7 +239,7 @@ impl GroupLog {
             .entries
             .range(..=index)
             .next_back()
-            .and_then(|(_, s)| s.lsn)
+            .and_then(|(_, s)| s.at.map(|a| a.frame))
     }
 }
 
@@ -221,9 +262,10 @@ impl GroupLog {
             kind: RaftFrameKind::Entries,
             payload: encode(&entries).map_err(write_err)?,
         };
+        let (span, offsets) = layout(&entries);
         let (tx, rx) = oneshot::channel();
         self.wal
-            .append_raft(frame, move |outcome| {
+            .append_raft(frame, span, move |outcome| {
                 let _ = tx.send(outcome);
             })
             .await
@@ -234,10 +276,10 @@ impl GroupLog {
             .map_err(write_err)?;
         {
             let mut state = self.state();
-            for e in &entries {
+            for (e, at) in entries.iter().zip(places(lsn, span, &offsets)) {
                 if let Some(s) = state.entries.get_mut(&e.log_id.index) {
                     if s.entry.log_id == e.log_id {
-                        s.lsn = Some(lsn);
+                        s.at = Some(at);
                     }
                 }
             }
@@ -298,7 +340,8 @@ impl RaftLogStorage<GroupConfig> for GroupLog {
     {
         let entries: Vec<Entry<GroupConfig>> = entries.into_iter().collect();
         let payload = encode(&entries).map_err(write_err)?;
-        let indexes: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+        let (span, offsets) = layout(&entries);
+        let ids: Vec<LogId<u64>> = entries.iter().map(|e| e.log_id).collect();
         {
             let mut state = self.state();
             if state.entries.is_empty() {
@@ -309,7 +352,7 @@ impl RaftLogStorage<GroupConfig> for GroupLog {
             for entry in entries {
                 state
                     .entries
-                    .insert(entry.log_id.index, Stored { entry, lsn: None });
+                    .insert(entry.log_id.index, Stored { entry, at: None });
             }
         }
         let frame = RaftFrame {
@@ -320,13 +363,17 @@ impl RaftLogStorage<GroupConfig> for GroupLog {
         let state = self.state.clone();
         let written = self.written.clone();
         self.wal
-            .append_raft(frame, move |outcome| match outcome {
+            .append_raft(frame, span, move |outcome| match outcome {
                 Ok(lsn) => {
                     {
                         let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
-                        for i in &indexes {
-                            if let Some(s) = state.entries.get_mut(i) {
-                                s.lsn.get_or_insert(lsn);
+                        for (id, at) in ids.iter().zip(places(lsn, span, &offsets)) {
+                            // Not an entry that replaced it since (cut and written again).
+                            match state.entries.get_mut(&id.index) {
+                                Some(s) if s.entry.log_id == *id && s.at.is_none() => {
+                                    s.at = Some(at);
+                                }
+                                _ => {}
                             }
                         }
                     }
@@ -348,7 +395,7 @@ impl RaftLogStorage<GroupConfig> for GroupLog {
         };
         let (tx, rx) = oneshot::channel();
         self.wal
-            .append_raft(frame, move |outcome| {
+            .append_raft(frame, 1, move |outcome| {
                 let _ = tx.send(outcome);
             })
             .await

@@ -10,7 +10,7 @@
 //! answered once its entry is committed and applied here.
 
 pub(crate) mod log;
-pub(crate) mod network;
+pub mod network;
 pub(crate) mod sm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::map::NodeId;
 use crate::transport::{BoxFuture, Transport};
 
-pub use network::GroupService;
+pub use network::{answer, GroupService};
 
 openraft::declare_raft_types!(
     /// A replica group's consensus types: an entry is a batch of log records, applying
@@ -193,6 +193,13 @@ impl GroupSettings {
             ..Default::default()
         };
         config.validate().map(Arc::new).map_err(|e| e.to_string())
+    }
+
+    /// How long a leader serves after a quorum confirmed it: below the shortest election
+    /// timeout, so no other replica can have been elected meanwhile (a tenth of it is the
+    /// margin for clocks running at different rates).
+    pub fn lease(&self) -> Duration {
+        self.election_min - self.election_min / 10
     }
 
     /// The partitions of `group`.

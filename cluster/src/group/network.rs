@@ -167,24 +167,25 @@ pub trait GroupService: Send + Sync + 'static {
 impl GroupService for Arc<Groups> {
     fn serve_group(&self, body: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
         let groups = self.clone();
-        Box::pin(async move {
-            let envelope: GroupEnvelope = match proto::decode(&body) {
-                Ok(e) => e,
-                Err(e) => return proto::encode(&Response::Error(e.to_string())),
-            };
-            let reply = match groups.replica(envelope.group) {
-                None => GroupReply::NoReplica,
-                Some(replica) => match envelope.msg {
-                    GroupMsg::Append(rpc) => {
-                        GroupReply::Append(replica.raft.append_entries(rpc).await)
-                    }
-                    GroupMsg::Vote(rpc) => GroupReply::Vote(replica.raft.vote(rpc).await),
-                    GroupMsg::Snapshot(rpc) => {
-                        GroupReply::Snapshot(replica.raft.install_snapshot(rpc).await)
-                    }
-                },
-            };
-            proto::encode(&Response::Group(proto::encode(&reply)))
-        })
+        Box::pin(async move { proto::encode(&answer(&groups, body).await) })
     }
+}
+
+/// The answer to one [`Request::Group`] body.
+pub async fn answer(groups: &Groups, body: Vec<u8>) -> Response {
+    let envelope: GroupEnvelope = match proto::decode(&body) {
+        Ok(e) => e,
+        Err(e) => return Response::Error(e.to_string()),
+    };
+    let reply = match groups.replica(envelope.group) {
+        None => GroupReply::NoReplica,
+        Some(replica) => match envelope.msg {
+            GroupMsg::Append(rpc) => GroupReply::Append(replica.raft.append_entries(rpc).await),
+            GroupMsg::Vote(rpc) => GroupReply::Vote(replica.raft.vote(rpc).await),
+            GroupMsg::Snapshot(rpc) => {
+                GroupReply::Snapshot(replica.raft.install_snapshot(rpc).await)
+            }
+        },
+    };
+    Response::Group(proto::encode(&reply))
 }

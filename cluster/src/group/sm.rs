@@ -110,7 +110,7 @@ impl RaftStateMachine<GroupConfig> for GroupSm {
     {
         let mut answers = Vec::new();
         for entry in entries {
-            let lsn = self.log.lsn_of(&entry.log_id).await?;
+            let lsn = self.log.first_lsn_of(&entry.log_id).await?;
             match entry.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(batch) => {

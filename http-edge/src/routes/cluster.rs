@@ -21,8 +21,25 @@ pub struct ClusterNode {
     pub cluster_addr: String,
     /// `up`, `leaving`, or `down` (did not answer a probe just now).
     pub status: String,
-    /// Partitions this node owns.
+    /// Partitions this node serves: those it owns, or, replicated, those of the groups it
+    /// leads as the answering node knows.
     pub partitions: u32,
+}
+
+/// One replica group (a replicated cluster, ADR 0016).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ClusterGroup {
+    pub group_id: u16,
+    /// Its partitions: partition `p` is in group `p % groups`.
+    pub partitions: Vec<u16>,
+    /// The node leading it as the answering node knows; `null` while none is known.
+    pub leader: Option<String>,
+    /// The nodes holding a replica.
+    pub replicas: Vec<String>,
+    /// Log entries each replica is behind its leader: filled in when the answering node
+    /// leads the group.
+    #[schema(value_type = Object)]
+    pub lag: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -34,6 +51,10 @@ pub struct ClusterMap {
     /// The consensus leader's node id; `null` while none is known.
     pub leader: Option<String>,
     pub nodes: Vec<ClusterNode>,
+    /// Copies of every partition: 1, 3 or 5.
+    pub replication_factor: u8,
+    /// The replica groups; empty with one copy.
+    pub groups: Vec<ClusterGroup>,
 }
 
 impl From<ClusterStatus> for ClusterMap {
@@ -43,6 +64,18 @@ impl From<ClusterStatus> for ClusterMap {
             epoch: s.epoch,
             partitions: s.partitions,
             leader: s.leader,
+            replication_factor: s.replication_factor,
+            groups: s
+                .groups
+                .into_iter()
+                .map(|g| ClusterGroup {
+                    group_id: g.group_id,
+                    partitions: g.partitions,
+                    leader: g.leader,
+                    replicas: g.replicas,
+                    lag: g.lag,
+                })
+                .collect(),
             nodes: s
                 .nodes
                 .into_iter()

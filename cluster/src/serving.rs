@@ -1,0 +1,248 @@
+//! Serving replicated partitions (ADR 0016): which node serves each replica group now,
+//! and the watcher that serves a group's partitions here exactly while this node leads
+//! the group under a lease.
+//!
+//! [`Leaders`] is the table the router reads on every command (lock-free): per group, the
+//! leader this node knows of, and, when that is this node, the term it serves in and
+//! until when its lease holds. A watcher per local replica keeps it current:
+//!
+//! * every heartbeat interval a leader confirms its leadership with a quorum (openraft's
+//!   read-index round, `get_read_log_id`); a confirmation asked at `t` holds the lease to
+//!   `t + lease` (`lease` is below the election timeout: no other replica can be elected
+//!   before, see `crate::replica`);
+//! * a leader serves once it has applied an entry of its own term (so it has everything
+//!   a previous leader acknowledged): the group's partitions are unfenced, their actors
+//!   load from this node's copy;
+//! * a replica that stops leading, or leads again in a later term, fences the group's
+//!   partitions first: actors hold decisions of their term that may never commit, and
+//!   are reloaded from what did.
+//!
+//! Writes need no lease: an entry commits only with a quorum, which a deposed leader no
+//! longer has. Reads need it: a read served here after the lease ran out could miss a
+//! sale made by a new leader.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use shardmall_actors::Shop;
+use shardmall_persistence::PartitionData;
+
+use crate::group::{GroupHost, GroupReplica};
+use crate::map::NodeId;
+use crate::transport::BoxFuture;
+
+/// Milliseconds of this process's monotonic clock.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// Where a replicated partition is served, as this node knows now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupRoute {
+    Here,
+    Leader(NodeId),
+    Unknown,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The leader this node knows of; 0 when none.
+    leader: AtomicU64,
+    /// The term this node serves the group in; 0 when it does not.
+    serving_term: AtomicU64,
+    /// Until when (`now_ms`) its lease holds.
+    lease_until: AtomicU64,
+}
+
+/// Per group: its leader as this node knows it, and whether this node serves it.
+pub struct Leaders {
+    me: NodeId,
+    slots: Vec<Slot>,
+}
+
+impl Leaders {
+    /// A table for up to `groups` groups.
+    pub fn new(me: NodeId, groups: u16) -> Arc<Leaders> {
+        Arc::new(Leaders {
+            me,
+            slots: (0..groups).map(|_| Slot::default()).collect(),
+        })
+    }
+
+    /// Where `group` is served now. PERFORMANCE CRITICAL PATH: every command of a
+    /// replicated cluster asks.
+    pub fn route(&self, group: u16) -> GroupRoute {
+        let Some(slot) = self.slots.get(usize::from(group)) else {
+            return GroupRoute::Unknown;
+        };
+        if slot.serving_term.load(Ordering::Acquire) != 0
+            && now_ms() < slot.lease_until.load(Ordering::Acquire)
+        {
+            return GroupRoute::Here;
+        }
+        match slot.leader.load(Ordering::Acquire) {
+            0 => GroupRoute::Unknown,
+            l if l == self.me => GroupRoute::Unknown,
+            l => GroupRoute::Leader(l),
+        }
+    }
+
+    /// The leader of `group` this node knows of.
+    pub fn leader(&self, group: u16) -> Option<NodeId> {
+        self.slots
+            .get(usize::from(group))
+            .map(|s| s.leader.load(Ordering::Acquire))
+            .filter(|l| *l != 0)
+    }
+
+    /// Records a leader learnt elsewhere (a node that answered it does not lead).
+    pub fn hint(&self, group: u16, leader: Option<NodeId>) {
+        if let Some(slot) = self.slots.get(usize::from(group)) {
+            slot.leader.store(leader.unwrap_or(0), Ordering::Release);
+        }
+    }
+
+    fn slot(&self, group: u16) -> Option<&Slot> {
+        self.slots.get(usize::from(group))
+    }
+}
+
+/// The shop as a group's host: folds, exports and installs partitions. Set once the shop
+/// has started (the groups exist before it, so that its first write is replicated).
+#[derive(Default)]
+pub struct ShopHost {
+    shop: OnceLock<Shop>,
+}
+
+impl ShopHost {
+    pub fn set(&self, shop: Shop) {
+        let _ = self.shop.set(shop);
+    }
+
+    fn shop(&self) -> Result<Shop, String> {
+        self.shop
+            .get()
+            .cloned()
+            .ok_or_else(|| "the shop has not started".to_string())
+    }
+}
+
+impl GroupHost for ShopHost {
+    fn checkpoint(&self, partition: u16) -> Result<(), String> {
+        let shop = self.shop()?;
+        shop.wal()
+            .checkpoint_partition_fully(partition, &mut shardmall_actors::shop::fold_entity)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    fn export(&self, partition: u16) -> BoxFuture<'static, Result<PartitionData, String>> {
+        let shop = self.shop();
+        Box::pin(async move {
+            shop?
+                .export_partition(partition)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn install(
+        &self,
+        partition: u16,
+        data: PartitionData,
+    ) -> BoxFuture<'static, Result<(), String>> {
+        let shop = self.shop();
+        Box::pin(async move {
+            shop?
+                .install_partition(partition, data)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// Serves the group's `partitions` here exactly while this replica leads it under a
+/// lease (see the module's documentation). Runs until the replica stops.
+pub async fn watch_group(
+    replica: Arc<GroupReplica>,
+    leaders: Arc<Leaders>,
+    shop: Shop,
+    partitions: Vec<u16>,
+    heartbeat: Duration,
+    lease: Duration,
+) {
+    let group = replica.group;
+    let Some(slot) = leaders.slot(group) else {
+        return;
+    };
+    let me = leaders.me;
+    let mut metrics = replica.raft.metrics();
+    let mut serving: Option<u64> = None;
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { break },
+            _ = tick.tick() => {}
+        }
+        let m = metrics.borrow().clone();
+        slot.leader
+            .store(m.current_leader.unwrap_or(0), Ordering::Release);
+        let leading = m.state == ServerState::Leader && m.current_leader == Some(me);
+        if !leading {
+            if serving.take().is_some() {
+                slot.serving_term.store(0, Ordering::Release);
+                fence(&shop, &partitions, group).await;
+            }
+            continue;
+        }
+        // A lease from a quorum's confirmation of a round started now.
+        let asked = now_ms();
+        if let Ok(Ok(_)) = tokio::time::timeout(lease, replica.raft.get_read_log_id()).await {
+            slot.lease_until
+                .fetch_max(asked + lease.as_millis() as u64, Ordering::AcqRel);
+        }
+        let caught_up = m
+            .last_applied
+            .is_some_and(|l| l.leader_id.term == m.current_term);
+        if caught_up && serving != Some(m.current_term) {
+            if serving.is_some() {
+                slot.serving_term.store(0, Ordering::Release);
+                fence(&shop, &partitions, group).await;
+            }
+            let mut all = true;
+            for p in &partitions {
+                if let Err(e) = shop.unfence_partition(*p).await {
+                    tracing::error!(group, partition = p, error = %e, "cannot serve a partition of a group this node leads");
+                    all = false;
+                }
+            }
+            if all {
+                serving = Some(m.current_term);
+                slot.serving_term.store(m.current_term, Ordering::Release);
+                tracing::info!(
+                    group,
+                    term = m.current_term,
+                    "leading the replica group; serving its partitions"
+                );
+            }
+        }
+    }
+    slot.serving_term.store(0, Ordering::Release);
+    fence(&shop, &partitions, group).await;
+}
+
+async fn fence(shop: &Shop, partitions: &[u16], group: u16) {
+    for p in partitions {
+        if let Err(e) = shop.fence_partition(*p).await {
+            tracing::error!(group, partition = p, error = %e, "cannot fence a partition of a group this node no longer leads");
+        }
+    }
+    tracing::info!(
+        group,
+        "no longer leading the replica group; its partitions are fenced"
+    );
+}
