@@ -29,6 +29,12 @@ const CATCH_UP: Duration = Duration::from_secs(1);
 /// After a node failed to answer, commands for it fail at once for this long instead of
 /// each waiting for a connection that will not come.
 const SUSPECT_FOR: Duration = Duration::from_secs(1);
+/// How long a command forwarded to a replica group's leader may take. A leader that has
+/// died is replaced within about a second and a half; a call must not wait for it much
+/// longer than that (the transport's own timeout is for any call) before the command is
+/// routed again, to the new leader. A timed-out command is not acknowledged: its
+/// idempotency key makes the client's retry safe.
+const GROUP_CALL_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Routes a node's shop through the cluster map. Cheap to clone.
 #[derive(Clone)]
@@ -142,7 +148,14 @@ impl Router for ClusterRouter {
                     .fetch_add(1, Ordering::Relaxed);
                 Err(ForwardError::Unavailable(why))
             };
-            let answer = match inner.transport.call(&owner.cluster_addr, frame).await {
+            let call = if map.is_replicated() {
+                inner
+                    .transport
+                    .call_for(&owner.cluster_addr, frame, GROUP_CALL_TIMEOUT)
+            } else {
+                inner.transport.call(&owner.cluster_addr, frame)
+            };
+            let answer = match call.await {
                 Ok(a) => {
                     lock(&inner.suspects).remove(&owner.node_id);
                     a

@@ -233,6 +233,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             wal.clone(),
             host.clone(),
             quic.clone(),
+            {
+                let control = control.clone();
+                Arc::new(move |id| {
+                    control
+                        .map()
+                        .members
+                        .get(&id)
+                        .map(|m| m.cluster_addr.clone())
+                })
+            },
         );
         let hook: Arc<dyn Replicate> = groups.clone();
         wal.set_replicate(&hook);

@@ -236,8 +236,13 @@ impl GroupReplica {
     }
 }
 
+/// A member's current cluster address, when known (a node that restarts on another
+/// address is reached there, not where its group first recorded it).
+pub type Resolve = Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>;
+
 /// Every group replica this node holds, and the log's hook into them.
 pub struct Groups {
+    resolve: Resolve,
     me: NodeId,
     settings: GroupSettings,
     wal: Wal,
@@ -257,12 +262,14 @@ impl Groups {
         wal: Wal,
         host: Arc<dyn GroupHost>,
         transport: Arc<dyn Transport>,
+        resolve: Resolve,
     ) -> Arc<Groups> {
         let mut recovered: BTreeMap<u16, Vec<_>> = BTreeMap::new();
         for (lsn, frame) in wal.take_raft_frames() {
             recovered.entry(frame.group).or_default().push((lsn, frame));
         }
         Arc::new(Groups {
+            resolve,
             me,
             settings,
             wal,
@@ -308,6 +315,7 @@ impl Groups {
         let network = network::GroupNetwork {
             group,
             transport: self.transport.clone(),
+            resolve: self.resolve.clone(),
         };
         let raft = Raft::new(self.me, self.settings.raft_config()?, network, log, sm)
             .await

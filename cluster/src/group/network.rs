@@ -48,6 +48,7 @@ pub(crate) enum GroupReply {
 pub(crate) struct GroupNetwork {
     pub(crate) group: u16,
     pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) resolve: super::Resolve,
 }
 
 impl RaftNetworkFactory<GroupConfig> for GroupNetwork {
@@ -59,6 +60,7 @@ impl RaftNetworkFactory<GroupConfig> for GroupNetwork {
             target,
             addr: node.addr.clone(),
             transport: self.transport.clone(),
+            resolve: self.resolve.clone(),
         }
     }
 }
@@ -66,8 +68,10 @@ impl RaftNetworkFactory<GroupConfig> for GroupNetwork {
 pub(crate) struct GroupPeer {
     group: u16,
     target: u64,
+    /// Where the group recorded the peer; the cluster map's address wins.
     addr: String,
     transport: Arc<dyn Transport>,
+    resolve: super::Resolve,
 }
 
 type RpcError<E = openraft::error::Infallible> = RPCError<u64, BasicNode, RaftError<u64, E>>;
@@ -83,16 +87,16 @@ impl GroupPeer {
             msg,
         });
         let frame = proto::encode(&Request::Group(body));
-        let answer =
-            tokio::time::timeout(option.hard_ttl(), self.transport.call(&self.addr, frame))
-                .await
-                .map_err(|_| {
-                    RPCError::Unreachable(Unreachable::new(&std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("{} did not answer in time", self.addr),
-                    )))
-                })?
-                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
+        let addr = (self.resolve)(self.target).unwrap_or_else(|| self.addr.clone());
+        let answer = tokio::time::timeout(option.hard_ttl(), self.transport.call(&addr, frame))
+            .await
+            .map_err(|_| {
+                RPCError::Unreachable(Unreachable::new(&std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("{addr} did not answer in time"),
+                )))
+            })?
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?;
         match proto::decode::<Response>(&answer) {
             Ok(Response::Group(body)) => proto::decode(&body).map_err(|e| network_error(&e)),
             Ok(other) => Err(network_error(&std::io::Error::other(format!(

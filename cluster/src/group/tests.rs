@@ -123,6 +123,7 @@ async fn start(net: &MemoryNet, id: NodeId, dir: PathBuf, snapshot_every: u64) -
         wal.clone(),
         Arc::new(Host(wal.clone())),
         Arc::new(net.endpoint(&addr(id))),
+        Arc::new(|_| None),
     );
     let hook: Arc<dyn shardmall_persistence::Replicate> = groups.clone();
     wal.set_replicate(&hook);
