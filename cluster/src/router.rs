@@ -210,20 +210,42 @@ impl Router for ClusterRouter {
         Box::pin(async move {
             let map = inner.control.map();
             let me = inner.me;
-            // Only nodes that own partitions hold anything to list.
-            let targets: Vec<Member> = match req.partition {
-                Some(p) => map
-                    .owner_member(p)
-                    .filter(|m| m.node_id != me)
-                    .cloned()
-                    .into_iter()
-                    .collect(),
-                None => map
-                    .members
-                    .values()
-                    .filter(|m| m.node_id != me && !map.owned_by(m.node_id).is_empty())
-                    .cloned()
-                    .collect(),
+            // Replicated: each node lists the groups it leads.
+            let targets: Vec<Member> = if map.is_replicated() {
+                match req.partition {
+                    Some(p) => match inner.leaders.route(map.group_of(p)) {
+                        GroupRoute::Here => Vec::new(),
+                        GroupRoute::Leader(l) => map.members.get(&l).cloned().into_iter().collect(),
+                        GroupRoute::Unknown => {
+                            return Err(ForwardError::Unavailable(format!(
+                                "replica group {} has no leader now",
+                                map.group_of(p)
+                            )))
+                        }
+                    },
+                    None => map
+                        .members
+                        .values()
+                        .filter(|m| m.node_id != me)
+                        .cloned()
+                        .collect(),
+                }
+            } else {
+                // Only nodes that own partitions hold anything to list.
+                match req.partition {
+                    Some(p) => map
+                        .owner_member(p)
+                        .filter(|m| m.node_id != me)
+                        .cloned()
+                        .into_iter()
+                        .collect(),
+                    None => map
+                        .members
+                        .values()
+                        .filter(|m| m.node_id != me && !map.owned_by(m.node_id).is_empty())
+                        .cloned()
+                        .collect(),
+                }
             };
             let mut calls = JoinSet::new();
             for m in targets {

@@ -225,4 +225,14 @@ async fn killing_a_campaigns_leader_loses_nothing_and_buys_resume_within_seconds
             assert_eq!(o["status"], "pending_payment", "{o}");
         }
     }
+    // Lists gather every group's leader: "my orders" and the catalog, from every node.
+    let (_, buyer, order) = &acked[acked.len() / 2];
+    for n in &nodes {
+        let (st, v) = n.get("/v1/orders", Some(&customer(buyer))).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["items"][0]["order_id"], order.as_str(), "{v}");
+        let (st, v) = n.get("/v1/products", None).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["items"][0]["product_id"], "rp", "{v}");
+    }
 }
