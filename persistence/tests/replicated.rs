@@ -62,13 +62,8 @@ async fn consensus_frames_come_back_in_order_after_a_restart_and_stay_out_of_the
     wal.shutdown().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_held_frame_keeps_its_segment_through_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
-    let wal = open(dir.path(), Durability::Sync);
-    let held = append_raft(&wal, frame(0, RaftFrameKind::Entries, &[7; 64])).await;
-    wal.hold_log_from(0, Some(held));
-    // Enough local records to roll many 4 KiB segments, all folded.
+/// Enough local records to roll many 4 KiB segments, all folded, then a release.
+async fn fill_fold_and_release(wal: &shardmall_persistence::Wal) {
     for i in 0..200u32 {
         wal.append(record(2, b"e", &i.to_be_bytes()))
             .await
@@ -82,6 +77,15 @@ async fn a_held_frame_keeps_its_segment_through_checkpoints() {
     })
     .unwrap();
     wal.release_log().unwrap();
+}
+
+#[tokio::test]
+async fn a_held_frame_keeps_its_segment_through_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let held = append_raft(&wal, frame(0, RaftFrameKind::Entries, &[7; 64])).await;
+    wal.hold_log_from(0, Some(held));
+    fill_fold_and_release(&wal).await;
     assert!(
         wal.folded_below() > held,
         "the data is folded past the frame"
@@ -95,19 +99,7 @@ async fn a_held_frame_keeps_its_segment_through_checkpoints() {
 
     // Released once no group holds it.
     wal.hold_log_from(0, None);
-    for i in 0..200u32 {
-        wal.append(record(2, b"e", &i.to_be_bytes()))
-            .await
-            .unwrap()
-            .durable()
-            .await
-            .unwrap();
-    }
-    wal.checkpoint_partition(2, &mut |_, _, tail| {
-        Ok(Some(tail.last().unwrap().1.clone()))
-    })
-    .unwrap();
-    wal.release_log().unwrap();
+    fill_fold_and_release(&wal).await;
     wal.shutdown().await.unwrap();
     drop(wal);
     let wal = open(dir.path(), Durability::Sync);
