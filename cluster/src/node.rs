@@ -418,6 +418,30 @@ impl ClusterNode {
         self.inner.replication.as_ref()
     }
 
+    /// The most entries a replica is behind in the groups this node leads (0 when it
+    /// leads none).
+    pub fn max_replication_lag(&self) -> u64 {
+        let Some(r) = &self.inner.replication else {
+            return 0;
+        };
+        r.groups
+            .running()
+            .into_iter()
+            .filter_map(|g| r.groups.replica(g))
+            .map(|replica| {
+                let m = replica.raft.metrics().borrow().clone();
+                let last = m.last_log_index.unwrap_or(0);
+                m.replication
+                    .iter()
+                    .flatten()
+                    .map(|(_, at)| last.saturating_sub(at.map_or(0, |l| l.index)))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// A partition the map handed to this node without its data (its owner was lost and
     /// forgotten at `epoch`) starts empty: whatever copy an earlier owner left here is
     /// cleared, once per such assignment (recorded in the log's metadata, so a restart

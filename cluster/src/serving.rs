@@ -61,6 +61,12 @@ struct Slot {
 pub struct Leaders {
     me: NodeId,
     slots: Vec<Slot>,
+    /// Changes of a group's leader this node's replicas saw.
+    pub leader_changes: AtomicU64,
+    /// Times this node started serving a group it was elected to lead.
+    pub takeovers: AtomicU64,
+    /// From this replica's election to serving, the last time (milliseconds).
+    pub last_takeover_ms: AtomicU64,
 }
 
 impl Leaders {
@@ -69,7 +75,17 @@ impl Leaders {
         Arc::new(Leaders {
             me,
             slots: (0..groups).map(|_| Slot::default()).collect(),
+            leader_changes: AtomicU64::new(0),
+            takeovers: AtomicU64::new(0),
+            last_takeover_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Groups this node serves now.
+    pub fn serving(&self) -> usize {
+        (0..self.slots.len() as u16)
+            .filter(|g| self.route(*g) == GroupRoute::Here)
+            .count()
     }
 
     /// Where `group` is served now. PERFORMANCE CRITICAL PATH: every command of a
@@ -181,6 +197,9 @@ pub async fn watch_group(
     let me = leaders.me;
     let mut metrics = replica.raft.metrics();
     let mut serving: Option<u64> = None;
+    let mut last_leader: Option<NodeId> = None;
+    // When this replica was elected, until it serves.
+    let mut elected_at: Option<u64> = None;
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -191,14 +210,22 @@ pub async fn watch_group(
         let m = metrics.borrow().clone();
         slot.leader
             .store(m.current_leader.unwrap_or(0), Ordering::Release);
+        if m.current_leader.is_some() && m.current_leader != last_leader {
+            if last_leader.is_some() {
+                leaders.leader_changes.fetch_add(1, Ordering::Relaxed);
+            }
+            last_leader = m.current_leader;
+        }
         let leading = m.state == ServerState::Leader && m.current_leader == Some(me);
         if !leading {
+            elected_at = None;
             if serving.take().is_some() {
                 slot.serving_term.store(0, Ordering::Release);
                 fence(&shop, &partitions, group).await;
             }
             continue;
         }
+        let elected = *elected_at.get_or_insert_with(now_ms);
         // A lease from a quorum's confirmation of a round started now.
         let asked = now_ms();
         if let Ok(Ok(_)) = tokio::time::timeout(lease, replica.raft.get_read_log_id()).await {
@@ -223,6 +250,10 @@ pub async fn watch_group(
             if all {
                 serving = Some(m.current_term);
                 slot.serving_term.store(m.current_term, Ordering::Release);
+                leaders.takeovers.fetch_add(1, Ordering::Relaxed);
+                leaders
+                    .last_takeover_ms
+                    .store(now_ms().saturating_sub(elected), Ordering::Relaxed);
                 tracing::info!(
                     group,
                     term = m.current_term,

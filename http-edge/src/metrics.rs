@@ -321,6 +321,44 @@ pub async fn render(state: &AppState) -> String {
         "counter",
         load(&c.handoff_micros) as f64 / 1e6,
     );
+    if let Some(r) = state.cluster.replication() {
+        scalar(
+            &mut out,
+            "shardmall_replica_groups_leading",
+            "gauge",
+            r.leaders.serving(),
+        );
+        scalar(
+            &mut out,
+            "shardmall_replica_groups_running",
+            "gauge",
+            r.groups.running().len(),
+        );
+        scalar(
+            &mut out,
+            "shardmall_replica_leader_changes_total",
+            "counter",
+            load(&r.leaders.leader_changes),
+        );
+        scalar(
+            &mut out,
+            "shardmall_replica_takeovers_total",
+            "counter",
+            load(&r.leaders.takeovers),
+        );
+        scalar(
+            &mut out,
+            "shardmall_replica_last_takeover_seconds",
+            "gauge",
+            load(&r.leaders.last_takeover_ms) as f64 / 1e3,
+        );
+        scalar(
+            &mut out,
+            "shardmall_replica_lag_entries_max",
+            "gauge",
+            state.cluster.max_replication_lag(),
+        );
+    }
     out.push_str("# TYPE shardmall_orders gauge\n");
     for (status, n) in m.orders_by_status() {
         let _ = writeln!(out, "shardmall_orders{{status=\"{status}\"}} {n}");

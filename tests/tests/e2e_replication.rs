@@ -36,6 +36,14 @@ async fn cluster_map(api: &Api) -> Value {
     v
 }
 
+/// A metric's value in Prometheus text.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
 /// The name of the node leading `group`, once every node agrees on one.
 async fn leader_of(nodes: &[&Node], group: u16) -> String {
     poll_until(
@@ -187,6 +195,14 @@ async fn killing_a_campaigns_leader_loses_nothing_and_buys_resume_within_seconds
             .map(|(t, _, _)| *t - killed)
     );
     assert!(gap < Duration::from_secs(5), "buys stopped for {gap:?}");
+    // The survivors took the dead node's groups over, and say so.
+    let mut takeovers = 0;
+    for (i, n) in nodes.iter().enumerate() {
+        if i != victim {
+            takeovers += metric(&n.metrics().await, "shardmall_replica_takeovers_total");
+        }
+    }
+    assert!(takeovers > 0, "no survivor reports a takeover");
 
     // The killed node comes back on its addresses and catches up from its own log.
     let name = names[victim];
