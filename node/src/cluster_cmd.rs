@@ -101,6 +101,55 @@ fn print_map(map: &Value) {
             n["cluster_addr"].as_str().unwrap_or("?"),
         );
     }
+    let groups = map["groups"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if groups.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "replication factor {}, {} replica groups",
+        map["replication_factor"],
+        groups.len()
+    );
+    println!(
+        "{:<6} {:<12} {:<30} {:<24} PARTITIONS",
+        "GROUP", "LEADER", "REPLICAS", "LAG"
+    );
+    for g in groups {
+        let names = |v: &Value| {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let lag = g["lag"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(node, n)| format!("{node}:{n}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let partitions = g["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        println!(
+            "{:<6} {:<12} {:<30} {:<24} {}",
+            g["group_id"],
+            g["leader"].as_str().unwrap_or("(none)"),
+            names(&g["replicas"]),
+            if lag.is_empty() { "-".into() } else { lag },
+            partitions
+        );
+    }
 }
 
 fn print_moves(report: &Value) {

@@ -88,6 +88,17 @@ async fn killing_a_campaigns_leader_loses_nothing_and_buys_resume_within_seconds
     for g in groups {
         assert_eq!(g["replicas"].as_array().map(Vec::len), Some(3), "{map}");
     }
+    let status = std::process::Command::new(shardmall_bin())
+        .args(["cluster", "status", "--url", &n3.base])
+        .env("SHARDMALL_TOKEN", operator())
+        .output()
+        .expect("shardmall cluster status");
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{table}");
+    assert!(
+        table.contains("replication factor 3, 16 replica groups") && table.contains("GROUP"),
+        "{table}"
+    );
 
     n1.create_product(&admin(), "rp", &[("rp-s", 100, UNITS + 10)])
         .await;

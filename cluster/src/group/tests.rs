@@ -458,22 +458,38 @@ mod faults {
             // everywhere, so is everything committed before it.
             for (p, e) in ENTITIES {
                 let group = group_of(p, GROUPS);
-                let replicas: Vec<Replica> =
-                    std::mem::take(&mut self.alive).into_values().collect();
-                let l = leader(&replicas, group).await;
-                let payload = format!("{}", self.next);
-                self.next += 1;
-                self.attempted.entry(e).or_default().push(payload.clone());
-                replicas[l]
-                    .wal
-                    .append(record(p, e, &payload))
-                    .await
-                    .unwrap()
-                    .durable()
-                    .await
-                    .unwrap_or_else(|err| panic!("seed {seed}: the settled group refused: {err}"));
-                self.acked.entry(e).or_default().push(payload);
-                self.alive = replicas.into_iter().map(|r| (r.id, r)).collect();
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    let replicas: Vec<Replica> =
+                        std::mem::take(&mut self.alive).into_values().collect();
+                    let l = leader(&replicas, group).await;
+                    let payload = format!("{}", self.next);
+                    self.next += 1;
+                    self.attempted.entry(e).or_default().push(payload.clone());
+                    let wal = replicas[l].wal.clone();
+                    self.alive = replicas.into_iter().map(|r| (r.id, r)).collect();
+                    // The leader found may lose its place before the write arrives
+                    // (a restarted replica's election): ask again.
+                    match wal
+                        .append(record(p, e, &payload))
+                        .await
+                        .unwrap()
+                        .durable()
+                        .await
+                    {
+                        Ok(_) => {
+                            self.acked.entry(e).or_default().push(payload);
+                            break;
+                        }
+                        Err(err) => {
+                            assert!(
+                                Instant::now() < deadline,
+                                "seed {seed}: the settled group keeps refusing: {err}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
             }
             for (p, e) in ENTITIES {
                 let last = self.acked[e].last().unwrap().clone();
