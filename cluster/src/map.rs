@@ -166,7 +166,9 @@ pub enum MapError {
     ReplicationSet,
     #[error("replication factor {0} is not 1, 3 or 5")]
     BadReplicationFactor(u8),
-    #[error("{groups} replica groups do not divide {partitions} partitions")]
+    #[error(
+        "{groups} replica groups for {partitions} partitions: between 1 and the partition count"
+    )]
     BadGroups { groups: u16, partitions: u16 },
     #[error(
         "a placement must name {want} replicas for each of {groups} groups, all active members"
