@@ -210,7 +210,15 @@ async fn writer(i: usize, target: Target, measure_from: Instant, until: Instant)
                 // The group may have a new leader: write through it from now on.
                 if let Target::Groups(replicas) = &target {
                     tokio::time::sleep(Duration::from_millis(10)).await;
-                    wal = replicas[leader(replicas, group).await].wal.clone();
+                    let l = leader(replicas, group).await;
+                    // As the node's serving watcher does after a write that was not
+                    // committed (there are no actors here to reload).
+                    if let Some(replica) = replicas[l].groups.replica(group) {
+                        if replica.poisoned() {
+                            replica.settle();
+                        }
+                    }
+                    wal = replicas[l].wal.clone();
                 }
             }
         }

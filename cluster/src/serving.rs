@@ -197,6 +197,9 @@ pub async fn watch_group(
     let me = leaders.me;
     let mut metrics = replica.raft.metrics();
     let mut serving: Option<u64> = None;
+    // The last term this replica served in (a reload after a failed write is no
+    // takeover).
+    let mut served_term: Option<u64> = None;
     let mut last_leader: Option<NodeId> = None;
     // When this replica was elected, until it serves.
     let mut elected_at: Option<u64> = None;
@@ -226,11 +229,30 @@ pub async fn watch_group(
             continue;
         }
         let elected = *elected_at.get_or_insert_with(now_ms);
-        // A lease from a quorum's confirmation of a round started now.
+        // A lease from a quorum's confirmation of a round started now; this replica
+        // grants no vote while it holds one (a voter elected meanwhile would serve
+        // beside it).
         let asked = now_ms();
         if let Ok(Ok(_)) = tokio::time::timeout(lease, replica.raft.get_read_log_id()).await {
-            slot.lease_until
-                .fetch_max(asked + lease.as_millis() as u64, Ordering::AcqRel);
+            let until = asked + lease.as_millis() as u64;
+            replica.hold_votes_until(until);
+            slot.lease_until.fetch_max(until, Ordering::AcqRel);
+        }
+        if replica.poisoned() {
+            // A write was not committed: the actors that decided it are ahead of the
+            // log. Fence (they go), and serve again from the log once nothing is in
+            // flight.
+            if serving.take().is_some() {
+                slot.serving_term.store(0, Ordering::Release);
+                fence(&shop, &partitions, group).await;
+            }
+            if !replica.settle() {
+                continue;
+            }
+            tracing::warn!(
+                group,
+                "a write of the replica group was not committed; its partitions were reloaded from the log"
+            );
         }
         let caught_up = m
             .last_applied
@@ -250,15 +272,18 @@ pub async fn watch_group(
             if all {
                 serving = Some(m.current_term);
                 slot.serving_term.store(m.current_term, Ordering::Release);
-                leaders.takeovers.fetch_add(1, Ordering::Relaxed);
-                leaders
-                    .last_takeover_ms
-                    .store(now_ms().saturating_sub(elected), Ordering::Relaxed);
-                tracing::info!(
-                    group,
-                    term = m.current_term,
-                    "leading the replica group; serving its partitions"
-                );
+                if served_term != Some(m.current_term) {
+                    served_term = Some(m.current_term);
+                    leaders.takeovers.fetch_add(1, Ordering::Relaxed);
+                    leaders
+                        .last_takeover_ms
+                        .store(now_ms().saturating_sub(elected), Ordering::Relaxed);
+                    tracing::info!(
+                        group,
+                        term = m.current_term,
+                        "leading the replica group; serving its partitions"
+                    );
+                }
             }
         }
     }

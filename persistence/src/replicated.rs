@@ -193,11 +193,18 @@ impl Wal {
     pub fn apply_replicated(&self, first: Lsn, records: Vec<Record>) -> Result<()> {
         let shared = self.shared();
         shared.check_failed()?;
-        for rec in &records {
-            keys::check_entity(&rec.entity)?;
-        }
         let mut aux = Vec::new();
         for (lsn, rec) in (first..).zip(records) {
+            // Checked before it was proposed ([`Wal::try_append_then`]); a committed record
+            // that still does not fit (written by a node that did not check) is left out
+            // with an error rather than stopping the group: every replica leaves it out.
+            if let Err(e) = std::iter::once(&rec.entity)
+                .chain(rec.also.iter().map(|p| &p.entity))
+                .try_for_each(|e| keys::check_entity(e))
+            {
+                tracing::error!(partition = rec.partition, lsn, error = %e, "a committed record is not applied");
+                continue;
+            }
             aux.extend(rec.aux.into_iter().map(|op| match op {
                 AuxOp::Put(k, v) => (keys::aux_key(&k).into(), Some(v.into())),
                 AuxOp::Delete(k) => (keys::aux_key(&k).into(), None),

@@ -194,6 +194,8 @@ impl Wal {
     ) -> Result<Option<QueueFull>> {
         let guard = CalledOnce(Some(Box::new(on_durable)));
         if let Some(replicate) = self.replicate_for(&rec) {
+            // Checked before it is proposed: a record its group committed must apply.
+            self.check(&rec)?;
             replicate.submit(rec, Box::new(guard.into_fn()));
             return Ok(None);
         }
@@ -211,6 +213,7 @@ impl Wal {
 
     async fn enqueue(&self, rec: Record, ack: AckTx) -> Result<()> {
         if let Some(replicate) = self.replicate_for(&rec) {
+            self.check(&rec)?;
             replicate.submit(rec, Box::new(move |outcome| ack.send(outcome)));
             return Ok(());
         }
@@ -218,8 +221,9 @@ impl Wal {
         self.inner.tx.send(msg).await.map_err(|_| Error::Closed)
     }
 
-    /// Checks that the log takes the record, and wraps it for the writer.
-    fn prepare(&self, rec: Record, ack: AckTx) -> Result<Msg> {
+    /// Checks that the log takes the record: it is open and sound, and every entity key
+    /// fits the key layout.
+    fn check(&self, rec: &Record) -> Result<()> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
@@ -228,6 +232,12 @@ impl Wal {
         for part in &rec.also {
             keys::check_entity(&part.entity)?;
         }
+        Ok(())
+    }
+
+    /// Checks that the log takes the record, and wraps it for the writer.
+    fn prepare(&self, rec: Record, ack: AckTx) -> Result<Msg> {
+        self.check(&rec)?;
         Ok(Msg::Append {
             rec: Prepared::new(rec),
             ack,

@@ -208,6 +208,44 @@ async fn records_of_replicated_partitions_go_to_the_hook() {
     wal.shutdown().await.unwrap();
 }
 
+/// A record its group commits must apply on every replica: one the log would refuse is
+/// refused before it is proposed, whichever of its entities does not fit.
+#[tokio::test]
+async fn a_record_the_log_would_refuse_never_reaches_the_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = open(dir.path(), Durability::Sync);
+    let hook = Arc::new(OddPartitions::default());
+    let dyn_hook: Arc<dyn Replicate> = hook.clone();
+    wal.set_replicate(&dyn_hook);
+    let too_long = vec![b'k'; usize::from(u16::MAX) + 1];
+    let refused = wal.append(record(1, &too_long, b"1")).await;
+    assert!(
+        matches!(
+            refused,
+            Err(shardmall_persistence::Error::EntityTooLong { .. })
+        ),
+        "{:?}",
+        refused.map(drop)
+    );
+    let mut with_part = record(3, b"ok", b"2");
+    with_part.also.push(shardmall_persistence::Part {
+        partition: 3,
+        entity: too_long,
+        payload: b"x".to_vec(),
+    });
+    let (tx, rx) = oneshot::channel();
+    let refused = wal.try_append_then(with_part, move |o| {
+        let _ = tx.send(o);
+    });
+    assert!(matches!(
+        refused,
+        Err(shardmall_persistence::Error::EntityTooLong { .. })
+    ));
+    assert!(rx.await.unwrap().is_err(), "the callback hears of it too");
+    assert!(hook.taken.lock().unwrap().is_empty(), "nothing proposed");
+    wal.shutdown().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_frame_reserves_one_lsn_per_record_and_a_checkpoint_between_them_loses_none() {
     let dir = tempfile::tempdir().unwrap();

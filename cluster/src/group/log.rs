@@ -76,6 +76,8 @@ struct State {
     entries: BTreeMap<u64, Stored>,
     vote: Option<Vote<u64>>,
     purged: Option<LogId<u64>>,
+    /// Why a frame could not be written: entries waiting for their lsn never get one.
+    failed: Option<String>,
 }
 
 /// The log of one group replica; clones share it.
@@ -215,6 +217,12 @@ impl GroupLog {
             notified.as_mut().enable();
             {
                 let state = self.state();
+                if let Some(why) = &state.failed {
+                    return Err(write_err(format!(
+                        "group {}: writing entry {log_id} failed: {why}",
+                        self.group
+                    )));
+                }
                 match state.entries.get(&log_id.index) {
                     Some(s) if s.entry.log_id == *log_id => {
                         if let Some(at) = s.at {
@@ -380,7 +388,12 @@ impl RaftLogStorage<GroupConfig> for GroupLog {
                     written.notify_waiters();
                     callback.log_io_completed(Ok(()));
                 }
-                Err(e) => callback.log_io_completed(Err(std::io::Error::other(e))),
+                Err(e) => {
+                    // Whoever waits for these entries' lsn learns they have none.
+                    state.lock().unwrap_or_else(|p| p.into_inner()).failed = Some(e.to_string());
+                    written.notify_waiters();
+                    callback.log_io_completed(Err(std::io::Error::other(e)));
+                }
             })
             .await
             .map_err(write_err)

@@ -15,6 +15,7 @@ pub(crate) mod sm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Cursor;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -166,6 +167,9 @@ pub struct GroupSettings {
     /// A snapshot (a checkpoint of the group's partitions) after this many entries; the
     /// log before it is then purged.
     pub snapshot_every: u64,
+    /// After a snapshot could not be made (a partition did not fold), the next attempt
+    /// waits this long.
+    pub snapshot_retry: Duration,
 }
 
 impl GroupSettings {
@@ -178,6 +182,7 @@ impl GroupSettings {
             election_max: Duration::from_millis(1000),
             max_batch: 512,
             snapshot_every: 20_000,
+            snapshot_retry: Duration::from_secs(10),
         }
     }
 
@@ -221,9 +226,61 @@ pub struct GroupReplica {
     pub group: u16,
     pub raft: Raft<GroupConfig>,
     proposals: mpsc::UnboundedSender<Proposal>,
+    flow: Arc<Flow>,
+    /// Until when (`serving::now_ms`) this replica refuses to vote (see
+    /// [`GroupReplica::refuses_votes`]).
+    no_votes_until: AtomicU64,
 }
 
+/// Records on their way through a group's proposer.
+#[derive(Default)]
+struct Flow {
+    /// Submitted, not yet answered.
+    pending: AtomicUsize,
+    /// A record was not committed: the entities that decided it hold state ahead of the
+    /// log, and records queued after it may build on it. Every record is refused until
+    /// the group's partitions have been reloaded ([`GroupReplica::settle`]).
+    poisoned: AtomicBool,
+}
+
+/// Records a group takes into its proposer's queue at most; beyond, a record is refused
+/// (the group is overloaded) rather than queued without bound.
+pub const MAX_PENDING: usize = 32_768;
+
 impl GroupReplica {
+    /// Whether a record was refused or not committed since the group's partitions were
+    /// last loaded: the group refuses every record until they are reloaded.
+    pub fn poisoned(&self) -> bool {
+        self.flow.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Once no record is in flight, takes records again: the caller has fenced the
+    /// group's partitions (their actors are gone) and loads them afresh. Answers whether
+    /// the group takes records now.
+    pub fn settle(&self) -> bool {
+        if self.flow.pending.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        self.flow.poisoned.store(false, Ordering::Release);
+        true
+    }
+
+    /// Records submitted and not yet answered.
+    pub fn pending(&self) -> usize {
+        self.flow.pending.load(Ordering::Acquire)
+    }
+
+    /// Whether this replica must refuse a vote now: while it holds (or may have granted)
+    /// a leader's lease, another replica elected could serve beside that leader.
+    pub fn refuses_votes(&self, now_ms: u64) -> bool {
+        now_ms < self.no_votes_until.load(Ordering::Acquire)
+    }
+
+    /// Refuses votes until `until_ms` at least: this replica leads under a lease until
+    /// then.
+    pub fn hold_votes_until(&self, until_ms: u64) {
+        self.no_votes_until.fetch_max(until_ms, Ordering::AcqRel);
+    }
     /// Whether this replica leads its group now (as far as it knows).
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
@@ -311,6 +368,7 @@ impl Groups {
             log.clone(),
             self.host.clone(),
             self.settings.partitions_of(group),
+            self.settings.snapshot_retry,
         )?;
         let network = network::GroupNetwork {
             group,
@@ -321,11 +379,25 @@ impl Groups {
             .await
             .map_err(|e| format!("starting replica group {group}: {e}"))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(propose(raft.clone(), rx, self.settings.max_batch));
+        let flow = Arc::new(Flow::default());
+        tokio::spawn(propose(
+            group,
+            raft.clone(),
+            rx,
+            flow.clone(),
+            self.settings.max_batch,
+        ));
+        // A replica that just started may have confirmed a leader's lease before it
+        // stopped (it keeps no record of when): it grants no vote for as long as that
+        // lease can last, or a new leader could serve beside the old one.
+        let no_votes_until =
+            crate::serving::now_ms() + self.settings.election_max.as_millis() as u64;
         let replica = Arc::new(GroupReplica {
             group,
             raft,
             proposals: tx,
+            flow,
+            no_votes_until: AtomicU64::new(no_votes_until),
         });
         let mut by_group = self.by_group.write().unwrap_or_else(|p| p.into_inner());
         Ok(by_group.entry(group).or_insert(replica).clone())
@@ -396,9 +468,26 @@ impl Replicate for Groups {
         }
         match self.replica(group) {
             Some(replica) => {
+                let flow = &replica.flow;
+                if flow.poisoned.load(Ordering::Acquire) {
+                    done(Err(WalError::Replication(format!(
+                        "replica group {group} is reloading its partitions after a write that was not committed"
+                    ))));
+                    return;
+                }
+                if flow.pending.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING {
+                    // The entity that decided this record is ahead of the log now.
+                    flow.poisoned.store(true, Ordering::Release);
+                    flow.pending.fetch_sub(1, Ordering::AcqRel);
+                    done(Err(WalError::Replication(format!(
+                        "replica group {group} is overloaded: {MAX_PENDING} records wait for consensus"
+                    ))));
+                    return;
+                }
                 if let Err(mpsc::error::SendError(p)) =
                     replica.proposals.send(Proposal { rec, done })
                 {
+                    flow.pending.fetch_sub(1, Ordering::AcqRel);
                     (p.done)(Err(WalError::Replication(format!(
                         "replica group {group} is shutting down"
                     ))));
@@ -425,8 +514,10 @@ const IN_FLIGHT: usize = 1;
 /// queue order (records of one entity keep their order), and answers each record once its
 /// entry is applied here.
 async fn propose(
+    group: u16,
     raft: Raft<GroupConfig>,
     mut rx: mpsc::UnboundedReceiver<Proposal>,
+    flow: Arc<Flow>,
     max_batch: usize,
 ) {
     let window = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
@@ -438,6 +529,17 @@ async fn propose(
         if rx.recv_many(&mut queued, max_batch).await == 0 {
             return;
         }
+        let taken = queued.len();
+        if flow.poisoned.load(Ordering::Acquire) {
+            // Queued behind a record that was not committed: they may build on it.
+            for p in queued.drain(..) {
+                (p.done)(Err(WalError::Replication(format!(
+                    "replica group {group} is reloading its partitions after a write that was not committed"
+                ))));
+            }
+            flow.pending.fetch_sub(taken, Ordering::AcqRel);
+            continue;
+        }
         let (records, waiters): (Vec<WireRecord>, Vec<_>) = queued
             .drain(..)
             .map(|p| (WireRecord::from(p.rec), p.done))
@@ -445,19 +547,26 @@ async fn propose(
         let answer = match raft.client_write_ff(Batch(records)).await {
             Ok(rx) => rx,
             Err(e) => {
+                flow.poisoned.store(true, Ordering::Release);
                 let msg = e.to_string();
                 for done in waiters {
                     done(Err(WalError::Replication(msg.clone())));
                 }
+                flow.pending.fetch_sub(taken, Ordering::AcqRel);
                 continue;
             }
         };
+        let flow = flow.clone();
         tokio::spawn(async move {
             let outcome = match answer.await {
                 Ok(Ok(written)) => Ok(written.data.0),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("the replica group stopped".to_string()),
             };
+            if outcome.is_err() {
+                // Before the next entry may be proposed (the slot is still held).
+                flow.poisoned.store(true, Ordering::Release);
+            }
             drop(slot);
             // Record `i` of the entry was applied at its first lsn plus `i`.
             for (i, done) in (0u64..).zip(waiters) {
@@ -468,6 +577,7 @@ async fn propose(
                         .map_err(WalError::Replication),
                 );
             }
+            flow.pending.fetch_sub(taken, Ordering::AcqRel);
         });
     }
 }

@@ -18,7 +18,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
-use super::{GroupConfig, Groups};
+use super::{GroupConfig, GroupReplica, Groups};
 use crate::proto::{self, Request, Response};
 use crate::transport::{BoxFuture, Transport};
 
@@ -185,6 +185,9 @@ pub async fn answer(groups: &Groups, body: Vec<u8>) -> Response {
         None => GroupReply::NoReplica,
         Some(replica) => match envelope.msg {
             GroupMsg::Append(rpc) => GroupReply::Append(replica.raft.append_entries(rpc).await),
+            GroupMsg::Vote(_) if replica.refuses_votes(crate::serving::now_ms()) => {
+                GroupReply::Vote(Ok(refusal(&replica)))
+            }
             GroupMsg::Vote(rpc) => GroupReply::Vote(replica.raft.vote(rpc).await),
             GroupMsg::Snapshot(rpc) => {
                 GroupReply::Snapshot(replica.raft.install_snapshot(rpc).await)
@@ -192,4 +195,17 @@ pub async fn answer(groups: &Groups, body: Vec<u8>) -> Response {
         },
     };
     Response::Group(proto::encode(&reply))
+}
+
+/// A vote this replica does not grant: it holds a leader's lease (or may have confirmed
+/// one before it restarted), see [`GroupReplica::refuses_votes`]. It names this
+/// replica's own vote, which the candidate's is above: the candidate neither counts it
+/// nor steps down for it, and asks again at its next election.
+fn refusal(replica: &GroupReplica) -> VoteResponse<u64> {
+    let vote = replica.raft.metrics().borrow().vote;
+    VoteResponse {
+        vote,
+        vote_granted: false,
+        last_log_id: None,
+    }
 }

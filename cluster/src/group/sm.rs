@@ -40,6 +40,10 @@ pub(crate) struct GroupSm {
     last_applied: Option<LogId<u64>>,
     membership: Membership,
     current: Option<(SnapshotMeta<u64, BasicNode>, Vec<u8>)>,
+    /// When a snapshot could not be made last (see [`GroupSm::build`]).
+    build_failed_at: Option<std::time::Instant>,
+    /// How long after a failed snapshot the next is tried.
+    retry_build: std::time::Duration,
 }
 
 impl GroupSm {
@@ -49,6 +53,7 @@ impl GroupSm {
         log: GroupLog,
         host: Arc<dyn GroupHost>,
         partitions: Vec<u16>,
+        retry_build: std::time::Duration,
     ) -> Result<GroupSm, String> {
         let last_applied = meta_get(&wal, group, "floor")?;
         let membership = meta_get(&wal, group, "membership")?.unwrap_or_default();
@@ -61,6 +66,8 @@ impl GroupSm {
             last_applied,
             membership,
             current: None,
+            build_failed_at: None,
+            retry_build,
         })
     }
 
@@ -179,7 +186,51 @@ impl RaftStateMachine<GroupConfig> for GroupSm {
 }
 
 impl GroupSm {
+    /// A snapshot of the state at `last_applied`; when one cannot be made now (a
+    /// partition does not fold, the store does not flush), the last one made, which
+    /// openraft takes as nothing new: a failed build MUST NOT stop the group (openraft
+    /// treats a builder's error as fatal). It is tried again at the next trigger, not
+    /// sooner than `retry_build` later (each attempt folds every partition of the group).
     async fn build(&mut self) -> StorageResult<Snapshot<GroupConfig>> {
+        let recent_failure = self
+            .build_failed_at
+            .is_some_and(|at| at.elapsed() < self.retry_build);
+        if !recent_failure {
+            match self.try_build().await {
+                Ok(snapshot) => {
+                    self.build_failed_at = None;
+                    return Ok(snapshot);
+                }
+                Err(e) => {
+                    tracing::warn!(group = self.group, error = %e, "no snapshot of the replica group this time; its log is kept until one is made");
+                    self.build_failed_at = Some(std::time::Instant::now());
+                }
+            }
+        }
+        Ok(self.last_snapshot())
+    }
+
+    /// The snapshot made last, or one that claims nothing (no last log id).
+    fn last_snapshot(&self) -> Snapshot<GroupConfig> {
+        match &self.current {
+            Some((meta, data)) => Snapshot {
+                meta: meta.clone(),
+                snapshot: Box::new(Cursor::new(data.clone())),
+            },
+            None => Snapshot {
+                meta: SnapshotMeta {
+                    last_log_id: None,
+                    last_membership: self.membership.clone(),
+                    snapshot_id: format!("{}-none", self.group),
+                },
+                snapshot: Box::new(Cursor::new(
+                    encode(&SnapshotData::new()).unwrap_or_default(),
+                )),
+            },
+        }
+    }
+
+    async fn try_build(&mut self) -> StorageResult<Snapshot<GroupConfig>> {
         if !self.checkpoint_all().await? {
             return Err(write_err(format!(
                 "group {}: not every record folded; the snapshot waits",

@@ -28,10 +28,14 @@ fn fold() -> Fold {
     })
 }
 
-struct Host(Wal);
+/// The test's host; `fail` makes every checkpoint fail (a partition that does not fold).
+struct Host(Wal, Arc<std::sync::atomic::AtomicBool>);
 
 impl GroupHost for Host {
     fn checkpoint(&self, partition: u16) -> Result<(), String> {
+        if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(format!("partition {partition} does not fold"));
+        }
         let mut f = fold();
         self.0
             .checkpoint_partition_fully(partition, &mut f)
@@ -82,6 +86,8 @@ struct Replica {
     dir: PathBuf,
     wal: Wal,
     groups: Arc<Groups>,
+    /// Makes this replica's checkpoints fail.
+    fail_folds: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn addr(id: NodeId) -> String {
@@ -94,6 +100,7 @@ fn settings(snapshot_every: u64) -> GroupSettings {
     s.election_min = Duration::from_millis(200);
     s.election_max = Duration::from_millis(400);
     s.snapshot_every = snapshot_every;
+    s.snapshot_retry = Duration::from_millis(100);
     s
 }
 
@@ -117,11 +124,12 @@ async fn open_wal(dir: &Path) -> Wal {
 
 async fn start(net: &MemoryNet, id: NodeId, dir: PathBuf, snapshot_every: u64) -> Replica {
     let wal = open_wal(&dir).await;
+    let fail_folds = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let groups = Groups::new(
         id,
         settings(snapshot_every),
         wal.clone(),
-        Arc::new(Host(wal.clone())),
+        Arc::new(Host(wal.clone(), fail_folds.clone())),
         Arc::new(net.endpoint(&addr(id))),
         Arc::new(|_| None),
     );
@@ -136,6 +144,7 @@ async fn start(net: &MemoryNet, id: NodeId, dir: PathBuf, snapshot_every: u64) -
         dir,
         wal,
         groups,
+        fail_folds,
     }
 }
 
@@ -182,12 +191,27 @@ fn record(partition: u16, entity: &str, payload: &str) -> Record {
     }
 }
 
+/// What the node's serving watcher does once a write was not committed: the group's
+/// partitions are reloaded (here there is nothing to reload), then it takes records
+/// again once none is in flight.
+async fn settle(r: &Replica, p: u16) {
+    let Some(replica) = r.groups.replica(group_of(p, GROUPS)) else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replica.poisoned() && !replica.settle() {
+        assert!(Instant::now() < deadline, "records stay in flight");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Writes `n` records to entity `e` of partition `p` through the leader's log, one after
 /// the other, and answers the payloads acknowledged.
 async fn write(r: &Replica, p: u16, e: &str, from: usize, n: usize) -> Vec<String> {
     let mut acked = Vec::new();
     for i in from..from + n {
         let payload = format!("{i}");
+        settle(r, p).await;
         let ack = r.wal.append(record(p, e, &payload)).await.unwrap();
         let lsn: Lsn = ack.durable().await.unwrap();
         assert!(lsn > 0);
@@ -305,6 +329,53 @@ async fn every_replica_restarts_with_what_was_acknowledged_across_snapshots() {
     }
 }
 
+/// A snapshot that cannot be made (a partition does not fold) leaves the group taking
+/// writes, its log kept; once folds work again the next snapshot purges it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_cannot_be_made_does_not_stop_the_group() {
+    let root = tempfile::tempdir().unwrap();
+    let net = MemoryNet::new();
+    let replicas = cluster(&net, root.path(), 5).await;
+    for r in &replicas {
+        r.fail_folds
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let l = leader(&replicas, 0).await;
+    // Many snapshot triggers, every build failing.
+    let mut acked = write(&replicas[l], 2, "sku-9", 0, 30).await;
+    for r in &replicas {
+        converges(r, 2, "sku-9", &acked).await;
+        let m = r.groups.replica(0).unwrap().raft.metrics().borrow().clone();
+        assert!(
+            m.snapshot.is_none(),
+            "no snapshot was made: {:?}",
+            m.snapshot
+        );
+        assert!(m.purged.is_none(), "nothing purged without a snapshot");
+    }
+    for r in &replicas {
+        r.fail_folds
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+    let l = leader(&replicas, 0).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    acked.extend(write(&replicas[l], 2, "sku-9", 30, 10).await);
+    let mut metrics = replicas[l].groups.replica(0).unwrap().raft.metrics();
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        metrics.wait_for(|m| m.snapshot.is_some_and(|s| s.index >= 30)),
+    )
+    .await
+    .expect("a snapshot once folds work again")
+    .unwrap();
+    for r in &replicas {
+        converges(r, 2, "sku-9", &acked).await;
+    }
+    for r in replicas {
+        stop(&net, r).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_lost_its_disk_is_rebuilt_from_a_snapshot() {
     let root = tempfile::tempdir().unwrap();
@@ -407,6 +478,7 @@ mod faults {
                 let payload = format!("{}", self.next);
                 self.next += 1;
                 self.attempted.entry(e).or_default().push(payload.clone());
+                settle(r, p).await;
                 let wal = r.wal.clone();
                 let rec = record(p, e, &payload);
                 let outcome = tokio::time::timeout(Duration::from_secs(2), async move {
@@ -466,6 +538,7 @@ mod faults {
                     let payload = format!("{}", self.next);
                     self.next += 1;
                     self.attempted.entry(e).or_default().push(payload.clone());
+                    settle(&replicas[l], p).await;
                     let wal = replicas[l].wal.clone();
                     self.alive = replicas.into_iter().map(|r| (r.id, r)).collect();
                     // The leader found may lose its place before the write arrives
@@ -585,5 +658,93 @@ mod faults {
             rt.block_on(run(seed));
             rt.shutdown_timeout(Duration::from_secs(5));
         }
+    }
+}
+
+/// A replica that just started may have confirmed a leader's lease before it stopped: it
+/// grants no vote until that lease has run out (the election timeout), then votes as Raft
+/// says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_grants_no_vote_while_a_lease_it_confirmed_may_hold() {
+    use openraft::raft::{VoteRequest, VoteResponse};
+    use openraft::Vote;
+
+    let root = tempfile::tempdir().unwrap();
+    let net = MemoryNet::new();
+    let r = start(&net, 1, root.path().join("n1"), 20_000).await;
+    let ask = || async {
+        let body = proto::encode(&network::GroupEnvelope {
+            group: 0,
+            msg: network::GroupMsg::Vote(VoteRequest::new(Vote::new(7, 2), None)),
+        });
+        let Response::Group(reply) = answer(&r.groups, body).await else {
+            panic!("not a group answer");
+        };
+        match proto::decode::<network::GroupReply>(&reply).unwrap() {
+            network::GroupReply::Vote(Ok(v)) => v,
+            other => panic!("{other:?}"),
+        }
+    };
+    let refused: VoteResponse<u64> = ask().await;
+    assert!(!refused.vote_granted, "{refused:?}");
+    tokio::time::sleep(settings(20_000).election_max).await;
+    let granted = ask().await;
+    assert!(granted.vote_granted, "{granted:?}");
+    stop(&net, r).await;
+}
+
+/// A record a group does not commit leaves the entity that decided it ahead of the log:
+/// the group refuses every later record (they may build on it) until the node has
+/// reloaded the group's partitions and nothing is in flight. The overload bound is one
+/// such refusal.
+#[tokio::test(flavor = "current_thread")]
+async fn an_uncommitted_record_stops_the_group_until_it_is_settled() {
+    let root = tempfile::tempdir().unwrap();
+    let net = MemoryNet::new();
+    let replicas = cluster(&net, root.path(), 20_000).await;
+    let l = leader(&replicas, 1).await;
+    let replica = replicas[l].groups.replica(1).unwrap();
+    // Queued without yielding: the proposer cannot take any before the bound is hit.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for i in 0..MAX_PENDING + 10 {
+        let tx = tx.clone();
+        let queued = replicas[l]
+            .wal
+            .try_append_then(record(3, "sku-q", &i.to_string()), move |o| {
+                let _ = tx.send((i, o));
+            })
+            .unwrap();
+        assert!(queued.is_none());
+    }
+    drop(tx);
+    assert!(replica.poisoned(), "the bound was hit");
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    while let Some((i, outcome)) = rx.recv().await {
+        match outcome {
+            Ok(_) => acked.push(i.to_string()),
+            Err(shardmall_persistence::Error::Replication(_)) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(acked.len() + refused, MAX_PENDING + 10);
+    assert!(refused >= 10, "the records past the bound are refused");
+    assert_eq!(replica.pending(), 0);
+    // Still refusing until settled.
+    let still = replicas[l]
+        .wal
+        .append(record(3, "sku-q", "late"))
+        .await
+        .unwrap()
+        .durable()
+        .await;
+    assert!(still.is_err(), "{still:?}");
+    assert!(replica.settle());
+    acked.extend(write(&replicas[l], 3, "sku-q", 100_000, 3).await);
+    for r in &replicas {
+        converges(r, 3, "sku-q", &acked).await;
+    }
+    for r in replicas {
+        stop(&net, r).await;
     }
 }
