@@ -162,7 +162,11 @@ pub struct GroupStatus {
     pub partitions: Vec<u16>,
     /// The leader's name as this node knows it, `null` while there is none.
     pub leader: Option<String>,
+    /// Where the map places the group's replicas.
     pub replicas: Vec<String>,
+    /// The group's voting members as this node's replica knows them (empty when it holds
+    /// none): equal to `replicas` once a move has finished.
+    pub voters: Vec<String>,
     /// Entries each replica is behind the leader's log; known when this node leads.
     pub lag: BTreeMap<String, u64>,
 }
@@ -217,6 +221,9 @@ impl ClusterNode {
     pub fn start(&self) {
         let node = self.clone();
         tokio::spawn(async move { node.follow_map().await });
+        if self.inner.replication.is_some() {
+            tokio::spawn(self.clone().keep_group_members());
+        }
     }
 
     pub fn me(&self) -> &Member {
@@ -355,11 +362,20 @@ impl ClusterNode {
             return;
         };
         let me = inner.me.node_id;
-        if map.replicas.is_empty() {
-            let active: Vec<NodeId> = map.active_members().map(|m| m.node_id).collect();
-            if active.len() >= usize::from(map.copies()) && inner.control.leader() == Some(me) {
-                let empty = vec![Vec::new(); usize::from(map.groups)];
-                let plan = crate::placement::plan(&empty, &active, usize::from(map.copies()));
+        // The control plane's leader places the groups once enough members are active,
+        // and places them again when a member is gone or leaving (its replicas go to
+        // the least loaded active members); each group's leader then moves its
+        // membership to match (`keep_group_members`).
+        let active: Vec<NodeId> = map.active_members().map(|m| m.node_id).collect();
+        let copies = usize::from(map.copies());
+        if active.len() >= copies && inner.control.leader() == Some(me) {
+            let current = if map.replicas.is_empty() {
+                vec![Vec::new(); usize::from(map.groups)]
+            } else {
+                map.replicas.clone()
+            };
+            let plan = crate::placement::plan(&current, &active, copies);
+            if plan.groups != map.replicas {
                 let node = self.clone();
                 tokio::spawn(async move {
                     match node
@@ -375,6 +391,8 @@ impl ClusterNode {
                     }
                 });
             }
+        }
+        if map.replicas.is_empty() {
             return;
         }
         let settings = r.groups.settings().clone();
@@ -409,6 +427,41 @@ impl ClusterNode {
                         tracing::error!(group = g, error = %e, "cannot form a replica group");
                     }
                 });
+            }
+        }
+    }
+
+    /// Every second, moves the membership of each group this node leads towards the
+    /// replicas the map places it on: a replica placed on a new member joins as a
+    /// learner, catches up, then becomes a voter in place of the one it replaces.
+    async fn keep_group_members(self) {
+        let Some(r) = self.inner.replication.as_ref() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let map = self.map();
+            if !map.is_replicated() || map.replicas.is_empty() {
+                continue;
+            }
+            for g in r.groups.running() {
+                let placed = map.replicas_of(g);
+                let want: BTreeMap<NodeId, String> = placed
+                    .iter()
+                    .filter_map(|n| map.members.get(n).map(|m| (*n, m.cluster_addr.clone())))
+                    .collect();
+                if want.len() != placed.len() {
+                    continue;
+                }
+                match r.groups.place(g, &want).await {
+                    Ok(crate::group::Placed::Changed) => {
+                        tracing::info!(group = g, replicas = ?placed, "replica group moved to its placement");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(group = g, error = %e, "moving a replica group"),
+                }
             }
         }
     }
@@ -916,6 +969,7 @@ impl ClusterNode {
         (0..map.groups)
             .map(|g| {
                 let mut lag = BTreeMap::new();
+                let mut voters = Vec::new();
                 if let Some(replica) = r.groups.replica(g) {
                     let m = replica.raft.metrics().borrow().clone();
                     let last = m.last_log_index.unwrap_or(0);
@@ -923,12 +977,19 @@ impl ClusterNode {
                         let at = matched.map_or(0, |l| l.index);
                         lag.insert(name(*id), last.saturating_sub(at));
                     }
+                    voters = m
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .map(name)
+                        .collect();
                 }
                 GroupStatus {
                     group_id: g,
                     partitions: r.groups.settings().partitions_of(g),
                     leader: r.leaders.leader(g).map(name),
                     replicas: map.replicas_of(g).iter().map(|n| name(*n)).collect(),
+                    voters,
                     lag,
                 }
             })
@@ -949,6 +1010,14 @@ impl ClusterNode {
     /// Spreads the partitions evenly over the active members (and empties leaving
     /// ones), moving as few as possible.
     pub async fn rebalance(&self) -> RebalanceReport {
+        if self.map().is_replicated() {
+            // Replicas are placed by the control plane's leader whenever members change
+            // (`reconcile_groups`); partitions are not handed over one by one.
+            return RebalanceReport {
+                epoch: self.map().epoch,
+                ..RebalanceReport::default()
+            };
+        }
         // Planned on the cluster's latest map, not on what this node has applied so far:
         // a member that joined a moment ago must get its share.
         let map = match self.inner.control.latest().await {
@@ -1057,6 +1126,13 @@ impl ClusterNode {
     pub async fn leave(&self, name: &str) -> Result<RebalanceReport, ClusterError> {
         let member = self.member_named(name)?;
         let map = self.map();
+        if map.is_replicated() {
+            // Handoffs move partitions between single copies; replicas move by their
+            // groups' membership changes, which `remove` starts.
+            return Err(ClusterError::Conflict(format!(
+                "a replicated cluster does not hand partitions over: stop {name}, then                  `shardmall cluster remove {name}` places its replicas on the other members                  (the groups it led elect a new leader within seconds)"
+            )));
+        }
         if map
             .active_members()
             .filter(|m| m.node_id != member.node_id)
@@ -1110,6 +1186,9 @@ impl ClusterNode {
     pub async fn remove(&self, name: &str, force: bool) -> Result<ClusterStatus, ClusterError> {
         let member = self.member_named(name)?;
         let map = self.map();
+        if map.is_replicated() {
+            return self.remove_replica_holder(&member, &map, force).await;
+        }
         let owned = map.owned_by(member.node_id).len();
         let cmd = if owned == 0 {
             MapCommand::RemoveMember {
@@ -1136,6 +1215,54 @@ impl ClusterNode {
             }
         };
         let map = self.inner.control.remove_node(member.node_id, cmd).await?;
+        self.caught_up(map.epoch).await;
+        Ok(self.status().await)
+    }
+
+    /// [`ClusterNode::remove`] in a replicated cluster: a member that is down loses
+    /// nothing when it goes (its groups keep a majority on the others), so `force` is
+    /// only needed while too few members would be left to hold every group's replicas;
+    /// its replicas are placed on the other members once enough are active, and rebuilt
+    /// there from the survivors (`keep_group_members`).
+    async fn remove_replica_holder(
+        &self,
+        member: &Member,
+        map: &ClusterMap,
+        force: bool,
+    ) -> Result<ClusterStatus, ClusterError> {
+        let name = &member.name;
+        if member.node_id == self.inner.me.node_id || self.probe(member).await {
+            return Err(ClusterError::Conflict(format!(
+                "{name} is up: use `shardmall cluster leave {name}` to move its replicas first"
+            )));
+        }
+        let others = map
+            .active_members()
+            .filter(|m| m.node_id != member.node_id)
+            .count();
+        let copies = usize::from(map.copies());
+        if others < copies && !force {
+            return Err(ClusterError::Conflict(format!(
+                "{name} is down; without it {others} active members are left for {copies} replicas per group:                  restart it with its data dir, or remove it with force=true and join a fresh node,                  which rebuilds its replicas from the others"
+            )));
+        }
+        let to: Vec<NodeId> = map
+            .active_members()
+            .map(|m| m.node_id)
+            .filter(|id| *id != member.node_id)
+            .collect();
+        tracing::warn!(node = %name, "removing a lost node: its replicas are rebuilt on the others");
+        let map = self
+            .inner
+            .control
+            .remove_node(
+                member.node_id,
+                MapCommand::ForgetMember {
+                    node: member.node_id,
+                    to,
+                },
+            )
+            .await?;
         self.caught_up(map.epoch).await;
         Ok(self.status().await)
     }

@@ -141,11 +141,35 @@ fn print_map(map: &Value) {
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
             .join(",");
+        // A replica move in progress: the placement and the voters differ.
+        let mut placed: Vec<&str> = g["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let mut voting: Vec<&str> = g["voters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        placed.sort_unstable();
+        voting.sort_unstable();
+        let replicas = if voting.is_empty() || placed == voting {
+            names(&g["replicas"])
+        } else {
+            format!(
+                "{} (moving from {})",
+                names(&g["replicas"]),
+                voting.join(",")
+            )
+        };
         println!(
             "{:<6} {:<12} {:<30} {:<24} {}",
             g["group_id"],
             g["leader"].as_str().unwrap_or("(none)"),
-            names(&g["replicas"]),
+            replicas,
             if lag.is_empty() { "-".into() } else { lag },
             partitions
         );

@@ -293,6 +293,23 @@ impl GroupReplica {
     }
 }
 
+/// How far a replica joining a group may be behind the leader's log when it becomes a
+/// voter: the last entries reach it within a round trip.
+pub const CAUGHT_UP: u64 = 64;
+
+/// Where [`Groups::place`] left a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// This replica does not lead the group: its leader places it.
+    NotLeader,
+    /// The voters are the replicas wanted.
+    Done,
+    /// A replica joining is still catching up as a learner.
+    CatchingUp,
+    /// The voters were changed to the replicas wanted.
+    Changed,
+}
+
 /// A member's current cluster address, when known (a node that restarts on another
 /// address is reached there, not where its group first recorded it).
 pub type Resolve = Arc<dyn Fn(NodeId) -> Option<String> + Send + Sync>;
@@ -420,6 +437,65 @@ impl Groups {
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
             Err(e) => Err(format!("forming replica group {group}: {e}")),
         }
+    }
+
+    /// Moves `group`'s membership one step towards `want` (id and cluster address of the
+    /// replicas the map places it on), when this replica leads it: a replica it lacks
+    /// joins as a learner and catches up from a snapshot and the log; once every such
+    /// learner is within [`CAUGHT_UP`] entries of the leader's log, the voters become
+    /// exactly `want` (openraft's joint consensus: a majority of the old and of the new
+    /// set). Called again until it answers [`Placed::Done`].
+    pub async fn place(
+        &self,
+        group: u16,
+        want: &BTreeMap<NodeId, String>,
+    ) -> Result<Placed, String> {
+        let Some(replica) = self.replica(group) else {
+            return Ok(Placed::NotLeader);
+        };
+        let m = replica.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.me) {
+            return Ok(Placed::NotLeader);
+        }
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let wanted: BTreeSet<NodeId> = want.keys().copied().collect();
+        if voters == wanted && membership.get_joint_config().len() == 1 {
+            return Ok(Placed::Done);
+        }
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let mut joining = false;
+        for (id, addr) in want {
+            if !voters.contains(id) && !learners.contains(id) {
+                replica
+                    .raft
+                    .add_learner(*id, BasicNode::new(addr), false)
+                    .await
+                    .map_err(|e| format!("adding node {id} to group {group}: {e}"))?;
+                joining = true;
+            }
+        }
+        if joining {
+            return Ok(Placed::CatchingUp);
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        let behind = wanted.iter().filter(|id| !voters.contains(id)).any(|id| {
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(id).copied().flatten())
+                .map_or(0, |l| l.index);
+            last.saturating_sub(matched) > CAUGHT_UP
+        });
+        if behind {
+            return Ok(Placed::CatchingUp);
+        }
+        replica
+            .raft
+            .change_membership(wanted, false)
+            .await
+            .map_err(|e| format!("changing the replicas of group {group}: {e}"))?;
+        Ok(Placed::Changed)
     }
 
     /// Stops every replica (their state stays in the log).

@@ -34,8 +34,11 @@ pub struct ClusterGroup {
     pub partitions: Vec<u16>,
     /// The node leading it as the answering node knows; `null` while none is known.
     pub leader: Option<String>,
-    /// The nodes holding a replica.
+    /// The nodes the group's replicas are placed on.
     pub replicas: Vec<String>,
+    /// The group's voting members as the answering node's replica knows them (empty when
+    /// it holds none): equal to `replicas` once a replica move has finished.
+    pub voters: Vec<String>,
     /// Log entries each replica is behind its leader: filled in when the answering node
     /// leads the group.
     #[schema(value_type = Object)]
@@ -73,6 +76,7 @@ impl From<ClusterStatus> for ClusterMap {
                     partitions: g.partitions,
                     leader: g.leader,
                     replicas: g.replicas,
+                    voters: g.voters,
                     lag: g.lag,
                 })
                 .collect(),
