@@ -203,6 +203,13 @@ pub async fn watch_group(
     let mut last_leader: Option<NodeId> = None;
     // When this replica was elected, until it serves.
     let mut elected_at: Option<u64> = None;
+    // The lease is kept by a task of its own: the watcher may be busy fencing.
+    let keeper = tokio::spawn(keep_lease(
+        replica.clone(),
+        leaders.clone(),
+        heartbeat,
+        lease,
+    ));
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -229,15 +236,6 @@ pub async fn watch_group(
             continue;
         }
         let elected = *elected_at.get_or_insert_with(now_ms);
-        // A lease from a quorum's confirmation of a round started now; this replica
-        // grants no vote while it holds one (a voter elected meanwhile would serve
-        // beside it).
-        let asked = now_ms();
-        if let Ok(Ok(_)) = tokio::time::timeout(lease, replica.raft.get_read_log_id()).await {
-            let until = asked + lease.as_millis() as u64;
-            replica.hold_votes_until(until);
-            slot.lease_until.fetch_max(until, Ordering::AcqRel);
-        }
         if replica.poisoned() {
             // A write was not committed: the actors that decided it are ahead of the
             // log. Fence (they go), and serve again from the log once nothing is in
@@ -287,8 +285,52 @@ pub async fn watch_group(
             }
         }
     }
+    keeper.abort();
     slot.serving_term.store(0, Ordering::Release);
     fence(&shop, &partitions, group).await;
+}
+
+/// While `replica` leads, confirms its leadership with a quorum once every `heartbeat`
+/// (openraft's read-index round): a confirmation of a round started at `t` holds the
+/// group's lease to `t + lease`, and this replica grants no vote until then (a voter
+/// elected meanwhile would serve beside it). One round per heartbeat, whatever else
+/// happens: a round changes the replica's metrics, so a loop driven by them would run
+/// rounds back to back.
+async fn keep_lease(
+    replica: Arc<GroupReplica>,
+    leaders: Arc<Leaders>,
+    heartbeat: Duration,
+    lease: Duration,
+) {
+    let group = replica.group;
+    let Some(slot) = leaders.slot(group) else {
+        return;
+    };
+    let me = leaders.me;
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let leading = {
+            let m = replica.raft.metrics();
+            let m = m.borrow();
+            m.state == ServerState::Leader && m.current_leader == Some(me)
+        };
+        if !leading {
+            continue;
+        }
+        let asked = now_ms();
+        match tokio::time::timeout(lease, replica.raft.get_read_log_id()).await {
+            Ok(Ok(_)) => {
+                let until = asked + lease.as_millis() as u64;
+                replica.hold_votes_until(until);
+                slot.lease_until.fetch_max(until, Ordering::AcqRel);
+            }
+            Ok(Err(openraft::error::RaftError::Fatal(_))) => return,
+            // Not confirmed: the lease runs out on its own.
+            Ok(Err(_)) | Err(_) => {}
+        }
+    }
 }
 
 async fn fence(shop: &Shop, partitions: &[u16], group: u16) {
