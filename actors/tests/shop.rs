@@ -521,3 +521,55 @@ async fn a_keyed_repeat_after_the_sell_out_replays_its_order() {
     ));
     shop.shutdown().await;
 }
+
+/// In a replicated cluster a bought order goes to a partition of the campaign's replica
+/// group, so that it rides in the claim's entry (one consensus round per buy); the
+/// buyer's order list still finds it, and the campaign still sees a keyed repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bought_order_joins_the_campaigns_replica_group_and_is_listed_for_its_buyer() {
+    use shardmall_actors::domain::campaign::IdemTag;
+    use shardmall_actors::domain::Kind;
+    const GROUPS: u16 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ShopConfig {
+        replica_groups: GROUPS,
+        ..config()
+    };
+    let shop = open(dir.path(), cfg).await;
+    shop.create_product(product("p", &[("s", 100)]))
+        .await
+        .unwrap();
+    let now = shardmall_actors::clock::system_ms();
+    shop.create_campaign(campaign(3, None, now + 3_600_000, 1))
+        .await
+        .unwrap();
+    let parts = shop.partitioner();
+    let campaign_group = parts.catalog(Kind::Campaign, "c") % GROUPS;
+    let before = shop.wal().metrics().appended;
+    let tag = |n: u128| Some(IdemTag { key: n, body: 7 });
+    let mut bought = Vec::new();
+    for (i, buyer) in ["ann", "bob", "cat"].into_iter().enumerate() {
+        let b = shop
+            .buy_keyed("c", buyer, 1, None, tag(i as u128))
+            .await
+            .unwrap();
+        let p = parts.of_id(Kind::Order, &b.order.order_id).unwrap();
+        assert_eq!(p % GROUPS, campaign_group, "{buyer}'s order in partition {p}");
+        bought.push((buyer, b.order.order_id));
+    }
+    assert_eq!(
+        shop.wal().metrics().appended - before,
+        3,
+        "the claim and its order in one record per buy"
+    );
+    for (buyer, order_id) in &bought {
+        let page = shop.list_orders(Some(buyer), None, 10, None).await.unwrap();
+        let ids: Vec<_> = page.items.iter().map(|o| o.order_id.clone()).collect();
+        assert_eq!(ids, vec![order_id.clone()], "{buyer}");
+    }
+    // Sold out: a keyed repeat is still answered with its first order.
+    let again = shop.buy_keyed("c", "ann", 1, None, tag(0)).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.order.order_id, bought[0].1);
+    shop.shutdown().await;
+}

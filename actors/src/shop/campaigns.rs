@@ -280,11 +280,30 @@ impl Shop {
             .map(|b| b.order)
     }
 
+    /// The partition a bought order goes to. With one log per node, the buyer's: a
+    /// buyer's orders sit together, and when that partition is served where the campaign
+    /// is, the order rides in the claim's frame (ADR 0013). In a replicated cluster, the
+    /// partition of the campaign's replica group nearest the buyer's: the order rides in
+    /// the claim's entry, one consensus round per buy instead of two (a buyer's orders
+    /// are then found by asking every group, see `Shop::list_orders`).
+    fn bought_order_partition(&self, buyer: &str, campaign_partition: u16) -> u16 {
+        let own = self.inner.partitioner.buyer(buyer);
+        let groups = self.inner.cfg.replica_groups;
+        if groups == 0 {
+            return own;
+        }
+        let nearest = own - own % groups + campaign_partition % groups;
+        if nearest < self.inner.partitioner.count() {
+            nearest
+        } else {
+            campaign_partition
+        }
+    }
+
     /// False only when `buyer` certainly holds no order: their partition is served here
     /// and its order index lists nothing for them (an accepted buy's order is indexed
     /// before its 201 leaves). A repeat of an accepted buy always finds one.
-    fn may_have_bought(&self, buyer: &str) -> bool {
-        let partition = self.inner.partitioner.buyer(buyer);
+    fn may_have_bought(&self, buyer: &str, partition: u16) -> bool {
         if !self.serves_partition(partition) {
             return true;
         }
@@ -319,8 +338,12 @@ impl Shop {
         // keyed buy by a buyer who may hold an order could be the repeat of one the
         // campaign accepted, which it answers with its first answer even once sold out
         // or ended: the campaign decides those.
+        let p = self.inner.partitioner.catalog(Kind::Campaign, campaign_id);
+        let partition = self.bought_order_partition(buyer, p);
         let verdict = match self.inner.board.verdict(campaign_id, self.now_ms()) {
-            Verdict::SoldOut | Verdict::Ended if idem.is_some() && self.may_have_bought(buyer) => {
+            Verdict::SoldOut | Verdict::Ended
+                if idem.is_some() && self.may_have_bought(buyer, partition) =>
+            {
                 Verdict::Ask
             }
             v => v,
@@ -333,7 +356,6 @@ impl Shop {
             Verdict::Ended => return Err(ShopError::CampaignEnded(campaign_id.to_owned())),
             Verdict::Ask => {}
         }
-        let partition = self.inner.partitioner.buyer(buyer);
         let order_id = self.mint_order_id(partition);
         let cmd = CampaignCommand::Buy {
             order_id: order_id.clone(),
@@ -343,8 +365,7 @@ impl Shop {
             shipping_address,
             idem,
         };
-        let p = self.inner.partitioner.catalog(Kind::Campaign, campaign_id);
-        // The buyer's partition served here too: the order rides in the claim's frame.
+        // The order's partition served here too: the order rides in the claim's frame.
         if self.may_ride_along(partition, p) {
             let opened = Arc::new(OnceLock::new());
             let also = self.order_companion::<CampaignState>(

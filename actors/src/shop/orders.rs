@@ -48,7 +48,11 @@ impl Shop {
                 reverse: true,
                 limit,
                 filter,
-                partition: buyer.map(|b| self.inner.partitioner.buyer(b)),
+                // A buyer's orders are in their partition, except bought orders in a
+                // replicated cluster (`Shop::bought_order_partition`): every group.
+                partition: buyer
+                    .filter(|_| self.inner.cfg.replica_groups == 0)
+                    .map(|b| self.inner.partitioner.buyer(b)),
             })
             .await?;
         let mut items = Vec::with_capacity(ids.len());
