@@ -48,6 +48,11 @@ pub enum RemoteAnswer {
     Overloaded(String),
     /// The call could not be decoded.
     Malformed(String),
+    /// A replicated cluster: this node does not lead the partition's replica group;
+    /// `leader` is the one it knows of (routes go there next).
+    NotLeader {
+        leader: Option<u64>,
+    },
 }
 
 /// Why a forwarded call produced no entity answer.

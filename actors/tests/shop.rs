@@ -554,7 +554,11 @@ async fn a_bought_order_joins_the_campaigns_replica_group_and_is_listed_for_its_
             .await
             .unwrap();
         let p = parts.of_id(Kind::Order, &b.order.order_id).unwrap();
-        assert_eq!(p % GROUPS, campaign_group, "{buyer}'s order in partition {p}");
+        assert_eq!(
+            p % GROUPS,
+            campaign_group,
+            "{buyer}'s order in partition {p}"
+        );
         bought.push((buyer, b.order.order_id));
     }
     assert_eq!(

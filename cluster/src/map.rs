@@ -86,6 +86,11 @@ pub struct ClusterMap {
     pub groups: u16,
     #[serde(default)]
     pub replicas: Vec<Vec<NodeId>>,
+    /// Per group, the member that formed it: the first replica of the first placement.
+    /// Only it ever initializes the group; a member placed later (possibly first in a
+    /// later placement) joins the group formed already, as a learner.
+    #[serde(default)]
+    pub formers: Vec<NodeId>,
 }
 
 /// A change to the map. Variants are only ever appended (they are replicated and
@@ -331,6 +336,9 @@ impl ClusterMap {
                     {
                         return Err(bad);
                     }
+                }
+                if self.formers.is_empty() {
+                    self.formers = replicas.iter().filter_map(|r| r.first().copied()).collect();
                 }
                 self.replicas = replicas.clone();
             }

@@ -47,6 +47,9 @@ const HANDOFF_CALL: Duration = Duration::from_secs(60);
 const PARALLEL_MOVES: usize = 4;
 /// How long a liveness probe of a member may take.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// How long a replica whose group was placed elsewhere waits to hear of its removal
+/// before it stops anyway (when it does not lead).
+const RETIRE_AFTER: Duration = Duration::from_secs(30);
 
 /// Secrets a joining node receives, so every member signs and checks alike.
 #[derive(Clone)]
@@ -416,7 +419,14 @@ impl ClusterNode {
                 settings.heartbeat,
                 settings.lease(),
             ));
-            if replicas.first() == Some(&me) {
+            // The group's former initializes it, once; a map from before formers were
+            // recorded names none, and the first replica does.
+            let former = map
+                .formers
+                .get(usize::from(g))
+                .or(replicas.first())
+                .copied();
+            if former == Some(me) {
                 let voters: BTreeMap<NodeId, String> = replicas
                     .iter()
                     .filter_map(|n| map.members.get(n).map(|m| (*n, m.cluster_addr.clone())))
@@ -440,6 +450,8 @@ impl ClusterNode {
         };
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Since when each local replica's group has been placed elsewhere.
+        let mut moved_away: HashMap<u16, Instant> = HashMap::new();
         loop {
             tick.tick().await;
             let map = self.map();
@@ -448,6 +460,20 @@ impl ClusterNode {
             }
             for g in r.groups.running() {
                 let placed = map.replicas_of(g);
+                let leading = r.groups.replica(g).is_some_and(|x| x.is_leader());
+                if !placed.contains(&self.inner.me.node_id) && !leading {
+                    // Moved away: once the group's membership no longer names this
+                    // node (or a while after), its replica stops (the watcher fences the
+                    // partitions). A leader moves the group first (below), then steps
+                    // down once the membership without it is committed.
+                    let since = *moved_away.entry(g).or_insert_with(Instant::now);
+                    if r.groups.retire(g, since.elapsed() > RETIRE_AFTER).await {
+                        moved_away.remove(&g);
+                        tracing::info!(group = g, "this node's replica moved elsewhere; stopped");
+                    }
+                    continue;
+                }
+                moved_away.remove(&g);
                 let want: BTreeMap<NodeId, String> = placed
                     .iter()
                     .filter_map(|n| map.members.get(n).map(|m| (*n, m.cluster_addr.clone())))
@@ -565,17 +591,24 @@ impl ClusterNode {
         let me = self.inner.me.node_id;
         let mut map = self.map();
         if map.is_replicated() {
-            let here =
-                self.inner.replication.as_ref().is_some_and(|r| {
-                    r.leaders.route(map.group_of(call.partition)) == GroupRoute::Here
-                });
-            if !here {
+            let group = map.group_of(call.partition);
+            let Some(r) = self.inner.replication.as_ref() else {
+                return RemoteAnswer::Moving;
+            };
+            if r.leaders.route(group) != GroupRoute::Here {
                 self.inner
                     .metrics
                     .wrong_owner
                     .fetch_add(1, Ordering::Relaxed);
-                // Not the group's leader (any more, or yet): the caller routes again.
-                return RemoteAnswer::Moving;
+                // Not the group's leader (any more, or yet): the caller routes again, to
+                // the leader this node's replica knows of (a node without a replica of
+                // the group names none: its knowledge is second hand).
+                let leader = r
+                    .groups
+                    .replica(group)
+                    .and_then(|_| r.leaders.leader(group))
+                    .filter(|l| *l != me);
+                return RemoteAnswer::NotLeader { leader };
             }
             return self.inner.shop.serve_remote(call).await;
         }

@@ -52,6 +52,8 @@ struct Parts {
     metrics: Arc<ClusterMetrics>,
     /// Who serves each replica group (a replicated cluster, ADR 0016).
     leaders: Arc<Leaders>,
+    /// Spreads first asks for a group's leader over its replicas.
+    spread: std::sync::atomic::AtomicUsize,
 }
 
 impl ClusterRouter {
@@ -69,6 +71,7 @@ impl ClusterRouter {
                 suspects: Mutex::new(HashMap::new()),
                 metrics: Arc::default(),
                 leaders,
+                spread: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -108,9 +111,24 @@ impl Router for ClusterRouter {
         let inner = self.parts.clone();
         Box::pin(async move {
             let map = inner.control.map();
+            let group = map.group_of(call.partition);
             let target = if map.is_replicated() {
-                match inner.leaders.route(map.group_of(call.partition)) {
+                match inner.leaders.route(group) {
                     GroupRoute::Leader(l) => map.members.get(&l),
+                    // This node holds no replica of the group (more members than
+                    // replicas) and has no hint yet: a replica answers with its leader.
+                    GroupRoute::Unknown if !map.replicas_of(group).contains(&inner.me) => {
+                        let replicas: Vec<NodeId> = map
+                            .replicas_of(group)
+                            .iter()
+                            .copied()
+                            .filter(|n| *n != inner.me)
+                            .collect();
+                        let pick = inner.spread.fetch_add(1, Ordering::Relaxed);
+                        replicas
+                            .get(pick % replicas.len().max(1))
+                            .and_then(|n| map.members.get(n))
+                    }
                     // Electing, or this node just became leader: route again shortly.
                     GroupRoute::Here | GroupRoute::Unknown => return Err(ForwardError::Moved),
                 }
@@ -184,6 +202,13 @@ impl Router for ClusterRouter {
                     inner.metrics.rerouted.fetch_add(1, Ordering::Relaxed);
                     Err(ForwardError::Moved)
                 }
+                Ok(Response::Entity(RemoteAnswer::NotLeader { leader })) => {
+                    inner.metrics.rerouted.fetch_add(1, Ordering::Relaxed);
+                    // A replica's word replaces what this node had (its own replica's
+                    // watcher corrects it at the next heartbeat, when it has one).
+                    inner.leaders.hint(group, leader);
+                    Err(ForwardError::Moved)
+                }
                 Ok(Response::Entity(RemoteAnswer::Overloaded(what))) => {
                     Err(ForwardError::Overloaded(what))
                 }
@@ -216,12 +241,14 @@ impl Router for ClusterRouter {
                     Some(p) => match inner.leaders.route(map.group_of(p)) {
                         GroupRoute::Here => Vec::new(),
                         GroupRoute::Leader(l) => map.members.get(&l).cloned().into_iter().collect(),
-                        GroupRoute::Unknown => {
-                            return Err(ForwardError::Unavailable(format!(
-                                "replica group {} has no leader now",
-                                map.group_of(p)
-                            )))
-                        }
+                        // Only the leader lists the group: ask every replica.
+                        GroupRoute::Unknown => map
+                            .replicas_of(map.group_of(p))
+                            .iter()
+                            .filter(|n| **n != me)
+                            .filter_map(|n| map.members.get(n))
+                            .cloned()
+                            .collect(),
                     },
                     None => map
                         .members

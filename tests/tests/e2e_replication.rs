@@ -436,3 +436,104 @@ fn rand_suffix() -> String {
             .as_nanos()
     )
 }
+
+/// A fourth member: the control plane moves a share of the replicas to it (learner,
+/// caught up, voter; the replaced replicas stop), and for the groups it holds no replica
+/// of it learns the leader from a replica and serves its clients through it (buys,
+/// reads, lists).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_member_takes_a_share_of_replicas_and_serves_the_rest_through_their_leaders() {
+    let root = tempfile::tempdir().expect("data dirs");
+    let dir = |n: &str| root.path().join(n);
+    let n1 = member("n1", None).dir(&dir("n1")).spawn();
+    let n2 = member("n2", Some(&n1.cluster_addr)).dir(&dir("n2")).spawn();
+    let n3 = member("n3", Some(&n1.cluster_addr)).dir(&dir("n3")).spawn();
+    for n in [&n1, &n2, &n3] {
+        n.wait_ready().await;
+    }
+    let n4 = member("n4", Some(&n1.cluster_addr)).dir(&dir("n4")).spawn();
+    n4.wait_ready().await;
+    let nodes = [&n1, &n2, &n3, &n4];
+    // Every group ends with three voters, as placed, and n4 holds some but not all.
+    let held: Vec<u16> = poll_until(
+        "the replicas placed on n4 are voters everywhere",
+        Duration::from_secs(60),
+        || async {
+            let mut held = Vec::new();
+            for n in nodes {
+                let map = cluster_map(n).await;
+                for g in map["groups"].as_array()? {
+                    let names = |k: &str| {
+                        let mut v: Vec<String> = g[k]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|x| x.as_str().map(str::to_owned))
+                            .collect();
+                        v.sort();
+                        v
+                    };
+                    let replicas = names("replicas");
+                    let voters = names("voters");
+                    if replicas.len() != 3 || (!voters.is_empty() && voters != replicas) {
+                        return None;
+                    }
+                    if n.base == n4.base && replicas.iter().any(|r| r == "n4") {
+                        held.push(g["group_id"].as_u64()? as u16);
+                    }
+                }
+            }
+            Some(held)
+        },
+    )
+    .await;
+    assert!(
+        !held.is_empty() && held.len() < usize::from(GROUPS),
+        "n4 holds a share: {held:?}"
+    );
+    // A campaign in a group n4 holds no replica of.
+    let parts = Partitioner::new(PARTITIONS);
+    let campaign = (0..)
+        .map(|k| format!("fcamp-{k}"))
+        .find(|c| !held.contains(&(parts.catalog(Kind::Campaign, c) % GROUPS)))
+        .expect("a campaign elsewhere");
+    n4.create_product(&admin(), "fp", &[("fp-s", 100, 1_000)])
+        .await;
+    let body = json!({
+        "campaign_id": campaign, "sku_id": "fp-s", "price": money(10), "quantity": 500,
+        "ends_at": humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string(),
+        "per_buyer_limit": 1, "payment_timeout_secs": 600,
+    });
+    let (st, v) = n4.post("/v1/campaigns", &admin(), &body).await;
+    assert_eq!(st, 201, "{v}");
+    for i in 0..20 {
+        let buyer = format!("fourth-{i}");
+        let (st, v) = n4
+            .api()
+            .call(
+                Method::POST,
+                &format!("/v1/campaigns/{campaign}/buy"),
+                Some(&customer(&buyer)),
+                Some(&key()),
+                Some(&json!({"quantity": 1})),
+            )
+            .await;
+        assert_eq!(st, 201, "buy {i} through n4: {v}");
+        let order = v["order_id"].as_str().expect("order id").to_owned();
+        let o = n4.order(&customer(&buyer), &order).await;
+        assert_eq!(o["status"], "pending_payment", "{o}");
+        let (st, list) = n4.get("/v1/orders", Some(&customer(&buyer))).await;
+        assert_eq!(st, 200, "{list}");
+        assert_eq!(list["items"][0]["order_id"], order.as_str(), "{list}");
+    }
+    for n in nodes {
+        let (st, v) = n
+            .get(
+                &format!("/v1/campaigns/{campaign}"),
+                Some(&customer("reader")),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["remaining"], 480, "{v}");
+    }
+}

@@ -498,6 +498,34 @@ impl Groups {
         Ok(Placed::Changed)
     }
 
+    /// Stops this node's replica of `group` once it is no longer a member of the group
+    /// (moved elsewhere): a replica left running would stand for elections nobody
+    /// grants. Its log is released. With `anyway`, also when it still thinks itself a
+    /// member but does not lead (a removed replica may never hear of the final
+    /// membership). Answers whether it stopped.
+    pub async fn retire(&self, group: u16, anyway: bool) -> bool {
+        let Some(replica) = self.replica(group) else {
+            return false;
+        };
+        let m = replica.raft.metrics().borrow().clone();
+        let member = m
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(id, _)| *id == self.me);
+        let leading = m.current_leader == Some(self.me);
+        if leading || (member && !anyway) {
+            return false;
+        }
+        self.by_group
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+        let _ = replica.raft.shutdown().await;
+        self.wal.hold_log_from(group, None);
+        true
+    }
+
     /// Stops every replica (their state stays in the log).
     pub async fn shutdown(&self) {
         let all: Vec<_> = self
