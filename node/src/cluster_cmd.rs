@@ -142,20 +142,17 @@ fn print_map(map: &Value) {
             .collect::<Vec<_>>()
             .join(",");
         // A replica move in progress: the placement and the voters differ.
-        let mut placed: Vec<&str> = g["replicas"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        let mut voting: Vec<&str> = g["voters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        placed.sort_unstable();
-        voting.sort_unstable();
+        fn sorted(v: &Value) -> Vec<&str> {
+            let mut names: Vec<&str> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            names.sort_unstable();
+            names
+        }
+        let (placed, voting) = (sorted(&g["replicas"]), sorted(&g["voters"]));
         let replicas = if voting.is_empty() || placed == voting {
             names(&g["replicas"])
         } else {
