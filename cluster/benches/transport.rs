@@ -1,5 +1,6 @@
 //! Round trips of one small frame between two nodes' transports on loopback: the QUIC
-//! transport as nodes use it, and the in-memory one (encoding and task hand-offs only)
+//! transport as nodes use it (a stream per call, as consensus messages go, and batched,
+//! as entity commands go), and the in-memory one (encoding and task hand-offs only)
 //! for comparison. `cargo bench -p shardmall-cluster --bench transport`
 //! (`TRANSPORT_BENCH_CALLS`, default 20,000 per row).
 
@@ -21,10 +22,33 @@ impl Service for Echo {
 
 const FRAME: usize = 100;
 
-async fn run(name: &str, caller: Arc<dyn Transport>, to: &str, callers: usize, calls: usize) {
+/// How the rows call: a stream per call, or as entity commands (batched per peer).
+#[derive(Clone, Copy)]
+enum Way {
+    Alone,
+    Batched,
+}
+
+async fn call(caller: &dyn Transport, to: &str, way: Way) {
+    let frame = vec![7; FRAME];
+    match way {
+        Way::Alone => caller.call(to, frame).await,
+        Way::Batched => caller.call_batched(to, frame, None).await,
+    }
+    .expect("call");
+}
+
+async fn run(
+    name: &str,
+    caller: Arc<dyn Transport>,
+    to: &str,
+    way: Way,
+    callers: usize,
+    calls: usize,
+) {
     // Warm up: connections made, caches hot.
     for _ in 0..200 {
-        caller.call(to, vec![7; FRAME]).await.expect("warm-up call");
+        call(&*caller, to, way).await;
     }
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -35,7 +59,7 @@ async fn run(name: &str, caller: Arc<dyn Transport>, to: &str, callers: usize, c
                 .expect("histogram bounds");
             for _ in 0..calls / callers {
                 let t = Instant::now();
-                caller.call(&to, vec![7; FRAME]).await.expect("call");
+                call(&*caller, &to, way).await;
                 hist.saturating_record(t.elapsed().as_micros() as u64);
             }
             hist
@@ -89,14 +113,27 @@ fn main() {
         let server = bind(dirs.0.path().to_path_buf(), Arc::new(Echo)).await;
         let client = bind(dirs.1.path().to_path_buf(), Arc::new(Echo)).await;
         let to = server.local_addr().to_string();
-        for callers in [1, 64] {
-            run("QUIC (loopback)", client.clone(), &to, callers, calls).await;
+        for (name, way) in [
+            ("QUIC (loopback), a stream per call", Way::Alone),
+            ("QUIC (loopback), batched (entity commands)", Way::Batched),
+        ] {
+            for callers in [1, 64] {
+                run(name, client.clone(), &to, way, callers, calls).await;
+            }
         }
         let net = MemoryNet::new();
         net.register("server", Arc::new(Echo));
         let mem: Arc<dyn Transport> = Arc::new(net.endpoint("client"));
         for callers in [1, 64] {
-            run("in memory", mem.clone(), "server", callers, calls).await;
+            run(
+                "in memory",
+                mem.clone(),
+                "server",
+                Way::Alone,
+                callers,
+                calls,
+            )
+            .await;
         }
         client.close().await;
         server.close().await;

@@ -1,8 +1,23 @@
 //! The QUIC transport between nodes (quinn, rustls with the ring provider).
 //!
-//! One UDP endpoint per node is both server and client. Each call is one bidirectional
-//! stream: the request frame, then the answer frame, each a big-endian u32 length and
-//! that many bytes. Connections are cached per peer and made again when they break.
+//! One UDP endpoint per node is both server and client. Connections are cached per peer
+//! and made again when they break. A call travels on a bidirectional stream:
+//!
+//! - **Batched** (entity commands forwarded to their owner or their group's leader,
+//!   [`Transport::call_batched`], frames up to [`BATCH_FRAME`]): the commands queued
+//!   for one peer go together on one stream, so that under load many share a packet
+//!   instead of each costing its own datagrams, acknowledgements and stream (the two
+//!   other nodes of a cluster forwarding a flash sale to its group's leader). A batch
+//!   takes what is queued once the runtime has run the tasks that were ready (a
+//!   yield): unloaded, a batch is one command and nothing waits. The stream opens with
+//!   the marker [`BATCH`] (a length no frame can have) and the number of calls, then
+//!   each request frame (a big-endian u32 length and that many bytes). The server
+//!   serves them side by side and writes each answer as `index, length, bytes` (u32s,
+//!   big-endian) as soon as it is ready, the answers that are ready together in one
+//!   write; a length of [`ANSWER_REFUSED`] says that answer could not be sent.
+//! - **Alone** (every other call: consensus messages, whose deadlines are a fraction of
+//!   an election timeout, pings, handoffs and snapshots): the request frame, then the
+//!   answer frame, each a big-endian u32 length and that many bytes.
 //!
 //! Certificates are self-signed (generated at first start, [`TlsIdentity`]) and not
 //! what proves membership: right after the handshake each side sends
@@ -19,7 +34,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -30,6 +45,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::Sha256;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::transport::{BoxFuture, Service, Transport, TransportError, MAX_FRAME};
 
@@ -48,6 +66,17 @@ const REFUSED: u32 = 1;
 const FRAME_TOO_LARGE: u32 = 2;
 /// Stream reset code: the request frame was cut short or could not be read.
 const BAD_REQUEST: u32 = 3;
+/// First length prefix of a stream that carries a batch of calls: over [`MAX_FRAME`],
+/// so no single frame is mistaken for it.
+const BATCH: u32 = u32::MAX;
+/// Calls one batch carries at most.
+const MAX_BATCH_CALLS: usize = 256;
+/// Entity commands up to this size are batched; larger ones get a stream of their own.
+pub const BATCH_FRAME: usize = 64 * 1024;
+/// Answer length in a batch: this call's answer could not be sent (over [`MAX_FRAME`],
+/// or the service failed).
+const ANSWER_REFUSED: u32 = u32::MAX;
+const _: () = assert!(MAX_FRAME < ANSWER_REFUSED as usize && BATCH_FRAME <= MAX_FRAME);
 
 /// This node's TLS certificate and key (DER).
 pub struct TlsIdentity {
@@ -152,6 +181,19 @@ struct Inner {
     /// One slot per peer address, so that connecting to one slow peer never holds up
     /// calls to the others.
     peers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    /// Per peer address, the queue of calls its batcher sends (see the module
+    /// documentation).
+    batchers: Mutex<HashMap<String, mpsc::UnboundedSender<Queued>>>,
+}
+
+/// Where a batched call's answer goes.
+type Reply = oneshot::Sender<Result<Vec<u8>, TransportError>>;
+
+/// A call waiting for its batch.
+struct Queued {
+    frame: Vec<u8>,
+    reply: Reply,
+    deadline: Instant,
 }
 
 impl QuicTransport {
@@ -221,6 +263,7 @@ impl QuicTransport {
                 secret,
                 cfg,
                 peers: Mutex::new(HashMap::new()),
+                batchers: Mutex::new(HashMap::new()),
             }),
         }))
     }
@@ -327,39 +370,45 @@ impl Inner {
             .remove(to);
     }
 
-    /// One call: the request on a new stream of the peer's connection, then its answer.
-    async fn round_trip(&self, to: &str, frame: &[u8]) -> Result<Vec<u8>, TransportError> {
-        check_len(frame.len())?;
-        let (mut conn, fresh) = self.connection(to).await?;
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(stream) => stream,
-            // The cached connection died since it was last checked. Nothing of this
-            // call was sent, so it is safe to try once more on a new connection.
+    /// A new stream to `to`. When the cached connection turns out to have died since it
+    /// was last checked, nothing was sent on it, so one more try on a new connection is
+    /// safe.
+    async fn open(
+        &self,
+        to: &str,
+    ) -> Result<(Connection, quinn::SendStream, quinn::RecvStream), TransportError> {
+        let (conn, fresh) = self.connection(to).await?;
+        match conn.open_bi().await {
+            Ok((send, recv)) => Ok((conn, send, recv)),
             Err(_) if !fresh => {
                 self.forget(to);
-                conn = self.connection(to).await?.0;
-                conn.open_bi()
-                    .await
-                    .map_err(|e| TransportError::peer_unreachable(to, e))?
+                let conn = self.connection(to).await?.0;
+                match conn.open_bi().await {
+                    Ok((send, recv)) => Ok((conn, send, recv)),
+                    Err(e) => {
+                        self.forget(to);
+                        Err(TransportError::peer_unreachable(to, e))
+                    }
+                }
             }
             Err(e) => {
                 self.forget(to);
-                return Err(TransportError::peer_unreachable(to, e));
+                Err(TransportError::peer_unreachable(to, e))
             }
-        };
-        let lost = |e: &dyn std::fmt::Display| {
+        }
+    }
+
+    /// What a failure to read an answer from `to` on `conn` means to the caller; a
+    /// connection found closed is forgotten, so the next call makes a new one.
+    fn answer_error(&self, to: &str, conn: &Connection, e: FrameError) -> TransportError {
+        let lost = |why: &dyn std::fmt::Display| {
             if conn.close_reason().is_some() {
                 self.forget(to);
             }
-            TransportError::peer_unreachable(to, e)
+            TransportError::peer_unreachable(to, why)
         };
-        send.write_all(&(frame.len() as u32).to_be_bytes())
-            .await
-            .map_err(|e| lost(&e))?;
-        send.write_all(frame).await.map_err(|e| lost(&e))?;
-        let _ = send.finish();
-        read_frame(&mut recv).await.map_err(|e| match e {
-            FrameError::Lost(e) => lost(&e),
+        match e {
+            FrameError::Lost(why) => lost(&why),
             FrameError::Reset(code) if code == VarInt::from_u32(FRAME_TOO_LARGE) => {
                 TransportError::Frame(format!(
                     "{to} refused to send or receive a frame over the {MAX_FRAME}-byte limit"
@@ -372,7 +421,176 @@ impl Inner {
             FrameError::TooLarge(n) => TransportError::Frame(format!(
                 "{to} answered {n} bytes, over the {MAX_FRAME}-byte limit"
             )),
+        }
+    }
+
+    /// One call on a stream of its own: the request, then its answer.
+    async fn round_trip(&self, to: &str, frame: &[u8]) -> Result<Vec<u8>, TransportError> {
+        check_len(frame.len())?;
+        let (conn, mut send, mut recv) = self.open(to).await?;
+        let lost = |e: &dyn std::fmt::Display| {
+            self.answer_error(to, &conn, FrameError::Lost(e.to_string()))
+        };
+        send.write_all(&(frame.len() as u32).to_be_bytes())
+            .await
+            .map_err(|e| lost(&e))?;
+        send.write_all(frame).await.map_err(|e| lost(&e))?;
+        let _ = send.finish();
+        read_frame(&mut recv)
+            .await
+            .map_err(|e| self.answer_error(to, &conn, e))
+    }
+
+    /// Queues a call for `to`'s batcher, starting one if there is none.
+    fn enqueue(self: &Arc<Self>, to: &str, call: Queued) {
+        let mut batchers = self.batchers.lock().unwrap_or_else(|e| e.into_inner());
+        let call = match batchers.get(to) {
+            Some(tx) => match tx.send(call) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(call)) => call,
+            },
+            None => call,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Cannot fail: the receiver is alive.
+        let _ = tx.send(call);
+        batchers.insert(to.to_owned(), tx);
+        tokio::spawn(batcher(Arc::downgrade(self), to.to_owned(), rx));
+    }
+
+    /// Sends `calls` to `to` on one stream and leaves their answers to a reader task.
+    async fn send_batch(self: &Arc<Self>, to: &str, calls: Vec<Queued>) {
+        let deadline = calls
+            .iter()
+            .map(|c| c.deadline)
+            .max()
+            .unwrap_or_else(Instant::now);
+        let size = calls.iter().map(|c| 4 + c.frame.len()).sum::<usize>();
+        let mut request = Vec::with_capacity(8 + size);
+        request.extend_from_slice(&BATCH.to_be_bytes());
+        request.extend_from_slice(&(calls.len() as u32).to_be_bytes());
+        let mut replies = Vec::with_capacity(calls.len());
+        for call in calls {
+            request.extend_from_slice(&(call.frame.len() as u32).to_be_bytes());
+            request.extend_from_slice(&call.frame);
+            replies.push(Some(call.reply));
+        }
+        let sent = tokio::time::timeout_at(deadline, async {
+            let (conn, mut send, recv) = self.open(to).await?;
+            if let Err(e) = send.write_all(&request).await {
+                return Err(self.answer_error(to, &conn, FrameError::Lost(e.to_string())));
+            }
+            let _ = send.finish();
+            Ok((conn, recv))
         })
+        .await;
+        match sent {
+            Ok(Ok((conn, recv))) => {
+                tokio::spawn(read_answers(
+                    Arc::downgrade(self),
+                    to.to_owned(),
+                    conn,
+                    recv,
+                    replies,
+                    deadline,
+                ));
+            }
+            Ok(Err(e)) => fail_all(&mut replies, &e),
+            Err(_) => fail_all(
+                &mut replies,
+                &TransportError::Timeout {
+                    peer: to.to_owned(),
+                },
+            ),
+        }
+    }
+}
+
+/// Sends the calls queued for `to`, a batch at a time: whatever queued while the last
+/// batch was being sent goes in the next. Ends with the transport.
+async fn batcher(inner: Weak<Inner>, to: String, mut rx: mpsc::UnboundedReceiver<Queued>) {
+    let mut calls = Vec::with_capacity(MAX_BATCH_CALLS);
+    while rx.recv_many(&mut calls, MAX_BATCH_CALLS).await > 0 {
+        // Once round the runtime first: under load the callers that are ready to run add
+        // their calls to this batch (a flash sale forwarded to one leader comes in
+        // bursts); unloaded nothing is added and the call goes at once.
+        tokio::task::yield_now().await;
+        while calls.len() < MAX_BATCH_CALLS {
+            match rx.try_recv() {
+                Ok(call) => calls.push(call),
+                Err(_) => break,
+            }
+        }
+        // Callers that gave up are not sent.
+        calls.retain(|c| !c.reply.is_closed());
+        if calls.is_empty() {
+            continue;
+        }
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.send_batch(&to, std::mem::take(&mut calls)).await;
+    }
+}
+
+/// Reads the answers of one batch, in the order the peer finished them, and hands each
+/// to its caller; what is left unanswered when the stream breaks or the batch's last
+/// deadline passes fails.
+async fn read_answers(
+    inner: Weak<Inner>,
+    to: String,
+    conn: Connection,
+    mut recv: quinn::RecvStream,
+    mut replies: Vec<Option<Reply>>,
+    deadline: Instant,
+) {
+    let mut left = replies.len();
+    let read = tokio::time::timeout_at(deadline, async {
+        while left > 0 {
+            let mut head = [0u8; 8];
+            recv.read_exact(&mut head).await?;
+            let index = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+            let Some(reply) = replies.get_mut(index).and_then(Option::take) else {
+                return Err(FrameError::Lost(format!(
+                    "an answer to call {index} of a batch of {}, not asked or answered twice",
+                    replies.len()
+                )));
+            };
+            left -= 1;
+            let answer = if len == ANSWER_REFUSED {
+                Err(TransportError::Frame(format!(
+                    "{to} could not answer: its answer was over the {MAX_FRAME}-byte limit or its service failed"
+                )))
+            } else if len as usize > MAX_FRAME {
+                return Err(FrameError::TooLarge(len as usize));
+            } else {
+                let mut body = vec![0u8; len as usize];
+                recv.read_exact(&mut body).await?;
+                Ok(body)
+            };
+            let _ = reply.send(answer);
+        }
+        Ok(())
+    })
+    .await;
+    let error = match read {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => match inner.upgrade() {
+            Some(inner) => inner.answer_error(&to, &conn, e),
+            None => TransportError::peer_unreachable(&to, "the transport closed"),
+        },
+        Err(_) => {
+            let _ = recv.stop(VarInt::from_u32(0));
+            TransportError::Timeout { peer: to }
+        }
+    };
+    fail_all(&mut replies, &error);
+}
+
+fn fail_all(replies: &mut [Option<Reply>], error: &TransportError) {
+    for reply in replies.iter_mut().filter_map(Option::take) {
+        let _ = reply.send(Err(error.clone()));
     }
 }
 
@@ -396,6 +614,40 @@ impl Transport for QuicTransport {
         Box::pin(async move {
             match tokio::time::timeout(timeout, inner.round_trip(&to, &frame)).await {
                 Ok(result) => result,
+                Err(_) => Err(TransportError::Timeout { peer: to }),
+            }
+        })
+    }
+
+    fn call_batched(
+        &self,
+        to: &str,
+        frame: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
+        let timeout = timeout.unwrap_or(self.inner.cfg.call_timeout);
+        if frame.len() > BATCH_FRAME {
+            return self.call_for(to, frame, timeout);
+        }
+        let inner = self.inner.clone();
+        let to = to.to_owned();
+        Box::pin(async move {
+            let deadline = Instant::now() + timeout;
+            let (reply, answer) = oneshot::channel();
+            inner.enqueue(
+                &to,
+                Queued {
+                    frame,
+                    reply,
+                    deadline,
+                },
+            );
+            match tokio::time::timeout_at(deadline, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(TransportError::peer_unreachable(
+                    &to,
+                    "the call was dropped: the transport is closing",
+                )),
                 Err(_) => Err(TransportError::Timeout { peer: to }),
             }
         })
@@ -486,44 +738,131 @@ async fn serve_connection(conn: Connection, service: Arc<dyn Service>) {
         };
         let service = service.clone();
         tokio::spawn(async move {
-            let frame = match read_frame(&mut recv).await {
-                Ok(f) => f,
-                Err(e) => {
-                    let code = match e {
-                        FrameError::TooLarge(n) => {
-                            tracing::warn!(%peer, bytes = n, "refused a cluster frame over the size limit");
-                            FRAME_TOO_LARGE
-                        }
-                        FrameError::Lost(why) => {
-                            tracing::debug!(%peer, why, "a cluster request was not read");
-                            BAD_REQUEST
-                        }
-                        FrameError::Reset(_) => BAD_REQUEST,
-                    };
-                    let _ = recv.stop(VarInt::from_u32(code));
-                    let _ = send.reset(VarInt::from_u32(code));
-                    return;
-                }
+            let served = match read_u32(&mut recv).await {
+                Ok(BATCH) => serve_batch(&mut send, &mut recv, service).await,
+                Ok(len) => serve_one(&mut send, &mut recv, len, service).await,
+                Err(e) => Err(e),
             };
-            let answer = service.serve(frame).await;
-            if check_len(answer.len()).is_err() {
-                tracing::error!(
-                    %peer,
-                    bytes = answer.len(),
-                    "an answer over the frame limit was not sent"
-                );
-                let _ = send.reset(VarInt::from_u32(FRAME_TOO_LARGE));
-                return;
-            }
-            if send
-                .write_all(&(answer.len() as u32).to_be_bytes())
-                .await
-                .is_ok()
-                && send.write_all(&answer).await.is_ok()
-            {
-                let _ = send.finish();
+            if let Err(e) = served {
+                let code = match e {
+                    FrameError::TooLarge(n) => {
+                        tracing::warn!(%peer, bytes = n, "refused a cluster frame over the size limit");
+                        FRAME_TOO_LARGE
+                    }
+                    FrameError::Lost(why) => {
+                        tracing::debug!(%peer, why, "a cluster request was not read");
+                        BAD_REQUEST
+                    }
+                    FrameError::Reset(_) => BAD_REQUEST,
+                };
+                let _ = recv.stop(VarInt::from_u32(code));
+                let _ = send.reset(VarInt::from_u32(code));
             }
         });
+    }
+}
+
+/// A call alone on its stream, its frame `len` bytes.
+async fn serve_one(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    len: u32,
+    service: Arc<dyn Service>,
+) -> Result<(), FrameError> {
+    let frame = read_body(recv, len as usize, MAX_FRAME).await?;
+    let answer = service.serve(frame).await;
+    if check_len(answer.len()).is_err() {
+        tracing::error!(
+            bytes = answer.len(),
+            "an answer over the frame limit was not sent"
+        );
+        let _ = send.reset(VarInt::from_u32(FRAME_TOO_LARGE));
+        return Ok(());
+    }
+    if send
+        .write_all(&(answer.len() as u32).to_be_bytes())
+        .await
+        .is_ok()
+        && send.write_all(&answer).await.is_ok()
+    {
+        let _ = send.finish();
+    }
+    Ok(())
+}
+
+/// A batch of calls (the stream's marker read): every request read first, then all
+/// served side by side, each answer written as it is ready (see the module
+/// documentation). A caller that goes away does not cut its calls short.
+async fn serve_batch(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    service: Arc<dyn Service>,
+) -> Result<(), FrameError> {
+    let count = read_u32(recv).await? as usize;
+    if count == 0 || count > MAX_BATCH_CALLS {
+        return Err(FrameError::Lost(format!(
+            "a batch of {count} calls (1 to {MAX_BATCH_CALLS} allowed)"
+        )));
+    }
+    let mut frames = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = read_u32(recv).await? as usize;
+        frames.push(read_body(recv, len, BATCH_FRAME).await?);
+    }
+    let mut calls = JoinSet::new();
+    let mut index_of = HashMap::with_capacity(count);
+    for (i, frame) in (0u32..).zip(frames) {
+        let service = service.clone();
+        let id = calls.spawn(async move { service.serve(frame).await }).id();
+        index_of.insert(id, i);
+    }
+    let mut out = Vec::new();
+    while let Some(done) = calls.join_next_with_id().await {
+        put_answer(&mut out, &index_of, done);
+        while let Some(done) = calls.try_join_next_with_id() {
+            put_answer(&mut out, &index_of, done);
+        }
+        if send.write_all(&out).await.is_err() {
+            // The caller is gone; what it asked still runs to its end.
+            calls.detach_all();
+            return Ok(());
+        }
+        out.clear();
+    }
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Appends one answer of a batch: `index, length, bytes`, or `index, ANSWER_REFUSED`.
+fn put_answer(
+    out: &mut Vec<u8>,
+    index_of: &HashMap<tokio::task::Id, u32>,
+    done: Result<(tokio::task::Id, Vec<u8>), tokio::task::JoinError>,
+) {
+    let (id, answer) = match done {
+        Ok((id, answer)) => (id, Some(answer)),
+        Err(e) => {
+            tracing::error!(error = %e, "a cluster call failed without an answer");
+            (e.id(), None)
+        }
+    };
+    let Some(index) = index_of.get(&id) else {
+        return;
+    };
+    out.extend_from_slice(&index.to_be_bytes());
+    match answer {
+        Some(answer) if answer.len() <= MAX_FRAME => {
+            out.extend_from_slice(&(answer.len() as u32).to_be_bytes());
+            out.extend_from_slice(&answer);
+        }
+        Some(answer) => {
+            tracing::error!(
+                bytes = answer.len(),
+                "an answer over the frame limit was not sent"
+            );
+            out.extend_from_slice(&ANSWER_REFUSED.to_be_bytes());
+        }
+        None => out.extend_from_slice(&ANSWER_REFUSED.to_be_bytes()),
     }
 }
 
@@ -549,10 +888,24 @@ impl From<quinn::ReadExactError> for FrameError {
 
 /// Reads one length-prefixed frame, refusing (before allocating) one over [`MAX_FRAME`].
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Vec<u8>, FrameError> {
-    let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
+    let len = read_u32(recv).await? as usize;
+    read_body(recv, len, MAX_FRAME).await
+}
+
+/// A big-endian u32 (a length prefix, a count).
+async fn read_u32(recv: &mut quinn::RecvStream) -> Result<u32, FrameError> {
+    let mut bytes = [0u8; 4];
+    recv.read_exact(&mut bytes).await?;
+    Ok(u32::from_be_bytes(bytes))
+}
+
+/// A frame of `len` bytes, refused (before allocating) when over `limit`.
+async fn read_body(
+    recv: &mut quinn::RecvStream,
+    len: usize,
+    limit: usize,
+) -> Result<Vec<u8>, FrameError> {
+    if len > limit {
         return Err(FrameError::TooLarge(len));
     }
     let mut body = vec![0u8; len];

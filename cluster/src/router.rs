@@ -166,13 +166,10 @@ impl Router for ClusterRouter {
                     .fetch_add(1, Ordering::Relaxed);
                 Err(ForwardError::Unavailable(why))
             };
-            let call = if map.is_replicated() {
-                inner
-                    .transport
-                    .call_for(&owner.cluster_addr, frame, GROUP_CALL_TIMEOUT)
-            } else {
-                inner.transport.call(&owner.cluster_addr, frame)
-            };
+            let timeout = map.is_replicated().then_some(GROUP_CALL_TIMEOUT);
+            let call = inner
+                .transport
+                .call_batched(&owner.cluster_addr, frame, timeout);
             let answer = match call.await {
                 Ok(a) => {
                     lock(&inner.suspects).remove(&owner.node_id);

@@ -60,6 +60,21 @@ pub trait Transport: Send + Sync + 'static {
         let _ = timeout;
         self.call(to, frame)
     }
+
+    /// Like [`Transport::call_for`] (`None`: the usual call timeout), for an entity
+    /// command: a transport may hold it a moment to send it together with others to the
+    /// same peer (the QUIC transport batches such calls, see `crate::quic`).
+    fn call_batched(
+        &self,
+        to: &str,
+        frame: Vec<u8>,
+        timeout: Option<std::time::Duration>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
+        match timeout {
+            Some(t) => self.call_for(to, frame, t),
+            None => self.call(to, frame),
+        }
+    }
 }
 
 /// What answers the frames a node receives.
@@ -83,5 +98,14 @@ impl<T: Transport + ?Sized> Transport for Arc<T> {
         timeout: std::time::Duration,
     ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
         (**self).call_for(to, frame, timeout)
+    }
+
+    fn call_batched(
+        &self,
+        to: &str,
+        frame: Vec<u8>,
+        timeout: Option<std::time::Duration>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
+        (**self).call_batched(to, frame, timeout)
     }
 }

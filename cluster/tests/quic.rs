@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shardmall_cluster::quic::{check_len, QuicConfig, QuicTransport, TlsIdentity};
+use shardmall_cluster::quic::{check_len, QuicConfig, QuicTransport, TlsIdentity, BATCH_FRAME};
 use shardmall_cluster::transport::MAX_FRAME;
 use shardmall_cluster::{BoxFuture, Service, Transport, TransportError};
 
@@ -21,6 +21,9 @@ impl Service for Echo {
             if frame == b"huge" {
                 // Zeroed pages are mapped lazily: this costs no real memory.
                 return vec![0; MAX_FRAME + 1];
+            }
+            if frame == b"slow" {
+                tokio::time::sleep(Duration::from_secs(4)).await;
             }
             let mut out = b"echo:".to_vec();
             out.extend_from_slice(&frame);
@@ -267,6 +270,97 @@ async fn frames_over_the_limit_are_refused() {
         assert_eq!(a.call(&to, b"ok".to_vec()).await.unwrap(), b"echo:ok");
         a.close().await;
         b.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_calls_each_get_their_own_answer_and_none_waits_for_a_slow_one() {
+    bounded(async {
+        let served = Arc::new(Echo::default());
+        let (a, _da) = node("127.0.0.1:0", SECRET, Arc::default()).await;
+        let (b, _db) = node("127.0.0.1:0", SECRET, served.clone()).await;
+        let to = b.local_addr().to_string();
+
+        // A slow command first: the ones after it are answered while it still runs.
+        let slow = a.call_batched(&to, b"slow".to_vec(), Some(Duration::from_secs(20)));
+        let slow = tokio::spawn(slow);
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..500u32 {
+            let (a, to) = (a.clone(), to.clone());
+            calls.spawn(async move {
+                let answer = a.call_batched(&to, i.to_be_bytes().to_vec(), None).await;
+                (i, answer)
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            let (i, answer) = done.unwrap();
+            assert_eq!(&answer.unwrap()[5..], &i.to_be_bytes(), "call {i}");
+        }
+        assert!(!slow.is_finished(), "500 commands waited for a slow one");
+        assert_eq!(slow.await.unwrap().unwrap(), b"echo:slow");
+
+        // Larger than a batch takes: alone on its stream, answered all the same.
+        let big = vec![7u8; BATCH_FRAME + 1];
+        let answer = a.call_batched(&to, big.clone(), None).await.unwrap();
+        assert_eq!(&answer[5..], &big[..]);
+        // An answer over the limit fails its own call only.
+        let err = a
+            .call_batched(&to, b"huge".to_vec(), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Frame(_)), "{err:?}");
+        assert_eq!(
+            a.call_batched(&to, b"ok".to_vec(), None).await.unwrap(),
+            b"echo:ok"
+        );
+        // A deadline shorter than the command fails the call, not the transport.
+        let err = a
+            .call_batched(&to, b"slow".to_vec(), Some(Duration::from_millis(200)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err:?}");
+        assert_eq!(
+            a.call_batched(&to, b"still".to_vec(), None).await.unwrap(),
+            b"echo:still"
+        );
+        assert_eq!(
+            served.0.load(Ordering::Relaxed),
+            1 + 500 + 1 + 1 + 1 + 1 + 1
+        );
+        a.close().await;
+        b.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_calls_to_nobody_fail_within_their_deadline() {
+    bounded(async {
+        let (a, _da) = node("127.0.0.1:0", SECRET, Arc::default()).await;
+        // A port nobody listens on.
+        let nobody = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = nobody.local_addr().unwrap().to_string();
+        drop(nobody);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (a, to) = (a.clone(), to.clone());
+            calls.spawn(async move {
+                a.call_batched(&to, b"hi".to_vec(), Some(Duration::from_millis(1500)))
+                    .await
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            let err = done.unwrap().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    TransportError::Unreachable { .. } | TransportError::Timeout { .. }
+                ),
+                "{err:?}"
+            );
+        }
+        a.close().await;
     })
     .await;
 }
