@@ -557,19 +557,27 @@ async fn read_answers(
                     replies.len()
                 )));
             };
-            left -= 1;
             let answer = if len == ANSWER_REFUSED {
-                Err(TransportError::Frame(format!(
+                Ok(Err(TransportError::Frame(format!(
                     "{to} could not answer: its answer was over the {MAX_FRAME}-byte limit or its service failed"
-                )))
+                ))))
             } else if len as usize > MAX_FRAME {
-                return Err(FrameError::TooLarge(len as usize));
+                Err(FrameError::TooLarge(len as usize))
             } else {
                 let mut body = vec![0u8; len as usize];
-                recv.read_exact(&mut body).await?;
-                Ok(body)
+                recv.read_exact(&mut body).await.map(|()| Ok(body)).map_err(FrameError::from)
             };
-            let _ = reply.send(answer);
+            match answer {
+                Ok(answer) => {
+                    let _ = reply.send(answer);
+                    left -= 1;
+                }
+                Err(e) => {
+                    // Failed with the rest, for the same reason.
+                    replies[index] = Some(reply);
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     })
