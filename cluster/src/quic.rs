@@ -377,20 +377,17 @@ impl Inner {
         &self,
         to: &str,
     ) -> Result<(Connection, quinn::SendStream, quinn::RecvStream), TransportError> {
-        let (conn, fresh) = self.connection(to).await?;
-        match conn.open_bi().await {
-            Ok((send, recv)) => Ok((conn, send, recv)),
+        let (mut conn, fresh) = self.connection(to).await?;
+        let opened = match conn.open_bi().await {
             Err(_) if !fresh => {
                 self.forget(to);
-                let conn = self.connection(to).await?.0;
-                match conn.open_bi().await {
-                    Ok((send, recv)) => Ok((conn, send, recv)),
-                    Err(e) => {
-                        self.forget(to);
-                        Err(TransportError::peer_unreachable(to, e))
-                    }
-                }
+                conn = self.connection(to).await?.0;
+                conn.open_bi().await
             }
+            opened => opened,
+        };
+        match opened {
+            Ok((send, recv)) => Ok((conn, send, recv)),
             Err(e) => {
                 self.forget(to);
                 Err(TransportError::peer_unreachable(to, e))
@@ -747,8 +744,8 @@ async fn serve_connection(conn: Connection, service: Arc<dyn Service>) {
         let service = service.clone();
         tokio::spawn(async move {
             let served = match read_u32(&mut recv).await {
-                Ok(BATCH) => serve_batch(&mut send, &mut recv, service).await,
-                Ok(len) => serve_one(&mut send, &mut recv, len, service).await,
+                Ok(BATCH) => serve_batch(peer, &mut send, &mut recv, service).await,
+                Ok(len) => serve_one(peer, &mut send, &mut recv, len, service).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = served {
@@ -772,6 +769,7 @@ async fn serve_connection(conn: Connection, service: Arc<dyn Service>) {
 
 /// A call alone on its stream, its frame `len` bytes.
 async fn serve_one(
+    peer: SocketAddr,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     len: u32,
@@ -781,6 +779,7 @@ async fn serve_one(
     let answer = service.serve(frame).await;
     if check_len(answer.len()).is_err() {
         tracing::error!(
+            %peer,
             bytes = answer.len(),
             "an answer over the frame limit was not sent"
         );
@@ -802,6 +801,7 @@ async fn serve_one(
 /// served side by side, each answer written as it is ready (see the module
 /// documentation). A caller that goes away does not cut its calls short.
 async fn serve_batch(
+    peer: SocketAddr,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     service: Arc<dyn Service>,
@@ -826,9 +826,9 @@ async fn serve_batch(
     }
     let mut out = Vec::new();
     while let Some(done) = calls.join_next_with_id().await {
-        put_answer(&mut out, &index_of, done);
+        put_answer(peer, &mut out, &index_of, done);
         while let Some(done) = calls.try_join_next_with_id() {
-            put_answer(&mut out, &index_of, done);
+            put_answer(peer, &mut out, &index_of, done);
         }
         if send.write_all(&out).await.is_err() {
             // The caller is gone; what it asked still runs to its end.
@@ -843,6 +843,7 @@ async fn serve_batch(
 
 /// Appends one answer of a batch: `index, length, bytes`, or `index, ANSWER_REFUSED`.
 fn put_answer(
+    peer: SocketAddr,
     out: &mut Vec<u8>,
     index_of: &HashMap<tokio::task::Id, u32>,
     done: Result<(tokio::task::Id, Vec<u8>), tokio::task::JoinError>,
@@ -850,7 +851,7 @@ fn put_answer(
     let (id, answer) = match done {
         Ok((id, answer)) => (id, Some(answer)),
         Err(e) => {
-            tracing::error!(error = %e, "a cluster call failed without an answer");
+            tracing::error!(%peer, error = %e, "a cluster call failed without an answer");
             (e.id(), None)
         }
     };
@@ -865,6 +866,7 @@ fn put_answer(
         }
         Some(answer) => {
             tracing::error!(
+                %peer,
                 bytes = answer.len(),
                 "an answer over the frame limit was not sent"
             );

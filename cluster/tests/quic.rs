@@ -335,7 +335,7 @@ async fn batched_calls_each_get_their_own_answer_and_none_waits_for_a_slow_one()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_calls_to_nobody_fail_within_their_deadline() {
+async fn batched_calls_to_nobody_fail_as_unreachable_not_by_their_deadline() {
     bounded(async {
         let (a, _da) = node("127.0.0.1:0", SECRET, Arc::default()).await;
         // A port nobody listens on.
@@ -346,19 +346,15 @@ async fn batched_calls_to_nobody_fail_within_their_deadline() {
         for _ in 0..20 {
             let (a, to) = (a.clone(), to.clone());
             calls.spawn(async move {
-                a.call_batched(&to, b"hi".to_vec(), Some(Duration::from_millis(1500)))
+                // The deadline is far past the connect timeout (700 ms in `quick`): the
+                // batch reports the failed connection, it does not sit out the deadline.
+                a.call_batched(&to, b"hi".to_vec(), Some(Duration::from_secs(20)))
                     .await
             });
         }
         while let Some(done) = calls.join_next().await {
             let err = done.unwrap().unwrap_err();
-            assert!(
-                matches!(
-                    err,
-                    TransportError::Unreachable { .. } | TransportError::Timeout { .. }
-                ),
-                "{err:?}"
-            );
+            assert!(matches!(err, TransportError::Unreachable { .. }), "{err:?}");
         }
         a.close().await;
     })
