@@ -118,6 +118,37 @@ async fn killing_a_campaigns_leader_loses_nothing_and_buys_resume_within_seconds
         .position(|n| *n == leader)
         .expect("the leader is one of the nodes");
 
+    // A buy sent to a node that does not lead the campaign's group goes there whole: one
+    // forwarded call, whose node places the order in the claim's own record.
+    let other = &nodes[(victim + 1) % 3];
+    let forwarded =
+        || async { metric(&other.metrics().await, "shardmall_cluster_forwarded_total") };
+    let before = forwarded().await;
+    let (st, v) = other
+        .api()
+        .call(
+            Method::POST,
+            "/v1/campaigns/rcamp/buy",
+            Some(&customer("via-follower")),
+            Some(&key()),
+            Some(&json!({"quantity": 1})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(forwarded().await - before, 1, "one forwarded call per buy");
+    let order_id = v["order_id"].as_str().expect("order_id").to_owned();
+    for n in &nodes {
+        let (st, o) = n
+            .get(
+                &format!("/v1/orders/{order_id}"),
+                Some(&customer("via-follower")),
+            )
+            .await;
+        assert_eq!(st, 200, "{o}");
+        assert_eq!(o["campaign_id"], "rcamp", "{o}");
+        assert_eq!(o["status"], "pending_payment", "{o}");
+    }
+
     // Buyers on every node, each request a new buyer and key, until told to stop.
     let acked: Arc<Mutex<Vec<(Instant, String, String)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

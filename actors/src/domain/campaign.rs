@@ -189,6 +189,42 @@ pub enum CampaignCommand {
     /// The timer: ends the campaign at `ends_at`, expires claims past their expiry.
     Tick,
     Get,
+    /// A `Buy` sent by a node that does not serve the campaign. The campaign decides it
+    /// as a `Buy`; the node serving it also places the bought order in the claim's own
+    /// record when it serves the order's partition too, and says whether it did, so the
+    /// sender needs no second call (`Shop::buy_keyed`).
+    BuyAndPlace {
+        order_id: String,
+        buyer: String,
+        quantity: u64,
+        grace_ms: Millis,
+        shipping_address: Option<Address>,
+        idem: Option<IdemTag>,
+    },
+}
+
+impl CampaignCommand {
+    /// The `BuyAndPlace` of a `Buy` (any other command is returned as it is).
+    pub fn placing(self) -> CampaignCommand {
+        match self {
+            CampaignCommand::Buy {
+                order_id,
+                buyer,
+                quantity,
+                grace_ms,
+                shipping_address,
+                idem,
+            } => CampaignCommand::BuyAndPlace {
+                order_id,
+                buyer,
+                quantity,
+                grace_ms,
+                shipping_address,
+                idem,
+            },
+            other => other,
+        }
+    }
 }
 
 /// Variants are only ever appended (bincode encodes the variant by position).
@@ -584,6 +620,14 @@ impl Entity for CampaignState {
                 grace_ms,
                 shipping_address,
                 idem,
+            }
+            | CampaignCommand::BuyAndPlace {
+                order_id,
+                buyer,
+                quantity,
+                grace_ms,
+                shipping_address,
+                idem,
             } => {
                 let c = self.existing()?;
                 if c.claims.contains_key(order_id) {
@@ -773,7 +817,9 @@ impl Entity for CampaignState {
     fn answer(&self, cmd: &CampaignCommand) -> Option<CampaignView> {
         let c = self.campaign.as_ref()?;
         let mut view = c.view();
-        if let CampaignCommand::Buy { order_id, idem, .. } = cmd {
+        if let CampaignCommand::Buy { order_id, idem, .. }
+        | CampaignCommand::BuyAndPlace { order_id, idem, .. } = cmd
+        {
             let first = idem
                 .and_then(|t| c.keys.get(&t.key))
                 .filter(|first| *first != order_id);

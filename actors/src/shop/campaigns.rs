@@ -30,7 +30,8 @@ use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{campaign_err, order_err, sku_err};
 use crate::host::Refusal;
-use crate::route::{IndexFilter, ScanRequest};
+use crate::route::{IndexFilter, RemoteAnswer, RemoteCall, Route, ScanRequest};
+use crate::shop::routing::remote_answer;
 use crate::shop::{millis, take_opened, Page, Shop};
 
 /// What a buy answers: the order, and whether this repeats an earlier keyed buy.
@@ -367,31 +368,36 @@ impl Shop {
         };
         // The order's partition served here too: the order rides in the claim's frame.
         if self.may_ride_along(partition, p) {
-            let opened = Arc::new(OnceLock::new());
-            let also = self.order_companion::<CampaignState>(
-                partition,
-                opened.clone(),
-                |view: &Option<CampaignView>| {
-                    let view = view.as_ref()?;
-                    let bought = view.order.as_ref().filter(|b| !b.replayed)?;
-                    Some((place_command(&view.terms, bought, true), bought.at))
-                },
-                None,
-            );
-            if let Some(answer) = self
-                .ask_here_with::<CampaignState>(p, campaign_id, cmd.clone(), also)
+            if let Some((answer, placed)) = self
+                .buy_placing_here(p, campaign_id, cmd.clone(), partition)
                 .await
             {
                 let view = self.saw_campaign(campaign_id, answer)?;
-                if let Some(order) = take_opened(opened) {
-                    return Ok(Bought {
-                        order,
-                        replayed: false,
-                    });
+                return self.bought_here_or_place(campaign_id, view, placed).await;
+            }
+        }
+        // Served elsewhere: the whole buy goes there, and its node places the order in
+        // the claim's record when it can. One call and one write instead of two of each.
+        if self.route(p) == Route::Remote {
+            let whole = cmd.clone().placing();
+            match self
+                .ask_remote_as::<CampaignState, (Option<CampaignView>, bool)>(
+                    p,
+                    campaign_id,
+                    &whole,
+                )
+                .await
+            {
+                // Moved meanwhile: routed again below, like any command.
+                Err(Refusal::Moved) => {}
+                answer => {
+                    let (answer, placed) = match answer {
+                        Ok((view, placed)) => (Ok(view), placed),
+                        Err(refusal) => (Err(refusal), false),
+                    };
+                    let view = self.saw_campaign(campaign_id, answer)?;
+                    return self.bought_here_or_place(campaign_id, view, placed).await;
                 }
-                // A repeat, or the buyer's partition started moving: the claim is
-                // durable (the answer waited for it); the order goes on its own.
-                return self.place_bought(campaign_id, view, None).await;
             }
         }
         let (answer, durable) = self.ask_early::<CampaignState>(p, campaign_id, cmd).await;
@@ -402,6 +408,91 @@ impl Shop {
     /// After the claim: places the bought order in the buyer's partition, wherever it
     /// is served, and answers once the claim (`durable`, when it was answered early) and
     /// the order are both durable. A repeat of a keyed buy answers its first order.
+    /// Asks the campaign (served here) to decide `buy`, placing its order (in
+    /// `order_partition`) in the claim's own record. `None`: the campaign's partition is
+    /// not served here (any more). The flag says whether the order was placed.
+    async fn buy_placing_here(
+        &self,
+        p: u16,
+        campaign_id: &str,
+        buy: CampaignCommand,
+        order_partition: u16,
+    ) -> Option<(
+        std::result::Result<Option<CampaignView>, Refusal<CampaignError>>,
+        bool,
+    )> {
+        let opened = Arc::new(OnceLock::new());
+        let also = self.order_companion::<CampaignState>(
+            order_partition,
+            opened.clone(),
+            |view: &Option<CampaignView>| {
+                let view = view.as_ref()?;
+                let bought = view.order.as_ref().filter(|b| !b.replayed)?;
+                Some((place_command(&view.terms, bought, true), bought.at))
+            },
+            None,
+        );
+        let answer = self
+            .ask_here_with::<CampaignState>(p, campaign_id, buy, also)
+            .await?;
+        Some((answer, take_opened(opened).is_some()))
+    }
+
+    /// After a buy's claim is durable: its order as placed in the claim's record, or
+    /// placed now (a repeat, or the order's partition was not served beside the
+    /// campaign).
+    async fn bought_here_or_place(
+        &self,
+        campaign_id: &str,
+        view: CampaignView,
+        placed: bool,
+    ) -> Result<Bought> {
+        if placed {
+            let bought = bought_of(&view)?;
+            return Ok(Bought {
+                order: opening(place_command(&view.terms, &bought, true))?,
+                replayed: false,
+            });
+        }
+        self.place_bought(campaign_id, view, None).await
+    }
+
+    /// Serves a `BuyAndPlace` another node forwarded here: the campaign decides the buy,
+    /// and its order is placed in the claim's record when its partition is served here
+    /// beside the campaign's. Answers `(view, placed)`.
+    pub(super) async fn serve_buy_and_place(
+        &self,
+        call: RemoteCall,
+        cmd: CampaignCommand,
+    ) -> RemoteAnswer {
+        let p = call.partition;
+        if self.inner.partitioner.catalog(Kind::Campaign, &call.id) != p {
+            return RemoteAnswer::Malformed(format!(
+                "campaign {} is not in partition {p}",
+                call.id
+            ));
+        }
+        let CampaignCommand::BuyAndPlace { order_id, .. } = &cmd else {
+            return RemoteAnswer::Malformed("not a buy".into());
+        };
+        let along = self
+            .inner
+            .partitioner
+            .of_id(Kind::Order, order_id)
+            .filter(|o| self.may_ride_along(*o, p));
+        let answer = match along {
+            Some(o) => match self.buy_placing_here(p, &call.id, cmd, o).await {
+                Some((answer, placed)) => answer.map(|view| (view, placed)),
+                None => return RemoteAnswer::Moving,
+            },
+            None => self
+                .ask_local::<CampaignState>(p, &call.id, cmd)
+                .await
+                .map(|view| (view, false)),
+        };
+        remote_answer(answer)
+    }
+
     async fn place_bought(
         &self,
         campaign_id: &str,

@@ -5,6 +5,7 @@
 //! (ADR 0014). Partitions are fenced and unfenced here for handoffs.
 
 use super::*;
+use crate::domain::campaign::CampaignCommand;
 
 impl Shop {
     pub(super) fn route(&self, partition: u16) -> Route {
@@ -263,6 +264,17 @@ impl Shop {
         id: &str,
         cmd: &E::Command,
     ) -> std::result::Result<E::View, Refusal<E::Error>> {
+        self.ask_remote_as::<E, E::View>(partition, id, cmd).await
+    }
+
+    /// [`Shop::ask_remote`] for a command whose owner answers `V` (not the entity's
+    /// view): one the owner's shop serves around the entity.
+    pub(super) async fn ask_remote_as<E: Routed, V: serde::de::DeserializeOwned>(
+        &self,
+        partition: u16,
+        id: &str,
+        cmd: &E::Command,
+    ) -> std::result::Result<V, Refusal<E::Error>> {
         let Some(router) = &self.inner.router else {
             return Err(Refusal::Unavailable("no router".into()));
         };
@@ -275,15 +287,13 @@ impl Shop {
             cmd,
         };
         match router.forward(call).await {
-            Ok(bytes) => {
-                match crate::codec::decode::<std::result::Result<E::View, E::Error>>(&bytes) {
-                    Ok(Ok(view)) => Ok(view),
-                    Ok(Err(e)) => Err(Refusal::Domain(e)),
-                    Err(e) => Err(Refusal::Unavailable(format!(
-                        "malformed answer from the owner: {e}"
-                    ))),
-                }
-            }
+            Ok(bytes) => match crate::codec::decode::<std::result::Result<V, E::Error>>(&bytes) {
+                Ok(Ok(view)) => Ok(view),
+                Ok(Err(e)) => Err(Refusal::Domain(e)),
+                Err(e) => Err(Refusal::Unavailable(format!(
+                    "malformed answer from the owner: {e}"
+                ))),
+            },
             Err(ForwardError::Moved) => Err(Refusal::Moved),
             Err(ForwardError::Unavailable(why)) => Err(Refusal::Unavailable(why)),
             Err(ForwardError::Overloaded(what)) => Err(Refusal::Overloaded(what)),
@@ -293,6 +303,13 @@ impl Shop {
     /// Serves a command another node forwarded here. The caller (the cluster) has checked
     /// that this node owns the partition at its current epoch.
     pub async fn serve_remote(&self, call: RemoteCall) -> RemoteAnswer {
+        if call.kind == Kind::Campaign {
+            if let Ok(cmd @ CampaignCommand::BuyAndPlace { .. }) =
+                crate::codec::decode::<CampaignCommand>(&call.cmd)
+            {
+                return self.serve_buy_and_place(call, cmd).await;
+            }
+        }
         struct Serve<'a> {
             shop: &'a Shop,
             call: RemoteCall,
@@ -320,18 +337,7 @@ impl Shop {
             Ok(cmd) => cmd,
             Err(e) => return RemoteAnswer::Malformed(format!("command: {e}")),
         };
-        let answer: std::result::Result<E::View, E::Error> =
-            match self.ask_local::<E>(call.partition, &call.id, cmd).await {
-                Ok(view) => Ok(view),
-                Err(Refusal::Domain(e)) => Err(e),
-                Err(Refusal::Moved) => return RemoteAnswer::Moving,
-                Err(Refusal::Unavailable(why)) => return RemoteAnswer::Unavailable(why),
-                Err(Refusal::Overloaded(what)) => return RemoteAnswer::Overloaded(what),
-            };
-        match crate::codec::encode(&answer) {
-            Ok(bytes) => RemoteAnswer::Reply(bytes),
-            Err(e) => RemoteAnswer::Unavailable(format!("answer failed to encode: {e}")),
-        }
+        remote_answer(self.ask_local::<E>(call.partition, &call.id, cmd).await)
     }
 
     pub(super) async fn product(
@@ -380,5 +386,23 @@ impl Shop {
     {
         let p = self.inner.partitioner.buyer(buyer);
         self.ask::<CartState>(p, buyer, cmd).await
+    }
+}
+
+/// What the owner of a partition sends back for a forwarded command: the answer, or why
+/// there is none.
+pub(super) fn remote_answer<V: serde::Serialize, Er: serde::Serialize>(
+    answer: std::result::Result<V, Refusal<Er>>,
+) -> RemoteAnswer {
+    let answer: std::result::Result<V, Er> = match answer {
+        Ok(view) => Ok(view),
+        Err(Refusal::Domain(e)) => Err(e),
+        Err(Refusal::Moved) => return RemoteAnswer::Moving,
+        Err(Refusal::Unavailable(why)) => return RemoteAnswer::Unavailable(why),
+        Err(Refusal::Overloaded(what)) => return RemoteAnswer::Overloaded(what),
+    };
+    match crate::codec::encode(&answer) {
+        Ok(bytes) => RemoteAnswer::Reply(bytes),
+        Err(e) => RemoteAnswer::Unavailable(format!("answer failed to encode: {e}")),
     }
 }
