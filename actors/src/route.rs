@@ -62,6 +62,9 @@ pub enum ForwardError {
     Moved,
     Unavailable(String),
     Overloaded(String),
+    /// The owner could not read the call (a node of an older release that does not know
+    /// the command): nothing was done there.
+    Unreadable(String),
 }
 
 /// What a list asks of an index: keys under `prefix` after (or, `reverse`, before)

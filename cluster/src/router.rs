@@ -210,10 +210,16 @@ impl Router for ClusterRouter {
                     Err(ForwardError::Overloaded(what))
                 }
                 Ok(Response::Entity(RemoteAnswer::Unavailable(why))) => fail(why),
-                Ok(Response::Entity(RemoteAnswer::Malformed(why))) => fail(format!(
-                    "node {} could not read the call: {why}",
-                    owner.name
-                )),
+                Ok(Response::Entity(RemoteAnswer::Malformed(why))) => {
+                    inner
+                        .metrics
+                        .forward_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    Err(ForwardError::Unreadable(format!(
+                        "node {} could not read the call: {why}",
+                        owner.name
+                    )))
+                }
                 Ok(Response::Error(e)) => fail(format!("node {}: {e}", owner.name)),
                 Ok(other) => fail(format!(
                     "unexpected answer from node {}: {other:?}",

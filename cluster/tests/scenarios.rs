@@ -12,14 +12,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shardmall_actors::domain::campaign::CampaignCommand;
 use shardmall_actors::domain::{Kind, Money, ProductStatus};
 use shardmall_actors::keys::EntityKey;
+use shardmall_actors::route::RemoteAnswer;
 use shardmall_actors::{NewCampaign, NewProduct, NewSku, Shop, ShopConfig, ShopError};
 use shardmall_cluster::map::{node_id_of, Member, MemberStatus};
 use shardmall_cluster::memory::MemoryNet;
 use shardmall_cluster::node::{ClusterNode, Dispatcher, SharedSecrets};
+use shardmall_cluster::proto::{self, Request, Response};
 use shardmall_cluster::raft::{ControlConfig, ControlPlane};
-use shardmall_cluster::ClusterRouter;
+use shardmall_cluster::{BoxFuture, ClusterRouter, Service};
 use shardmall_persistence::{Wal, WalConfig};
 
 const PARTITIONS: u16 = 16;
@@ -30,6 +33,7 @@ struct Running {
     node: ClusterNode,
     shop: Shop,
     control: ControlPlane,
+    dispatcher: Arc<Dispatcher>,
 }
 
 struct Cluster {
@@ -186,6 +190,7 @@ impl Cluster {
                 node,
                 shop,
                 control,
+                dispatcher,
             },
         );
     }
@@ -567,6 +572,77 @@ async fn a_flash_sale_across_nodes_sells_exactly_its_quantity() {
         .await
         .expect("campaign");
     assert_eq!(view.sold + view.reserved, 40);
+}
+
+/// A node of the previous release, which does not know `CampaignCommand::BuyAndPlace`:
+/// it answers that it cannot read the call, and serves everything else.
+struct PreviousRelease(Arc<Dispatcher>);
+
+impl Service for PreviousRelease {
+    fn serve(&self, frame: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        if let Ok(Request::Entity { call, .. }) = proto::decode::<Request>(&frame) {
+            let cmd = shardmall_actors::codec::decode::<CampaignCommand>(&call.cmd);
+            if call.kind == Kind::Campaign && matches!(cmd, Ok(CampaignCommand::BuyAndPlace { .. }))
+            {
+                let answer =
+                    Response::Entity(RemoteAnswer::Malformed("command: unknown variant".into()));
+                return Box::pin(async move { proto::encode(&answer) });
+            }
+        }
+        self.0.serve(frame)
+    }
+}
+
+/// During a rolling upgrade a buy that reaches an upgraded node, for a campaign served by
+/// a node of the previous release, still succeeds: the claim and the order go apart, as
+/// that release knows them. Nothing is sold twice or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buys_forwarded_to_a_node_of_the_previous_release_still_succeed() {
+    use Step::*;
+    let c = run(&[Add("n1"), Add("n2"), Add("n3"), Rebalance("n1")]).await;
+    for (name, r) in &c.live {
+        c.net
+            .register(name, Arc::new(PreviousRelease(r.dispatcher.clone())));
+    }
+    let admin = &c.live["n1"].shop;
+    let now = shardmall_actors::clock::system_ms();
+    read(|| {
+        admin.create_campaign(NewCampaign {
+            campaign_id: "upgrade".into(),
+            sku_id: sku(1),
+            price: money(1),
+            quantity: 30,
+            starts_at: None,
+            ends_at: now + 600_000,
+            per_buyer_limit: 1,
+            payment_timeout: None,
+        })
+    })
+    .await;
+    let mut orders = Vec::new();
+    for (name, r) in &c.live {
+        for i in 0..10 {
+            let buyer = format!("{name}-up-{i}");
+            let order = r
+                .shop
+                .buy("upgrade", &buyer, 1, None)
+                .await
+                .unwrap_or_else(|e| panic!("buy through {name}: {e:?}"));
+            orders.push(order.order_id);
+        }
+    }
+    for r in c.live.values() {
+        for id in &orders {
+            let order = read(|| r.shop.get_order(id)).await;
+            assert_eq!(order.campaign_id.as_deref(), Some("upgrade"));
+        }
+    }
+    let view = read(|| c.live["n2"].shop.get_campaign("upgrade")).await;
+    assert_eq!(
+        view.sold + view.reserved,
+        30,
+        "exactly what was bought is held"
+    );
 }
 
 /// A move whose commit cannot be confirmed (the old owner cannot reach the leader after

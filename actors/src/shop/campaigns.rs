@@ -30,8 +30,8 @@ use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{campaign_err, order_err, sku_err};
 use crate::host::Refusal;
-use crate::route::{IndexFilter, RemoteAnswer, RemoteCall, Route, ScanRequest};
-use crate::shop::routing::remote_answer;
+use crate::route::{ForwardError, IndexFilter, RemoteAnswer, RemoteCall, Route, ScanRequest};
+use crate::shop::routing::{remote_answer, remote_view};
 use crate::shop::{millis, take_opened, Page, Shop};
 
 /// What a buy answers: the order, and whether this repeats an earlier keyed buy.
@@ -381,20 +381,19 @@ impl Shop {
         if self.route(p) == Route::Remote {
             let whole = cmd.clone().placing();
             match self
-                .ask_remote_as::<CampaignState, (Option<CampaignView>, bool)>(
-                    p,
-                    campaign_id,
-                    &whole,
-                )
+                .forward_call::<CampaignState>(p, campaign_id, &whole)
                 .await
             {
-                // Moved meanwhile: routed again below, like any command.
-                Err(Refusal::Moved) => {}
+                // Moved meanwhile: routed again below, like any command. Unreadable: a
+                // node of an older release, which did nothing; the claim and the order
+                // go apart, as it knows them.
+                Err(ForwardError::Moved | ForwardError::Unreadable(_)) => {}
                 answer => {
-                    let (answer, placed) = match answer {
-                        Ok((view, placed)) => (Ok(view), placed),
-                        Err(refusal) => (Err(refusal), false),
-                    };
+                    let (answer, placed) =
+                        match remote_view::<CampaignState, (Option<CampaignView>, bool)>(answer) {
+                            Ok((view, placed)) => (Ok(view), placed),
+                            Err(refusal) => (Err(refusal), false),
+                        };
                     let view = self.saw_campaign(campaign_id, answer)?;
                     return self.bought_here_or_place(campaign_id, view, placed).await;
                 }

@@ -85,7 +85,9 @@ impl Shop {
         if let Some(router) = &self.inner.router {
             let others = router.scan_others(req).await.map_err(|e| match e {
                 ForwardError::Moved => ShopError::Unavailable(MOVING.into()),
-                ForwardError::Unavailable(why) => ShopError::Unavailable(why),
+                ForwardError::Unavailable(why) | ForwardError::Unreadable(why) => {
+                    ShopError::Unavailable(why)
+                }
                 ForwardError::Overloaded(what) => ShopError::Overloaded(what),
             })?;
             pages.extend(others);

@@ -275,29 +275,28 @@ impl Shop {
         id: &str,
         cmd: &E::Command,
     ) -> std::result::Result<V, Refusal<E::Error>> {
+        remote_view::<E, V>(self.forward_call::<E>(partition, id, cmd).await)
+    }
+
+    /// Sends one command to the node that owns its partition: the answer's bytes.
+    pub(super) async fn forward_call<E: Routed>(
+        &self,
+        partition: u16,
+        id: &str,
+        cmd: &E::Command,
+    ) -> std::result::Result<Vec<u8>, ForwardError> {
         let Some(router) = &self.inner.router else {
-            return Err(Refusal::Unavailable("no router".into()));
+            return Err(ForwardError::Unavailable("no router".into()));
         };
         let cmd = crate::codec::encode(cmd)
-            .map_err(|e| Refusal::Unavailable(format!("command failed to encode: {e}")))?;
+            .map_err(|e| ForwardError::Unavailable(format!("command failed to encode: {e}")))?;
         let call = RemoteCall {
             partition,
             kind: E::KIND,
             id: id.to_owned(),
             cmd,
         };
-        match router.forward(call).await {
-            Ok(bytes) => match crate::codec::decode::<std::result::Result<V, E::Error>>(&bytes) {
-                Ok(Ok(view)) => Ok(view),
-                Ok(Err(e)) => Err(Refusal::Domain(e)),
-                Err(e) => Err(Refusal::Unavailable(format!(
-                    "malformed answer from the owner: {e}"
-                ))),
-            },
-            Err(ForwardError::Moved) => Err(Refusal::Moved),
-            Err(ForwardError::Unavailable(why)) => Err(Refusal::Unavailable(why)),
-            Err(ForwardError::Overloaded(what)) => Err(Refusal::Overloaded(what)),
-        }
+        router.forward(call).await
     }
 
     /// Serves a command another node forwarded here. The caller (the cluster) has checked
@@ -404,5 +403,25 @@ pub(super) fn remote_answer<V: serde::Serialize, Er: serde::Serialize>(
     match crate::codec::encode(&answer) {
         Ok(bytes) => RemoteAnswer::Reply(bytes),
         Err(e) => RemoteAnswer::Unavailable(format!("answer failed to encode: {e}")),
+    }
+}
+
+/// The answer (`Result<V, E::Error>`) in the bytes a forwarded command got back.
+pub(super) fn remote_view<E: Routed, V: serde::de::DeserializeOwned>(
+    answer: std::result::Result<Vec<u8>, ForwardError>,
+) -> std::result::Result<V, Refusal<E::Error>> {
+    match answer {
+        Ok(bytes) => match crate::codec::decode::<std::result::Result<V, E::Error>>(&bytes) {
+            Ok(Ok(view)) => Ok(view),
+            Ok(Err(e)) => Err(Refusal::Domain(e)),
+            Err(e) => Err(Refusal::Unavailable(format!(
+                "malformed answer from the owner: {e}"
+            ))),
+        },
+        Err(ForwardError::Moved) => Err(Refusal::Moved),
+        Err(ForwardError::Unavailable(why) | ForwardError::Unreadable(why)) => {
+            Err(Refusal::Unavailable(why))
+        }
+        Err(ForwardError::Overloaded(what)) => Err(Refusal::Overloaded(what)),
     }
 }
