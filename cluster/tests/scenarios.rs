@@ -582,8 +582,7 @@ impl Service for PreviousRelease {
     fn serve(&self, frame: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
         if let Ok(Request::Entity { call, .. }) = proto::decode::<Request>(&frame) {
             let cmd = shardmall_actors::codec::decode::<CampaignCommand>(&call.cmd);
-            if call.kind == Kind::Campaign && matches!(cmd, Ok(CampaignCommand::BuyAndPlace { .. }))
-            {
+            if call.kind == Kind::Campaign && matches!(cmd, Ok(CampaignCommand::BuyAndPlace(_))) {
                 let answer =
                     Response::Entity(RemoteAnswer::Malformed("command: unknown variant".into()));
                 return Box::pin(async move { proto::encode(&answer) });

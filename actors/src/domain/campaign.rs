@@ -168,14 +168,7 @@ pub enum CampaignCommand {
     /// what the order opens with and the request's idempotency key, in one event.
     /// Idempotent per order id and per key (a repeat with the key gets the first
     /// answer; with another body, `IdempotencyConflict`). Refusals write nothing.
-    Buy {
-        order_id: String,
-        buyer: String,
-        quantity: u64,
-        grace_ms: Millis,
-        shipping_address: Option<Address>,
-        idem: Option<IdemTag>,
-    },
+    Buy(CampaignBuy),
     /// The order was paid: its held units become sold. Idempotent.
     Commit {
         order_id: String,
@@ -193,38 +186,19 @@ pub enum CampaignCommand {
     /// as a `Buy`; the node serving it also places the bought order in the claim's own
     /// record when it serves the order's partition too, and says whether it did, so the
     /// sender needs no second call (`Shop::buy_keyed`).
-    BuyAndPlace {
-        order_id: String,
-        buyer: String,
-        quantity: u64,
-        grace_ms: Millis,
-        shipping_address: Option<Address>,
-        idem: Option<IdemTag>,
-    },
+    BuyAndPlace(CampaignBuy),
 }
 
-impl CampaignCommand {
-    /// The `BuyAndPlace` of a `Buy` (any other command is returned as it is).
-    pub fn placing(self) -> CampaignCommand {
-        match self {
-            CampaignCommand::Buy {
-                order_id,
-                buyer,
-                quantity,
-                grace_ms,
-                shipping_address,
-                idem,
-            } => CampaignCommand::BuyAndPlace {
-                order_id,
-                buyer,
-                quantity,
-                grace_ms,
-                shipping_address,
-                idem,
-            },
-            other => other,
-        }
-    }
+/// What a buy asks of a campaign. (A struct variant's fields and a newtype variant
+/// holding this struct encode to the same bytes.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignBuy {
+    pub order_id: String,
+    pub buyer: String,
+    pub quantity: u64,
+    pub grace_ms: Millis,
+    pub shipping_address: Option<Address>,
+    pub idem: Option<IdemTag>,
 }
 
 /// Variants are only ever appended (bincode encodes the variant by position).
@@ -613,22 +587,15 @@ impl Entity for CampaignState {
                     "only a campaign being created can be discarded".into(),
                 )),
             },
-            CampaignCommand::Buy {
-                order_id,
-                buyer,
-                quantity,
-                grace_ms,
-                shipping_address,
-                idem,
-            }
-            | CampaignCommand::BuyAndPlace {
-                order_id,
-                buyer,
-                quantity,
-                grace_ms,
-                shipping_address,
-                idem,
-            } => {
+            CampaignCommand::Buy(buy) | CampaignCommand::BuyAndPlace(buy) => {
+                let CampaignBuy {
+                    order_id,
+                    buyer,
+                    quantity,
+                    grace_ms,
+                    shipping_address,
+                    idem,
+                } = buy;
                 let c = self.existing()?;
                 if c.claims.contains_key(order_id) {
                     return Ok(vec![]);
@@ -817,8 +784,8 @@ impl Entity for CampaignState {
     fn answer(&self, cmd: &CampaignCommand) -> Option<CampaignView> {
         let c = self.campaign.as_ref()?;
         let mut view = c.view();
-        if let CampaignCommand::Buy { order_id, idem, .. }
-        | CampaignCommand::BuyAndPlace { order_id, idem, .. } = cmd
+        if let CampaignCommand::Buy(CampaignBuy { order_id, idem, .. })
+        | CampaignCommand::BuyAndPlace(CampaignBuy { order_id, idem, .. }) = cmd
         {
             let first = idem
                 .and_then(|t| c.keys.get(&t.key))
@@ -980,18 +947,54 @@ mod tests {
 
     /// A buy of `q` units, with an idempotency key (key, body hash) or not.
     fn keyed(order: &str, buyer: &str, q: u64, key: Option<(u128, u64)>) -> CampaignCommand {
-        CampaignCommand::Buy {
+        CampaignCommand::Buy(CampaignBuy {
             order_id: order.into(),
             buyer: buyer.into(),
             quantity: q,
             grace_ms: 1000,
             shipping_address: None,
             idem: key.map(|(key, body)| IdemTag { key, body }),
-        }
+        })
     }
 
     fn claim(order: &str, buyer: &str, q: u64) -> CampaignCommand {
         keyed(order, buyer, q, None)
+    }
+
+    /// Nodes of the previous release send `Buy` with its fields in the variant: the same
+    /// bytes as the variant holding a `CampaignBuy`, so they are still understood.
+    #[test]
+    fn a_buy_encodes_as_the_previous_releases_struct_variant() {
+        #[derive(Serialize)]
+        #[allow(dead_code)]
+        enum Previous {
+            Create(CampaignTerms),
+            Open,
+            Discard,
+            Buy {
+                order_id: String,
+                buyer: String,
+                quantity: u64,
+                grace_ms: Millis,
+                shipping_address: Option<Address>,
+                idem: Option<IdemTag>,
+            },
+        }
+        let previous = Previous::Buy {
+            order_id: "o-1".into(),
+            buyer: "b".into(),
+            quantity: 2,
+            grace_ms: 1000,
+            shipping_address: None,
+            idem: Some(IdemTag { key: 7, body: 9 }),
+        };
+        let now = keyed("o-1", "b", 2, Some((7, 9)));
+        let bytes = crate::codec::encode(&previous).unwrap();
+        assert_eq!(bytes, crate::codec::encode(&now).unwrap());
+        assert_eq!(
+            crate::codec::decode::<CampaignCommand>(&bytes).unwrap(),
+            now
+        );
     }
 
     #[test]

@@ -20,8 +20,8 @@ use tokio::sync::oneshot;
 
 use crate::board::Verdict;
 use crate::domain::campaign::{
-    BoughtOrder, CampaignCommand, CampaignError, CampaignState, CampaignStatus, CampaignTerms,
-    CampaignView, IdemTag,
+    BoughtOrder, CampaignBuy, CampaignCommand, CampaignError, CampaignState, CampaignStatus,
+    CampaignTerms, CampaignView, IdemTag,
 };
 use crate::domain::order::{Line, Order, OrderCommand, OrderError, OrderState, BUYER_INDEX_PREFIX};
 use crate::domain::sku::SkuCommand;
@@ -358,7 +358,7 @@ impl Shop {
             Verdict::Ask => {}
         }
         let order_id = self.mint_order_id(partition);
-        let cmd = CampaignCommand::Buy {
+        let buy = CampaignBuy {
             order_id: order_id.clone(),
             buyer: buyer.to_owned(),
             quantity,
@@ -366,6 +366,7 @@ impl Shop {
             shipping_address,
             idem,
         };
+        let cmd = CampaignCommand::Buy(buy.clone());
         // The order's partition served here too: the order rides in the claim's frame.
         if self.may_ride_along(partition, p) {
             if let Some((answer, placed)) = self
@@ -379,7 +380,7 @@ impl Shop {
         // Served elsewhere: the whole buy goes there, and its node places the order in
         // the claim's record when it can. One call and one write instead of two of each.
         if self.route(p) == Route::Remote {
-            let whole = cmd.clone().placing();
+            let whole = CampaignCommand::BuyAndPlace(buy);
             match self
                 .forward_call::<CampaignState>(p, campaign_id, &whole)
                 .await
@@ -471,7 +472,7 @@ impl Shop {
                 call.id
             ));
         }
-        let CampaignCommand::BuyAndPlace { order_id, .. } = &cmd else {
+        let CampaignCommand::BuyAndPlace(CampaignBuy { order_id, .. }) = &cmd else {
             return RemoteAnswer::Malformed("not a buy".into());
         };
         let along = self

@@ -303,7 +303,7 @@ impl Shop {
     /// that this node owns the partition at its current epoch.
     pub async fn serve_remote(&self, call: RemoteCall) -> RemoteAnswer {
         if call.kind == Kind::Campaign {
-            if let Ok(cmd @ CampaignCommand::BuyAndPlace { .. }) =
+            if let Ok(cmd @ CampaignCommand::BuyAndPlace(_)) =
                 crate::codec::decode::<CampaignCommand>(&call.cmd)
             {
                 return self.serve_buy_and_place(call, cmd).await;
