@@ -369,12 +369,12 @@ impl Shop {
         let cmd = CampaignCommand::Buy(buy.clone());
         // The order's partition served here too: the order rides in the claim's frame.
         if self.may_ride_along(partition, p) {
-            if let Some((answer, placed)) = self
+            if let Some((answer, opened)) = self
                 .buy_placing_here(p, campaign_id, cmd.clone(), partition)
                 .await
             {
                 let view = self.saw_campaign(campaign_id, answer)?;
-                return self.bought_here_or_place(campaign_id, view, placed).await;
+                return self.bought_here_or_place(campaign_id, view, opened).await;
             }
         }
         // Served elsewhere: the whole buy goes there, and its node places the order in
@@ -396,7 +396,14 @@ impl Shop {
                             Err(refusal) => (Err(refusal), false),
                         };
                     let view = self.saw_campaign(campaign_id, answer)?;
-                    return self.bought_here_or_place(campaign_id, view, placed).await;
+                    // Placed there: the order exactly as the claim's record opened it.
+                    let opened = if placed {
+                        let bought = bought_of(&view)?;
+                        Some(opening(place_command(&view.terms, &bought, true))?)
+                    } else {
+                        None
+                    };
+                    return self.bought_here_or_place(campaign_id, view, opened).await;
                 }
             }
         }
@@ -405,12 +412,9 @@ impl Shop {
         self.place_bought(campaign_id, view, durable).await
     }
 
-    /// After the claim: places the bought order in the buyer's partition, wherever it
-    /// is served, and answers once the claim (`durable`, when it was answered early) and
-    /// the order are both durable. A repeat of a keyed buy answers its first order.
     /// Asks the campaign (served here) to decide `buy`, placing its order (in
     /// `order_partition`) in the claim's own record. `None`: the campaign's partition is
-    /// not served here (any more). The flag says whether the order was placed.
+    /// not served here (any more). With the answer, the order when it was placed.
     async fn buy_placing_here(
         &self,
         p: u16,
@@ -419,7 +423,7 @@ impl Shop {
         order_partition: u16,
     ) -> Option<(
         std::result::Result<Option<CampaignView>, Refusal<CampaignError>>,
-        bool,
+        Option<Order>,
     )> {
         let opened = Arc::new(OnceLock::new());
         let also = self.order_companion::<CampaignState>(
@@ -435,26 +439,25 @@ impl Shop {
         let answer = self
             .ask_here_with::<CampaignState>(p, campaign_id, buy, also)
             .await?;
-        Some((answer, take_opened(opened).is_some()))
+        Some((answer, take_opened(opened)))
     }
 
-    /// After a buy's claim is durable: its order as placed in the claim's record, or
-    /// placed now (a repeat, or the order's partition was not served beside the
-    /// campaign).
+    /// After a buy's claim is durable: its order as placed in the claim's record
+    /// (`opened`), or placed now (a repeat, or the order's partition was not served
+    /// beside the campaign).
     async fn bought_here_or_place(
         &self,
         campaign_id: &str,
         view: CampaignView,
-        placed: bool,
+        opened: Option<Order>,
     ) -> Result<Bought> {
-        if placed {
-            let bought = bought_of(&view)?;
-            return Ok(Bought {
-                order: opening(place_command(&view.terms, &bought, true))?,
+        match opened {
+            Some(order) => Ok(Bought {
+                order,
                 replayed: false,
-            });
+            }),
+            None => self.place_bought(campaign_id, view, None).await,
         }
-        self.place_bought(campaign_id, view, None).await
     }
 
     /// Serves a `BuyAndPlace` another node forwarded here: the campaign decides the buy,
@@ -482,7 +485,7 @@ impl Shop {
             .filter(|o| self.may_ride_along(*o, p));
         let answer = match along {
             Some(o) => match self.buy_placing_here(p, &call.id, cmd, o).await {
-                Some((answer, placed)) => answer.map(|view| (view, placed)),
+                Some((answer, opened)) => answer.map(|view| (view, opened.is_some())),
                 None => return RemoteAnswer::Moving,
             },
             None => self
@@ -493,6 +496,9 @@ impl Shop {
         remote_answer(answer)
     }
 
+    /// After the claim: places the bought order in the buyer's partition, wherever it
+    /// is served, and answers once the claim (`durable`, when it was answered early) and
+    /// the order are both durable. A repeat of a keyed buy answers its first order.
     async fn place_bought(
         &self,
         campaign_id: &str,
