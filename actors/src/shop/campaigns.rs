@@ -30,7 +30,7 @@ use crate::domain::{Address, Kind, Millis, Money};
 use crate::error::{Result, ShopError};
 use crate::errors_map::{campaign_err, order_err, sku_err};
 use crate::host::Refusal;
-use crate::route::{ForwardError, IndexFilter, RemoteAnswer, RemoteCall, Route, ScanRequest};
+use crate::route::{ForwardError, IndexFilter, RemoteAnswer, Route, ScanRequest};
 use crate::shop::routing::{remote_answer, remote_view};
 use crate::shop::{millis, take_opened, Page, Shop};
 
@@ -357,21 +357,19 @@ impl Shop {
             Verdict::Ended => return Err(ShopError::CampaignEnded(campaign_id.to_owned())),
             Verdict::Ask => {}
         }
-        let order_id = self.mint_order_id(partition);
         let buy = CampaignBuy {
-            order_id: order_id.clone(),
+            order_id: self.mint_order_id(partition),
             buyer: buyer.to_owned(),
             quantity,
             grace_ms: millis(self.inner.cfg.reservation_grace),
             shipping_address,
             idem,
         };
-        let cmd = CampaignCommand::Buy(buy.clone());
         // The order's partition served here too: the order rides in the claim's frame.
         if self.may_ride_along(partition, p) {
-            if let Some((answer, opened)) = self
-                .buy_placing_here(p, campaign_id, cmd.clone(), partition)
-                .await
+            let cmd = CampaignCommand::Buy(buy.clone());
+            if let Some((answer, opened)) =
+                self.buy_placing_here(p, campaign_id, cmd, partition).await
             {
                 let view = self.saw_campaign(campaign_id, answer)?;
                 return self.bought_here_or_place(campaign_id, view, opened).await;
@@ -380,7 +378,7 @@ impl Shop {
         // Served elsewhere: the whole buy goes there, and its node places the order in
         // the claim's record when it can. One call and one write instead of two of each.
         if self.route(p) == Route::Remote {
-            let whole = CampaignCommand::BuyAndPlace(buy);
+            let whole = CampaignCommand::BuyAndPlace(buy.clone());
             match self
                 .forward_call::<CampaignState>(p, campaign_id, &whole)
                 .await
@@ -390,23 +388,19 @@ impl Shop {
                 // go apart, as it knows them.
                 Err(ForwardError::Moved | ForwardError::Unreadable(_)) => {}
                 answer => {
-                    let (answer, placed) =
-                        match remote_view::<CampaignState, (Option<CampaignView>, bool)>(answer) {
-                            Ok((view, placed)) => (Ok(view), placed),
-                            Err(refusal) => (Err(refusal), false),
+                    let (answer, opened) =
+                        match remote_view::<CampaignState, (Option<CampaignView>, Option<Order>)>(
+                            answer,
+                        ) {
+                            Ok((view, opened)) => (Ok(view), opened),
+                            Err(refusal) => (Err(refusal), None),
                         };
                     let view = self.saw_campaign(campaign_id, answer)?;
-                    // Placed there: the order exactly as the claim's record opened it.
-                    let opened = if placed {
-                        let bought = bought_of(&view)?;
-                        Some(opening(place_command(&view.terms, &bought, true))?)
-                    } else {
-                        None
-                    };
                     return self.bought_here_or_place(campaign_id, view, opened).await;
                 }
             }
         }
+        let cmd = CampaignCommand::Buy(buy);
         let (answer, durable) = self.ask_early::<CampaignState>(p, campaign_id, cmd).await;
         let view = self.saw_campaign(campaign_id, answer)?;
         self.place_bought(campaign_id, view, durable).await
@@ -462,36 +456,28 @@ impl Shop {
 
     /// Serves a `BuyAndPlace` another node forwarded here: the campaign decides the buy,
     /// and its order is placed in the claim's record when its partition is served here
-    /// beside the campaign's. Answers `(view, placed)`.
+    /// beside the campaign's. Answers the view and the order so placed.
     pub(super) async fn serve_buy_and_place(
         &self,
-        call: RemoteCall,
-        cmd: CampaignCommand,
+        p: u16,
+        campaign_id: &str,
+        buy: CampaignBuy,
     ) -> RemoteAnswer {
-        let p = call.partition;
-        if self.inner.partitioner.catalog(Kind::Campaign, &call.id) != p {
-            return RemoteAnswer::Malformed(format!(
-                "campaign {} is not in partition {p}",
-                call.id
-            ));
-        }
-        let CampaignCommand::BuyAndPlace(CampaignBuy { order_id, .. }) = &cmd else {
-            return RemoteAnswer::Malformed("not a buy".into());
-        };
         let along = self
             .inner
             .partitioner
-            .of_id(Kind::Order, order_id)
+            .of_id(Kind::Order, &buy.order_id)
             .filter(|o| self.may_ride_along(*o, p));
+        let cmd = CampaignCommand::BuyAndPlace(buy);
         let answer = match along {
-            Some(o) => match self.buy_placing_here(p, &call.id, cmd, o).await {
-                Some((answer, opened)) => answer.map(|view| (view, opened.is_some())),
+            Some(o) => match self.buy_placing_here(p, campaign_id, cmd, o).await {
+                Some((answer, opened)) => answer.map(|view| (view, opened)),
                 None => return RemoteAnswer::Moving,
             },
             None => self
-                .ask_local::<CampaignState>(p, &call.id, cmd)
+                .ask_local::<CampaignState>(p, campaign_id, cmd)
                 .await
-                .map(|view| (view, false)),
+                .map(|view| (view, None)),
         };
         remote_answer(answer)
     }

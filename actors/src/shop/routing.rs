@@ -5,7 +5,7 @@
 //! (ADR 0014). Partitions are fenced and unfenced here for handoffs.
 
 use super::*;
-use crate::domain::campaign::CampaignCommand;
+use crate::domain::campaign::{CampaignCommand, CampaignState};
 
 impl Shop {
     pub(super) fn route(&self, partition: u16) -> Route {
@@ -303,11 +303,13 @@ impl Shop {
     /// that this node owns the partition at its current epoch.
     pub async fn serve_remote(&self, call: RemoteCall) -> RemoteAnswer {
         if call.kind == Kind::Campaign {
-            if let Ok(cmd @ CampaignCommand::BuyAndPlace(_)) =
-                crate::codec::decode::<CampaignCommand>(&call.cmd)
-            {
-                return self.serve_buy_and_place(call, cmd).await;
-            }
+            // A buy sent whole is served around the campaign (its order rides along).
+            let (p, id) = (call.partition, &call.id);
+            return match self.read_call::<CampaignState>(&call) {
+                Ok(CampaignCommand::BuyAndPlace(buy)) => self.serve_buy_and_place(p, id, buy).await,
+                Ok(cmd) => remote_answer(self.ask_local::<CampaignState>(p, id, cmd).await),
+                Err(refused) => refused,
+            };
         }
         struct Serve<'a> {
             shop: &'a Shop,
@@ -323,20 +325,28 @@ impl Shop {
     }
 
     pub(super) async fn serve_typed<E: Routed>(&self, call: RemoteCall) -> RemoteAnswer {
+        match self.read_call::<E>(&call) {
+            Ok(cmd) => remote_answer(self.ask_local::<E>(call.partition, &call.id, cmd).await),
+            Err(refused) => refused,
+        }
+    }
+
+    /// The command of a forwarded call, once its entity is known to be in its partition.
+    fn read_call<E: Routed>(
+        &self,
+        call: &RemoteCall,
+    ) -> std::result::Result<E::Command, RemoteAnswer> {
         let expected = EntityKey::new(E::KIND, call.id.clone());
         if self.inner.partitioner.of(&expected) != Some(call.partition) {
-            return RemoteAnswer::Malformed(format!(
+            return Err(RemoteAnswer::Malformed(format!(
                 "{:?} {} is not in partition {}",
                 E::KIND,
                 call.id,
                 call.partition
-            ));
+            )));
         }
-        let cmd = match crate::codec::decode::<E::Command>(&call.cmd) {
-            Ok(cmd) => cmd,
-            Err(e) => return RemoteAnswer::Malformed(format!("command: {e}")),
-        };
-        remote_answer(self.ask_local::<E>(call.partition, &call.id, cmd).await)
+        crate::codec::decode::<E::Command>(&call.cmd)
+            .map_err(|e| RemoteAnswer::Malformed(format!("command: {e}")))
     }
 
     pub(super) async fn product(
