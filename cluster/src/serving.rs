@@ -9,7 +9,8 @@
 //! * every heartbeat interval a leader confirms its leadership with a quorum (openraft's
 //!   read-index round, `get_read_log_id`); a confirmation asked at `t` holds the lease to
 //!   `t + lease` (`lease` is below the election timeout: no other replica can be elected
-//!   before, see `crate::replica`);
+//!   before, see `crate::replica`); these rounds are also what keeps the voters from
+//!   starting an election (openraft's own heartbeats are off while a watcher runs);
 //! * a leader serves once it has applied an entry of its own term (so it has everything
 //!   a previous leader acknowledged): the group's partitions are unfenced, their actors
 //!   load from this node's copy;
@@ -203,6 +204,9 @@ pub async fn watch_group(
     let mut last_leader: Option<NodeId> = None;
     // When this replica was elected, until it serves.
     let mut elected_at: Option<u64> = None;
+    // The lease keeper's rounds reach every voter once a heartbeat: openraft's own
+    // heartbeats would only repeat them (half of an idle group's messages).
+    replica.raft.runtime_config().heartbeat(false);
     // The lease is kept by a task of its own: the watcher may be busy fencing.
     let keeper = tokio::spawn(keep_lease(
         replica.clone(),
@@ -296,6 +300,14 @@ pub async fn watch_group(
 /// elected meanwhile would serve beside it). One round per heartbeat, whatever else
 /// happens: a round changes the replica's metrics, so a loop driven by them would run
 /// rounds back to back.
+///
+/// A round's `AppendEntries` also keeps the voters from starting an election, so the
+/// group runs without openraft's own heartbeats; those also restart replication to a
+/// member that failed a send (it waits for the next entry otherwise), so one is sent
+/// every [`REKICK_EVERY`] rounds, learners included.
+/// Lease rounds per openraft heartbeat (one a second at the default 100 ms).
+const REKICK_EVERY: u32 = 10;
+
 async fn keep_lease(
     replica: Arc<GroupReplica>,
     leaders: Arc<Leaders>,
@@ -309,6 +321,7 @@ async fn keep_lease(
     let me = leaders.me;
     let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rounds = 0u32;
     loop {
         tick.tick().await;
         let leading = {
@@ -318,6 +331,11 @@ async fn keep_lease(
         };
         if !leading {
             continue;
+        }
+        rounds = rounds.wrapping_add(1);
+        if rounds.is_multiple_of(REKICK_EVERY) && replica.raft.trigger().heartbeat().await.is_err()
+        {
+            return;
         }
         let asked = now_ms();
         match tokio::time::timeout(lease, replica.raft.get_read_log_id()).await {

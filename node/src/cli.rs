@@ -121,6 +121,11 @@ pub struct ServeArgs {
     /// Storage cache, MiB [default: 64].
     #[arg(long, env = "SHARDMALL_CACHE_MB")]
     pub cache_mb: Option<u64>,
+    /// Threads serving requests [default: one per core this process may use]. Give
+    /// nodes that share a machine's cores their share: three nodes on two cores run
+    /// best with 1 each.
+    #[arg(long, env = "SHARDMALL_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]

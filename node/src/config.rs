@@ -34,6 +34,7 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub cache_mb: Option<u64>,
+    pub worker_threads: Option<usize>,
     pub max_active: Option<usize>,
     pub max_inflight: Option<usize>,
     pub entity_queue: Option<usize>,
@@ -65,6 +66,8 @@ pub struct Config {
     /// Timeouts and caps of the HTTP connections.
     pub conn_limits: ConnLimits,
     pub cache_mb: u64,
+    /// Threads of the runtime; `None`: one per core the process may use.
+    pub worker_threads: Option<usize>,
     pub max_active: usize,
     pub max_inflight: usize,
     pub entity_queue: usize,
@@ -77,6 +80,9 @@ pub struct Config {
 }
 
 const MAX_DURATION: Duration = Duration::from_secs(3650 * 24 * 3600);
+
+/// More runtime threads than this is a typo, not a machine.
+const MAX_WORKER_THREADS: usize = 1024;
 
 fn at_least_one(name: &str, value: Option<usize>, default: usize) -> anyhow::Result<usize> {
     match value.unwrap_or(default) {
@@ -149,6 +155,12 @@ impl Config {
         if cache_mb == 0 {
             anyhow::bail!("cache_mb must be at least 1");
         }
+        let worker_threads = match args.worker_threads.or(file.worker_threads) {
+            Some(n) if !(1..=MAX_WORKER_THREADS).contains(&n) => {
+                anyhow::bail!("worker_threads must be between 1 and {MAX_WORKER_THREADS}, not {n}")
+            }
+            n => n,
+        };
         let max_active = at_least_one("max_active", args.max_active.or(file.max_active), 4096)?;
         let entity_queue =
             at_least_one("entity_queue", args.entity_queue.or(file.entity_queue), 512)?;
@@ -235,6 +247,7 @@ impl Config {
                 )?,
             },
             cache_mb,
+            worker_threads,
             max_active,
             max_inflight,
             entity_queue,
@@ -304,6 +317,7 @@ mod tests {
         assert_eq!(c.max_active, 4096);
         assert_eq!(c.max_inflight, 4096);
         assert_eq!(c.entity_queue, 512);
+        assert_eq!(c.worker_threads, None);
     }
 
     #[test]
@@ -323,6 +337,14 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::load(&bad).is_err());
+        for n in [0, 100_000] {
+            let bad = ServeArgs {
+                worker_threads: Some(n),
+                ..Default::default()
+            };
+            let e = Config::load(&bad).unwrap_err().to_string();
+            assert!(e.contains("worker_threads"), "{e}");
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "unknown_key = 1\n").unwrap();

@@ -39,9 +39,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = Config::load(&args)?;
             init_tracing(&config.log);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = config.worker_threads {
+                runtime.worker_threads(n);
+            }
+            let runtime = runtime.enable_all().build()?;
             runtime.block_on(serve(config))
         }
         Command::Cluster(args) => std::process::exit(cluster_cmd::run(args)),
