@@ -294,6 +294,9 @@ pub async fn watch_group(
     fence(&shop, &partitions, group).await;
 }
 
+/// Lease rounds per openraft heartbeat (one a second at the default 100 ms).
+const REKICK_EVERY: u32 = 10;
+
 /// While `replica` leads, confirms its leadership with a quorum once every `heartbeat`
 /// (openraft's read-index round): a confirmation of a round started at `t` holds the
 /// group's lease to `t + lease`, and this replica grants no vote until then (a voter
@@ -305,9 +308,6 @@ pub async fn watch_group(
 /// group runs without openraft's own heartbeats; those also restart replication to a
 /// member that failed a send (it waits for the next entry otherwise), so one is sent
 /// every [`REKICK_EVERY`] rounds, learners included.
-/// Lease rounds per openraft heartbeat (one a second at the default 100 ms).
-const REKICK_EVERY: u32 = 10;
-
 async fn keep_lease(
     replica: Arc<GroupReplica>,
     leaders: Arc<Leaders>,

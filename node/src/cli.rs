@@ -121,9 +121,9 @@ pub struct ServeArgs {
     /// Storage cache, MiB [default: 64].
     #[arg(long, env = "SHARDMALL_CACHE_MB")]
     pub cache_mb: Option<u64>,
-    /// Threads serving requests [default: one per core this process may use]. Give
-    /// nodes that share a machine's cores their share: three nodes on two cores run
-    /// best with 1 each.
+    /// Threads serving requests [default: one per core this process may use]. For
+    /// nodes that share a machine's cores: give each its share (measure; see
+    /// docs/operations.md, "Threads").
     #[arg(long, env = "SHARDMALL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
 }
