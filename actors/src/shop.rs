@@ -69,9 +69,11 @@ pub use idempotency::AnswerInFrame;
 const RETRY_TIMER_AFTER: Duration = Duration::from_secs(5);
 
 /// How many times a command whose partition moved is routed again, and the first pause
-/// between tries (doubling, capped at [`MAX_ROUTE_PAUSE`]): about 3 s in all, longer than
-/// a partition handoff takes.
-const ROUTE_ATTEMPTS: u32 = 10;
+/// between tries (doubling, capped at [`MAX_ROUTE_PAUSE`]): about 3.1 s of pauses in all,
+/// longer than a partition handoff takes, and than a replica group's election once its
+/// leader has left it (1 to 2 s: openraft's followers grant no vote within its 1 s
+/// leader lease of the last message they had).
+const ROUTE_ATTEMPTS: u32 = 12;
 const FIRST_ROUTE_PAUSE: Duration = Duration::from_millis(5);
 const MAX_ROUTE_PAUSE: Duration = Duration::from_millis(500);
 

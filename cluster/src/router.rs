@@ -114,10 +114,13 @@ impl Router for ClusterRouter {
             let group = map.group_of(call.partition);
             let target = if map.is_replicated() {
                 match inner.leaders.route(group) {
-                    GroupRoute::Leader(l) => map.members.get(&l),
+                    GroupRoute::Leader(l) if map.members.contains_key(&l) => map.members.get(&l),
                     // This node holds no replica of the group (more members than
-                    // replicas) and has no hint yet: a replica answers with its leader.
-                    GroupRoute::Unknown if !map.replicas_of(group).contains(&inner.me) => {
+                    // replicas) and has no hint yet, or one naming a node that has left:
+                    // a replica answers with its leader.
+                    GroupRoute::Leader(_) | GroupRoute::Unknown
+                        if !map.replicas_of(group).contains(&inner.me) =>
+                    {
                         let replicas: Vec<NodeId> = map
                             .replicas_of(group)
                             .iter()
@@ -129,8 +132,11 @@ impl Router for ClusterRouter {
                             .get(pick % replicas.len().max(1))
                             .and_then(|n| map.members.get(n))
                     }
-                    // Electing, or this node just became leader: route again shortly.
-                    GroupRoute::Here | GroupRoute::Unknown => return Err(ForwardError::Moved),
+                    // Electing (the leader this replica knew may have left), or this node
+                    // just became leader: route again shortly.
+                    GroupRoute::Here | GroupRoute::Leader(_) | GroupRoute::Unknown => {
+                        return Err(ForwardError::Moved)
+                    }
                 }
             } else {
                 map.owner_member(call.partition)

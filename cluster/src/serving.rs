@@ -173,8 +173,13 @@ impl GroupHost for ShopHost {
     ) -> BoxFuture<'static, Result<(), String>> {
         let shop = self.shop();
         Box::pin(async move {
-            shop?
-                .install_partition(partition, data)
+            let shop = shop?;
+            // No actor of it may outlive its state (a replica erased just after it
+            // stepped down, before its watcher fenced).
+            shop.fence_partition(partition)
+                .await
+                .map_err(|e| e.to_string())?;
+            shop.install_partition(partition, data)
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -39,13 +39,21 @@ impl Tails {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Adds a record to its entity's tail. Records arrive in lsn order and two records of
+    /// one entity never share an lsn, so a record at or below the tail's last is one
+    /// applied again (a replica group restarted in the same process re-applies from its
+    /// applied floor): it is already there and is not added twice.
     pub fn push(&self, partition: u16, entity: Vec<u8>, lsn: Lsn, payload: sled::IVec) {
-        self.shard(partition)
+        let mut shard = self.shard(partition);
+        let tail = shard
             .entry(partition)
             .or_default()
             .entry(entity)
-            .or_default()
-            .push((lsn, payload));
+            .or_default();
+        if tail.last().is_some_and(|(last, _)| *last >= lsn) {
+            return;
+        }
+        tail.push((lsn, payload));
     }
 
     /// The records of one entity after `after`, in lsn order.

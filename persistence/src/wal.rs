@@ -428,6 +428,16 @@ impl Wal {
         Ok(())
     }
 
+    /// Removes node metadata values and flushes before returning. Blocking, like
+    /// [`Wal::meta_put`].
+    pub fn meta_remove(&self, keys: &[&str]) -> Result<()> {
+        for key in keys {
+            self.shared().meta.remove(key.as_bytes())?;
+        }
+        self.shared().db.flush()?;
+        Ok(())
+    }
+
     /// A cheap snapshot of the log's counters and histograms.
     pub fn metrics(&self) -> WalMetrics {
         let shared = self.shared();

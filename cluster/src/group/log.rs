@@ -137,6 +137,39 @@ pub(crate) async fn meta_put<T: serde::Serialize>(
         .map_err(write_err)
 }
 
+/// Removes small values of `group` durably, off the async workers.
+pub(crate) async fn meta_remove(wal: &Wal, group: u16, what: &[&str]) -> Result<(), String> {
+    let wal = wal.clone();
+    let keys: Vec<String> = what.iter().map(|w| meta_key(group, w)).collect();
+    tokio::task::spawn_blocking(move || {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        wal.meta_remove(&keys)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
+/// Writes a cut of `group`'s log at `since` (every entry from that index on is gone),
+/// durably: a replay meets it after the entries it removes.
+pub(crate) async fn write_cut(wal: &Wal, group: u16, since: u64) -> StorageResult<()> {
+    let frame = RaftFrame {
+        group,
+        kind: RaftFrameKind::Truncate,
+        payload: encode(&since).map_err(write_err)?,
+    };
+    let (tx, rx) = oneshot::channel();
+    wal.append_raft(frame, 1, move |outcome| {
+        let _ = tx.send(outcome);
+    })
+    .await
+    .map_err(write_err)?;
+    rx.await
+        .map_err(|_| write_err("the log stopped"))?
+        .map_err(write_err)?;
+    Ok(())
+}
+
 impl GroupLog {
     /// The group's log as the frames recovered at open (in lsn order) and the stored
     /// vote and purge point describe it.
@@ -401,21 +434,7 @@ impl RaftLogStorage<GroupConfig> for GroupLog {
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
         self.state().entries.split_off(&log_id.index);
-        let frame = RaftFrame {
-            group: self.group,
-            kind: RaftFrameKind::Truncate,
-            payload: encode(&log_id.index).map_err(write_err)?,
-        };
-        let (tx, rx) = oneshot::channel();
-        self.wal
-            .append_raft(frame, 1, move |outcome| {
-                let _ = tx.send(outcome);
-            })
-            .await
-            .map_err(write_err)?;
-        rx.await
-            .map_err(|_| write_err("the log stopped"))?
-            .map_err(write_err)?;
+        write_cut(&self.wal, self.group, log_id.index).await?;
         self.update_hold();
         Ok(())
     }

@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::error::{InitializeError, RaftError};
-use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy, StoredMembership};
 use serde::{Deserialize, Serialize};
 use shardmall_persistence::{
     AuxOp, Error as WalError, Lsn, Part, PartitionData, Record, Replicate, Wal,
@@ -146,7 +146,8 @@ pub trait GroupHost: Send + Sync + 'static {
     fn checkpoint(&self, partition: u16) -> Result<(), String>;
     /// The partition's whole state.
     fn export(&self, partition: u16) -> BoxFuture<'static, Result<PartitionData, String>>;
-    /// Replaces this node's copy of the partition with `data`, durably.
+    /// Replaces this node's copy of the partition with `data`, durably (the partition
+    /// is fenced first: nothing here serves it).
     fn install(
         &self,
         partition: u16,
@@ -225,6 +226,9 @@ struct Proposal {
 pub struct GroupReplica {
     pub group: u16,
     pub raft: Raft<GroupConfig>,
+    /// The replica's log, kept when it stops while it may still be a member (see
+    /// [`Groups::retire`]).
+    log: log::GroupLog,
     proposals: mpsc::UnboundedSender<Proposal>,
     flow: Arc<Flow>,
     /// Until when (`serving::now_ms`) this replica refuses to vote (see
@@ -281,10 +285,12 @@ impl GroupReplica {
     pub fn hold_votes_until(&self, until_ms: u64) {
         self.no_votes_until.fetch_max(until_ms, Ordering::AcqRel);
     }
-    /// Whether this replica leads its group now (as far as it knows).
+    /// Whether this replica leads its group now (as far as it knows). A leader that
+    /// stepped down keeps its own vote, so `current_leader` may still name it: the
+    /// server state decides.
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics().borrow().clone();
-        m.current_leader == Some(m.id)
+        m.state == ServerState::Leader && m.current_leader == Some(m.id)
     }
 
     /// The leader this replica knows of.
@@ -325,7 +331,15 @@ pub struct Groups {
     by_group: RwLock<HashMap<u16, Arc<GroupReplica>>>,
     /// Recovered consensus frames per group, until the group starts here.
     recovered: std::sync::Mutex<BTreeMap<u16, Vec<(Lsn, shardmall_persistence::RaftFrame)>>>,
+    /// The logs of replicas stopped while they may still have been members: a replica
+    /// started again in this process continues from them (the recovered frames are
+    /// taken once).
+    parked: std::sync::Mutex<HashMap<u16, log::GroupLog>>,
 }
+
+/// Marks a group whose copy on this node is being erased ([`Groups::forget`]): a crash
+/// midway is finished before the group starts here again.
+const FORGETTING: &str = "forgetting";
 
 impl Groups {
     /// Takes the consensus frames the log recovered. Install it as the log's
@@ -351,6 +365,7 @@ impl Groups {
             transport,
             by_group: RwLock::new(HashMap::new()),
             recovered: std::sync::Mutex::new(recovered),
+            parked: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -372,13 +387,29 @@ impl Groups {
         if let Some(r) = self.replica(group) {
             return Ok(r);
         }
-        let frames = self
-            .recovered
+        let parked = self
+            .parked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&group)
-            .unwrap_or_default();
-        let log = log::GroupLog::open(group, self.wal.clone(), frames)?;
+            .remove(&group);
+        let log = match parked {
+            Some(log) => log,
+            None => {
+                let mut frames = self
+                    .recovered
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&group)
+                    .unwrap_or_default();
+                if log::meta_get::<bool>(&self.wal, group, FORGETTING)?.is_some() {
+                    // Erasing it was cut short by a crash: finished first. Every frame
+                    // recovered is from before.
+                    self.forget(group).await?;
+                    frames.clear();
+                }
+                log::GroupLog::open(group, self.wal.clone(), frames)?
+            }
+        };
         let sm = sm::GroupSm::open(
             group,
             self.wal.clone(),
@@ -392,9 +423,15 @@ impl Groups {
             transport: self.transport.clone(),
             resolve: self.resolve.clone(),
         };
-        let raft = Raft::new(self.me, self.settings.raft_config()?, network, log, sm)
-            .await
-            .map_err(|e| format!("starting replica group {group}: {e}"))?;
+        let raft = Raft::new(
+            self.me,
+            self.settings.raft_config()?,
+            network,
+            log.clone(),
+            sm,
+        )
+        .await
+        .map_err(|e| format!("starting replica group {group}: {e}"))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let flow = Arc::new(Flow::default());
         tokio::spawn(propose(
@@ -412,6 +449,7 @@ impl Groups {
         let replica = Arc::new(GroupReplica {
             group,
             raft,
+            log,
             proposals: tx,
             flow,
             no_votes_until: AtomicU64::new(no_votes_until),
@@ -454,7 +492,7 @@ impl Groups {
             return Ok(Placed::NotLeader);
         };
         let m = replica.raft.metrics().borrow().clone();
-        if m.current_leader != Some(self.me) {
+        if m.state != ServerState::Leader || m.current_leader != Some(self.me) {
             return Ok(Placed::NotLeader);
         }
         let membership = m.membership_config.membership();
@@ -500,9 +538,15 @@ impl Groups {
 
     /// Stops this node's replica of `group` once it is no longer a member of the group
     /// (moved elsewhere): a replica left running would stand for elections nobody
-    /// grants. Its log is released. With `anyway`, also when it still thinks itself a
-    /// member but does not lead (a removed replica may never hear of the final
-    /// membership). Answers whether it stopped.
+    /// grants. With `anyway`, also when it may still be a member but does not lead (a
+    /// removed replica may never hear of the final membership). Answers whether it
+    /// stopped.
+    ///
+    /// A replica that is provably out of the group (see [`Groups::removed`]) is erased
+    /// ([`Groups::forget`]): placed here again later, it joins as a new learner. One
+    /// that may still be a voter keeps everything (a voter's log counts towards what
+    /// the group has committed): its log is parked, and a replica started again in this
+    /// process continues from it.
     pub async fn retire(&self, group: u16, anyway: bool) -> bool {
         let Some(replica) = self.replica(group) else {
             return false;
@@ -513,8 +557,11 @@ impl Groups {
             .membership()
             .nodes()
             .any(|(id, _)| *id == self.me);
-        let leading = m.current_leader == Some(self.me);
-        if leading || (member && !anyway) {
+        if m.state == ServerState::Leader {
+            return false;
+        }
+        let removed = self.removed(group, &m).await;
+        if member && !removed && !anyway {
             return false;
         }
         self.by_group
@@ -522,8 +569,106 @@ impl Groups {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&group);
         let _ = replica.raft.shutdown().await;
-        self.wal.hold_log_from(group, None);
+        if removed {
+            self.wal.hold_log_from(group, None);
+            if let Err(e) = self.forget(group).await {
+                // Finished before the group starts here again (the mark stays).
+                tracing::error!(group, error = %e, "cannot erase this node's copy of a replica group it left");
+            }
+        } else {
+            self.parked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(group, replica.log.clone());
+        }
         true
+    }
+
+    /// Whether this replica is out of `group` for good: a membership applied (committed)
+    /// here, or else by another replica of the group, leaves it out of the voters the
+    /// group is moving to, and no later membership it holds names it a voter. Once a
+    /// joint membership is committed, a majority of its new voters holds every
+    /// committed entry, and every later entry needs such a majority: nothing depends on
+    /// this replica's copy any more. (A replica removed from its group may never hear
+    /// that the change committed: the leader stops sending to it. So it asks.)
+    async fn removed(&self, group: u16, m: &openraft::RaftMetrics<NodeId, BasicNode>) -> bool {
+        if self
+            .applied_membership(group)
+            .is_some_and(|applied| self.out_of(&applied, m))
+        {
+            return true;
+        }
+        let others: Vec<(NodeId, String)> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.me)
+            .map(|(id, node)| {
+                (
+                    *id,
+                    (self.resolve)(*id).unwrap_or_else(|| node.addr.clone()),
+                )
+            })
+            .collect();
+        for (_, addr) in others {
+            let applied =
+                network::applied_membership_at(self.transport.as_ref(), &addr, group).await;
+            if applied.is_some_and(|applied| self.out_of(&applied, m)) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Whether `applied`, a committed membership of the group, leaves this replica out
+    /// (see [`Groups::removed`]).
+    fn out_of(
+        &self,
+        applied: &StoredMembership<NodeId, BasicNode>,
+        m: &openraft::RaftMetrics<NodeId, BasicNode>,
+    ) -> bool {
+        let Some(next) = applied.membership().get_joint_config().last() else {
+            return false;
+        };
+        let voter_later = m.membership_config.log_id() > applied.log_id()
+            && m.membership_config
+                .membership()
+                .voter_ids()
+                .any(|id| id == self.me);
+        !next.contains(&self.me) && !voter_later
+    }
+
+    /// The membership this node's replica of `group` has applied.
+    pub(crate) fn applied_membership(
+        &self,
+        group: u16,
+    ) -> Option<StoredMembership<NodeId, BasicNode>> {
+        log::meta_get(&self.wal, group, "membership").ok().flatten()
+    }
+
+    /// Erases this node's copy of `group`, durably: its log (a cut before the first
+    /// entry, which a replay meets after them), its consensus state but the vote (a
+    /// term never goes back) and its partitions' data. Kept, a copy would make a
+    /// replica placed here again start with an applied index its log does not hold
+    /// (openraft stops) or apply the leader's entries over partitions that hold them
+    /// already.
+    async fn forget(&self, group: u16) -> Result<(), String> {
+        log::meta_put(&self.wal, group, FORGETTING, &true)
+            .await
+            .map_err(|e| e.to_string())?;
+        log::write_cut(&self.wal, group, 0)
+            .await
+            .map_err(|e| e.to_string())?;
+        log::meta_remove(&self.wal, group, &["purged", "floor", "membership"]).await?;
+        for p in self.settings.partitions_of(group) {
+            self.host.install(p, Vec::new()).await?;
+        }
+        log::meta_remove(&self.wal, group, &[FORGETTING]).await?;
+        tracing::info!(
+            group,
+            "this node's copy of a replica group it left is erased"
+        );
+        Ok(())
     }
 
     /// Stops every replica (their state stays in the log).

@@ -15,7 +15,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, StoredMembership};
 use serde::{Deserialize, Serialize};
 
 use super::{GroupConfig, GroupReplica, Groups};
@@ -27,6 +27,9 @@ pub(crate) enum GroupMsg {
     Append(AppendEntriesRequest<GroupConfig>),
     Vote(VoteRequest<u64>),
     Snapshot(InstallSnapshotRequest<GroupConfig>),
+    /// The membership the receiver's replica has applied (committed): a replica placed
+    /// elsewhere asks whether it is out of the group (see `Groups::retire`).
+    Membership,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -42,6 +45,7 @@ pub(crate) enum GroupReply {
     Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
     /// The receiver holds no replica of the group (yet).
     NoReplica,
+    Membership(Option<StoredMembership<u64, BasicNode>>),
 }
 
 /// Makes a client per peer of one group.
@@ -111,6 +115,31 @@ impl GroupPeer {
             "node {} answered a group {} message with {reply:?}",
             self.target, self.group
         )))
+    }
+}
+
+/// Asks the replica of `group` at `addr` which membership it has applied; `None` when it
+/// does not say (no replica there, unreachable, an older release).
+pub(crate) async fn applied_membership_at(
+    transport: &dyn Transport,
+    addr: &str,
+    group: u16,
+) -> Option<StoredMembership<u64, BasicNode>> {
+    let body = proto::encode(&GroupEnvelope {
+        group,
+        msg: GroupMsg::Membership,
+    });
+    let call = transport.call(addr, proto::encode(&Request::Group(body)));
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(1), call)
+        .await
+        .ok()?
+        .ok()?;
+    match proto::decode::<Response>(&answer).ok()? {
+        Response::Group(body) => match proto::decode::<GroupReply>(&body).ok()? {
+            GroupReply::Membership(applied) => applied,
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -191,6 +220,9 @@ pub async fn answer(groups: &Groups, body: Vec<u8>) -> Response {
             GroupMsg::Vote(rpc) => GroupReply::Vote(replica.raft.vote(rpc).await),
             GroupMsg::Snapshot(rpc) => {
                 GroupReply::Snapshot(replica.raft.install_snapshot(rpc).await)
+            }
+            GroupMsg::Membership => {
+                GroupReply::Membership(groups.applied_membership(replica.group))
             }
         },
     };

@@ -750,3 +750,82 @@ async fn an_uncommitted_record_stops_the_group_until_it_is_settled() {
         stop(&net, r).await;
     }
 }
+
+/// Moves `group`'s voters to `want` through whichever replica leads it.
+async fn place_until_done(replicas: &[Replica], group: u16, want: &[NodeId]) {
+    let want: BTreeMap<NodeId, String> = want.iter().map(|id| (*id, addr(*id))).collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        for r in replicas {
+            if let Ok(Placed::Done) = r.groups.place(group, &want).await {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group {group} never reached {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A replica moved off a node is erased there once it is out of the group; placed on
+/// that node again, it joins as a new learner and ends with exactly what the group
+/// acknowledged, nothing applied twice, also after a restart. With `snapshot_every`
+/// small it comes back through a snapshot, otherwise through the whole log.
+async fn moved_away_and_back(snapshot_every: u64) {
+    let root = tempfile::tempdir().unwrap();
+    let net = MemoryNet::new();
+    let mut replicas = cluster(&net, root.path(), snapshot_every).await;
+    replicas.push(start(&net, 4, root.path().join("n4"), snapshot_every).await);
+    let l = leader(&replicas, 0).await;
+    let mut acked = write(&replicas[l], 2, "sku-m", 0, 25).await;
+    // A follower of the group moves to node 4.
+    let f = (0..3).find(|i| *i != l).unwrap();
+    let gone = replicas[f].id;
+    let stay: Vec<NodeId> = (1..=3).filter(|id| *id != gone).collect();
+    let moved: Vec<NodeId> = stay.iter().copied().chain([4]).collect();
+    place_until_done(&replicas, 0, &moved).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !replicas[f].groups.retire(0, false).await {
+        assert!(Instant::now() < deadline, "node {gone} never left group 0");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept: Option<StoredMembership<NodeId, BasicNode>> =
+        log::meta_get(&replicas[f].wal, 0, "membership").unwrap();
+    assert!(
+        kept.is_none(),
+        "the copy of a replica out of its group is erased: {kept:?}"
+    );
+    assert_eq!(state(&replicas[f], 2, "sku-m"), "");
+    let l = leader(&replicas, 0).await;
+    acked.extend(write(&replicas[l], 2, "sku-m", 25, 25).await);
+    // Back on the node it left, in place of node 4.
+    replicas[f].groups.start(0).await.unwrap();
+    let back: Vec<NodeId> = stay.iter().copied().chain([gone]).collect();
+    place_until_done(&replicas, 0, &back).await;
+    let l = leader(&replicas, 0).await;
+    acked.extend(write(&replicas[l], 2, "sku-m", 50, 5).await);
+    converges(&replicas[f], 2, "sku-m", &acked).await;
+    let r = replicas.remove(f);
+    let dir = stop(&net, r).await;
+    replicas.push(start(&net, gone, dir, snapshot_every).await);
+    let l = leader(&replicas, 0).await;
+    acked.extend(write(&replicas[l], 2, "sku-m", 55, 5).await);
+    for r in replicas.iter().filter(|r| r.id != 4) {
+        converges(r, 2, "sku-m", &acked).await;
+    }
+    for r in replicas {
+        stop(&net, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_placed_back_on_a_node_it_left_catches_up_from_the_log() {
+    moved_away_and_back(20_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_placed_back_on_a_node_it_left_catches_up_from_a_snapshot() {
+    moved_away_and_back(10).await;
+}

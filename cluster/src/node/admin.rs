@@ -314,11 +314,7 @@ impl ClusterNode {
         let member = self.member_named(name)?;
         let map = self.map();
         if map.is_replicated() {
-            // Handoffs move partitions between single copies; replicas move by their
-            // groups' membership changes, which `remove` starts.
-            return Err(ClusterError::Conflict(format!(
-                "a replicated cluster does not hand partitions over: stop {name}, then                  `shardmall cluster remove {name}` places its replicas on the other members                  (the groups it led elect a new leader within seconds)"
-            )));
+            return self.leave_replicated(&member, &map).await;
         }
         if map
             .active_members()
@@ -365,6 +361,75 @@ impl ClusterNode {
             epoch: self.caught_up(map.epoch).await.epoch,
             ..report
         })
+    }
+
+    /// [`ClusterNode::leave`] in a replicated cluster: the node is marked leaving, the
+    /// control plane's leader places its replicas on the other members, each group's
+    /// leader adds them as learners, promotes them once caught up and drops the leaving
+    /// node's replica (a group it led elects another leader first: one election, no
+    /// other pause). Once it holds no replica, the leaving node takes itself out of the
+    /// map (`leave_once_empty`); this call waits for that.
+    async fn leave_replicated(
+        &self,
+        member: &Member,
+        map: &ClusterMap,
+    ) -> Result<RebalanceReport, ClusterError> {
+        let name = &member.name;
+        let others = map
+            .active_members()
+            .filter(|m| m.node_id != member.node_id)
+            .count();
+        let copies = usize::from(map.copies());
+        if others < copies {
+            return Err(ClusterError::Conflict(format!(
+                "{name} cannot leave: {others} other active members are left for {copies} replicas per group; join another node first"
+            )));
+        }
+        if member.status != MemberStatus::Leaving {
+            self.inner
+                .control
+                .propose(MapCommand::SetStatus {
+                    node: member.node_id,
+                    status: MemberStatus::Leaving,
+                })
+                .await?;
+        }
+        let planned = map
+            .replicas
+            .iter()
+            .filter(|r| r.contains(&member.node_id))
+            .count();
+        let deadline = tokio::time::Instant::now() + LEAVE_TIMEOUT;
+        loop {
+            let latest = match self.inner.control.latest().await {
+                Ok(latest) => latest,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read the leader's map while a node leaves");
+                    (*self.map()).clone()
+                }
+            };
+            if !latest.members.contains_key(&member.node_id) {
+                tracing::info!(node = %name, "node left the cluster");
+                return Ok(RebalanceReport {
+                    planned,
+                    moved: planned,
+                    failed: Vec::new(),
+                    epoch: self.caught_up(latest.epoch).await.epoch,
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let holding = latest
+                    .replicas
+                    .iter()
+                    .filter(|r| r.contains(&member.node_id))
+                    .count();
+                return Err(ClusterError::Unavailable(format!(
+                    "{name} is still leaving after {}s ({holding} groups still placed on it): run leave again, or stop it and `shardmall cluster remove {name}`",
+                    LEAVE_TIMEOUT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Removes a member. One that owns partitions must leave instead; one that is down

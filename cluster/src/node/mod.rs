@@ -64,6 +64,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// before it stops anyway (when it does not lead).
 const RETIRE_AFTER: Duration = Duration::from_secs(30);
 
+/// How long `cluster leave` of a replicated member waits for its replicas to move.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Secrets a joining node receives, so every member signs and checks alike.
 #[derive(Clone)]
 pub struct SharedSecrets {
@@ -445,6 +448,36 @@ impl ClusterNode {
                     Err(e) => tracing::warn!(group = g, error = %e, "moving a replica group"),
                 }
             }
+            self.leave_once_empty(&map, &r.groups).await;
+        }
+    }
+
+    /// A leaving member whose replicas have all moved away takes itself out of the map
+    /// (and the control plane's voters): `cluster leave` waits for this. The node does
+    /// it, not the caller, because only it knows its last replica has stopped.
+    async fn leave_once_empty(&self, map: &ClusterMap, groups: &Groups) {
+        let me = self.inner.me.node_id;
+        let leaving = map
+            .members
+            .get(&me)
+            .is_some_and(|m| m.status == MemberStatus::Leaving);
+        if !leaving || map.replicas.iter().any(|r| r.contains(&me)) || !groups.running().is_empty()
+        {
+            return;
+        }
+        let to: Vec<NodeId> = map
+            .active_members()
+            .map(|m| m.node_id)
+            .filter(|id| *id != me)
+            .collect();
+        match self
+            .inner
+            .control
+            .remove_node(me, MapCommand::ForgetMember { node: me, to })
+            .await
+        {
+            Ok(_) => tracing::info!("every replica of this node moved away; it left the cluster"),
+            Err(e) => tracing::warn!(error = %e, "leaving the cluster (tried again in a second)"),
         }
     }
 
