@@ -174,8 +174,13 @@ fn print_map(map: &Value) {
 }
 
 fn print_moves(report: &Value) {
+    let kind = match report["kind"].as_str() {
+        Some("leaders") => "group leaders",
+        Some("replicas") => "groups' replicas",
+        _ => "partitions",
+    };
     println!(
-        "moved {} of {} planned partitions; epoch {}",
+        "moved {} of {} planned {kind}; epoch {}",
         report["moved"], report["planned"], report["epoch"]
     );
     // One line per target and reason: a lost target fails every move to it alike.
@@ -191,6 +196,10 @@ fn print_moves(report: &Value) {
             .push(f["partition"].as_i64().unwrap_or(-1));
     }
     for ((to, error), partitions) in groups {
+        if kind != "partitions" {
+            println!("  {} failed ({to}): {error}", partitions.len());
+            continue;
+        }
         println!(
             "  {} failed -> {to} (partitions {}): {error}",
             partitions.len(),

@@ -293,6 +293,73 @@ async fn killing_a_campaigns_leader_loses_nothing_and_buys_resume_within_seconds
         assert_eq!(st, 200, "{v}");
         assert_eq!(v["items"][0]["product_id"], "rp", "{v}");
     }
+
+    // The node that came back leads nothing until a rebalance hands it a share of the
+    // leaderships; buys go on meanwhile.
+    let before = leaders_per_node(&nodes[0], &names).await;
+    let out = tokio::process::Command::new(shardmall_bin())
+        .args([
+            "cluster",
+            "rebalance",
+            "--json",
+            "--url",
+            &nodes[victim].base,
+        ])
+        .env("SHARDMALL_TOKEN", operator())
+        .output()
+        .await
+        .expect("shardmall cluster rebalance");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let after = leaders_per_node(&nodes[0], &names).await;
+    eprintln!("leaders per node {before:?} -> {after:?}: {report}");
+    assert_eq!(report["kind"], "leaders", "{report}");
+    assert!(report["moved"].as_u64() > Some(0), "{report}");
+    assert!(
+        after[victim] > 0,
+        "{} leads nothing after a rebalance: {after:?}",
+        names[victim]
+    );
+    let cap = usize::from(GROUPS).div_ceil(3);
+    assert!(
+        after.iter().all(|n| *n <= cap + 1),
+        "leaders per node {after:?}, at most {cap} wanted"
+    );
+    let (st, v) = nodes[victim]
+        .api()
+        .call(
+            Method::POST,
+            "/v1/campaigns/rcamp/buy",
+            Some(&customer("after-rebalance")),
+            Some(&key()),
+            Some(&json!({"quantity": 1})),
+        )
+        .await;
+    assert_eq!(st, 201, "a buy after the rebalance: {v}");
+}
+
+/// How many groups each of `names` leads, as `node` reports once every group has a
+/// leader.
+async fn leaders_per_node(node: &Node, names: &[&str]) -> Vec<usize> {
+    poll_until(
+        "every group has a leader",
+        Duration::from_secs(30),
+        || async {
+            let map = cluster_map(node).await;
+            let mut counts = vec![0; names.len()];
+            for g in map["groups"].as_array()? {
+                let leader = g["leader"].as_str()?;
+                counts[names.iter().position(|n| *n == leader)?] += 1;
+            }
+            Some(counts)
+        },
+    )
+    .await
 }
 
 /// Every node's view of every group it holds: its voters are exactly `want`.

@@ -536,6 +536,62 @@ impl Groups {
         Ok(Placed::Changed)
     }
 
+    /// Hands the leadership of `group` to another voter: this replica, which must lead,
+    /// leaves the membership (a change; openraft has no leader transfer, and a leader
+    /// kept on as a learner would go on leading), steps down once that is committed, and
+    /// the other voters elect a leader among themselves (one election: 1 to 2 s, as
+    /// openraft's followers grant no vote within its leader lease of the last message
+    /// they had). The replica keeps running with its log: the new leader adds it back as
+    /// a learner and makes it a voter again as the placement says (`place`). Answers once
+    /// the change is committed.
+    pub async fn step_down(&self, group: u16) -> Result<(), String> {
+        let replica = self
+            .replica(group)
+            .ok_or_else(|| format!("this node holds no replica of group {group}"))?;
+        let m = replica.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader || m.current_leader != Some(self.me) {
+            return Err(format!("this node does not lead group {group}"));
+        }
+        let membership = m.membership_config.membership();
+        if membership.get_joint_config().len() != 1 {
+            return Err(format!("group {group} is changing its members; try again"));
+        }
+        if !membership.voter_ids().any(|id| id != self.me) {
+            return Err(format!("group {group} has no other voter to lead it"));
+        }
+        replica
+            .raft
+            .change_membership(
+                openraft::ChangeMembers::RemoveVoters(BTreeSet::from([self.me])),
+                false,
+            )
+            .await
+            .map(drop)
+            .map_err(|e| format!("handing group {group} over: {e}"))
+    }
+
+    /// Stands for election in `group`, in place of `instead_of`, which has just stepped
+    /// down ([`Groups::step_down`]): not when this replica leads or follows another
+    /// leader already. (openraft stops a group whose leader is asked to elect while it
+    /// changes the membership: it may be asked again before its election is known.)
+    pub async fn elect_instead_of(&self, group: u16, instead_of: NodeId) -> Result<(), String> {
+        let replica = self
+            .replica(group)
+            .ok_or_else(|| format!("this node holds no replica of group {group}"))?;
+        let m = replica.raft.metrics().borrow().clone();
+        let open =
+            m.state != ServerState::Leader && m.current_leader.is_none_or(|l| l == instead_of);
+        if !open {
+            return Ok(());
+        }
+        replica
+            .raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Stops this node's replica of `group` once it is no longer a member of the group
     /// (moved elsewhere): a replica left running would stand for elections nobody
     /// grants. With `anyway`, also when it may still be a member but does not lead (a

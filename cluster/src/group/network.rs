@@ -30,6 +30,13 @@ pub(crate) enum GroupMsg {
     /// The membership the receiver's replica has applied (committed): a replica placed
     /// elsewhere asks whether it is out of the group (see `Groups::retire`).
     Membership,
+    /// Hand the group's leadership to another voter (`Groups::step_down`).
+    StepDown,
+    /// Stand for election now, unless already leading or following a leader other than
+    /// `instead_of` (which has just stepped down: see `Groups::step_down`).
+    Elect {
+        instead_of: u64,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -46,6 +53,8 @@ pub(crate) enum GroupReply {
     /// The receiver holds no replica of the group (yet).
     NoReplica,
     Membership(Option<StoredMembership<u64, BasicNode>>),
+    SteppedDown(Result<(), String>),
+    Elected(Result<(), String>),
 }
 
 /// Makes a client per peer of one group.
@@ -143,6 +152,53 @@ pub(crate) async fn applied_membership_at(
     }
 }
 
+/// Asks the node at `addr` to hand its leadership of `group` to another voter (see
+/// `Groups::step_down`).
+pub async fn step_down_at(transport: &dyn Transport, addr: &str, group: u16) -> Result<(), String> {
+    match ask(transport, addr, group, GroupMsg::StepDown).await? {
+        GroupReply::SteppedDown(outcome) => outcome,
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Asks the replica of `group` at `addr` to stand for election in place of `instead_of`.
+pub async fn elect_at(
+    transport: &dyn Transport,
+    addr: &str,
+    group: u16,
+    instead_of: u64,
+) -> Result<(), String> {
+    match ask(transport, addr, group, GroupMsg::Elect { instead_of }).await? {
+        GroupReply::Elected(outcome) => outcome,
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// One group message to the node at `addr`, outside openraft's own traffic.
+async fn ask(
+    transport: &dyn Transport,
+    addr: &str,
+    group: u16,
+    msg: GroupMsg,
+) -> Result<GroupReply, String> {
+    let body = proto::encode(&GroupEnvelope { group, msg });
+    let call = transport.call(addr, proto::encode(&Request::Group(body)));
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), call)
+        .await
+        .map_err(|_| format!("{addr} did not answer in time"))?
+        .map_err(|e| e.to_string())?;
+    match proto::decode::<Response>(&answer).map_err(|e| e.to_string())? {
+        Response::Group(body) => {
+            match proto::decode::<GroupReply>(&body).map_err(|e| e.to_string())? {
+                GroupReply::NoReplica => Err(format!("{addr} holds no replica of group {group}")),
+                reply => Ok(reply),
+            }
+        }
+        Response::Error(e) => Err(e),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
 fn network_error<E: std::error::Error>(e: &(impl std::error::Error + 'static)) -> RpcError<E> {
     RPCError::Network(NetworkError::new(e))
 }
@@ -223,6 +279,10 @@ pub async fn answer(groups: &Groups, body: Vec<u8>) -> Response {
             }
             GroupMsg::Membership => {
                 GroupReply::Membership(groups.applied_membership(replica.group))
+            }
+            GroupMsg::StepDown => GroupReply::SteppedDown(groups.step_down(replica.group).await),
+            GroupMsg::Elect { instead_of } => {
+                GroupReply::Elected(groups.elect_instead_of(replica.group, instead_of).await)
             }
         },
     };

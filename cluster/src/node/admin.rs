@@ -46,6 +46,9 @@ pub struct GroupStatus {
 /// The outcome of a rebalance (or of the moves a leave made).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RebalanceReport {
+    /// What moved: `partitions` (one copy each), `replicas` (a replicated leave) or
+    /// `leaders` (a replicated rebalance: groups whose leadership moved).
+    pub kind: &'static str,
     pub planned: usize,
     pub moved: usize,
     pub failed: Vec<MoveFailure>,
@@ -54,7 +57,10 @@ pub struct RebalanceReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MoveFailure {
+    /// The partition that did not move; for a group, its first partition.
     pub partition: u16,
+    /// The replica group whose leadership did not move (`leaders` only).
+    pub group: Option<u16>,
     pub to: String,
     pub error: String,
 }
@@ -199,11 +205,8 @@ impl ClusterNode {
     pub async fn rebalance(&self) -> RebalanceReport {
         if self.map().is_replicated() {
             // Replicas are placed by the control plane's leader whenever members change
-            // (`reconcile_groups`); partitions are not handed over one by one.
-            return RebalanceReport {
-                epoch: self.map().epoch,
-                ..RebalanceReport::default()
-            };
+            // (`reconcile_groups`); what a rebalance moves is leaderships.
+            return self.rebalance_leaders().await;
         }
         // Planned on the cluster's latest map, not on what this node has applied so far:
         // a member that joined a moment ago must get its share.
@@ -216,6 +219,7 @@ impl ClusterNode {
         };
         let plan = map.plan_rebalance();
         let mut report = RebalanceReport {
+            kind: "partitions",
             planned: plan.len(),
             ..RebalanceReport::default()
         };
@@ -240,6 +244,7 @@ impl ClusterNode {
                 }
                 Ok((mv, Err(e))) => report.failed.push(MoveFailure {
                     partition: mv.partition,
+                    group: None,
                     to: self.name_of(mv.to),
                     error: e.to_string(),
                 }),
@@ -250,6 +255,182 @@ impl ClusterNode {
         // The moves committed on the leader; answer with a map that shows them.
         report.epoch = self.caught_up(last_epoch).await.epoch;
         report
+    }
+
+    /// A rebalance of a replicated cluster: evens out the groups each active member
+    /// leads (at most `ceil(groups / members)` each), in rounds. In a round every member
+    /// above that hands the surplus of its groups over (`Groups::step_down`: one election
+    /// each, side by side); the other voters elect one of themselves, so a round may
+    /// leave another member above, and the next round moves again. A member that came
+    /// back after a failure leads nothing until this runs.
+    async fn rebalance_leaders(&self) -> RebalanceReport {
+        let mut report = RebalanceReport {
+            kind: "leaders",
+            ..RebalanceReport::default()
+        };
+        let Some(r) = self.inner.replication.as_ref() else {
+            return report;
+        };
+        for _ in 0..LEADER_ROUNDS {
+            let map = self.map();
+            let active: Vec<NodeId> = map.active_members().map(|m| m.node_id).collect();
+            if active.is_empty() || map.replicas.is_empty() {
+                break;
+            }
+            let cap = usize::from(map.groups).div_ceil(active.len());
+            let led = self.leaders_now(&map).await;
+            let mut by_node: BTreeMap<NodeId, Vec<u16>> =
+                active.iter().map(|n| (*n, Vec::new())).collect();
+            for (g, leader) in led.iter().enumerate() {
+                if let Some(groups) = leader.and_then(|l| by_node.get_mut(&l)) {
+                    groups.push(g as u16);
+                }
+            }
+            let surplus: Vec<(NodeId, u16)> = by_node
+                .iter()
+                .flat_map(|(n, groups)| groups.iter().skip(cap).map(move |g| (*n, *g)))
+                .collect();
+            if surplus.is_empty() {
+                break;
+            }
+            report.planned += surplus.len();
+            // Each group's leadership is meant for its least loaded other replica.
+            let mut load: BTreeMap<NodeId, usize> = by_node
+                .iter()
+                .map(|(n, groups)| (*n, groups.len()))
+                .collect();
+            let mut running = JoinSet::new();
+            for (from, g) in surplus {
+                let node = self.clone();
+                let addr = map.members.get(&from).map(|m| m.cluster_addr.clone());
+                let groups = r.groups.clone();
+                let to = map
+                    .replicas_of(g)
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != from)
+                    .min_by_key(|n| load.get(n).copied().unwrap_or(usize::MAX));
+                if let Some(to) = to {
+                    *load.entry(to).or_default() += 1;
+                }
+                let to = to.and_then(|n| map.members.get(&n).map(|m| (n, m.cluster_addr.clone())));
+                running.spawn(async move {
+                    let asked = match addr {
+                        _ if from == node.inner.me.node_id => groups.step_down(g).await,
+                        Some(addr) => {
+                            crate::group::network::step_down_at(
+                                node.inner.transport.as_ref(),
+                                &addr,
+                                g,
+                            )
+                            .await
+                        }
+                        None => Err(format!("node {from} is not a member")),
+                    };
+                    if asked.is_ok() {
+                        if let Some((to, addr)) = to {
+                            node.elect(g, from, to, &addr).await;
+                        }
+                    }
+                    let moved = match asked {
+                        Ok(()) => node.new_leader(g, from).await,
+                        Err(e) => Err(e),
+                    };
+                    (from, g, moved)
+                });
+            }
+            while let Some(done) = running.join_next().await {
+                match done {
+                    Ok((_, _, Ok(()))) => report.moved += 1,
+                    Ok((from, g, Err(error))) => report.failed.push(MoveFailure {
+                        partition: r
+                            .groups
+                            .settings()
+                            .partitions_of(g)
+                            .first()
+                            .copied()
+                            .unwrap_or(g),
+                        group: Some(g),
+                        to: self.name_of(from),
+                        error,
+                    }),
+                    Err(e) => tracing::error!(error = %e, "a leader move task failed"),
+                }
+            }
+        }
+        report.epoch = self.map().epoch;
+        report
+    }
+
+    /// Who leads each group as this node knows, once every group has a leader (or after
+    /// a few seconds, what is known then).
+    async fn leaders_now(&self, map: &ClusterMap) -> Vec<Option<NodeId>> {
+        let Some(r) = self.inner.replication.as_ref() else {
+            return Vec::new();
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let led: Vec<Option<NodeId>> = (0..map.groups).map(|g| r.leaders.leader(g)).collect();
+            if led.iter().all(Option::is_some) || tokio::time::Instant::now() >= deadline {
+                return led;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asks the replica at `addr` to stand for election until `group` has a leader other
+    /// than `old` (a few seconds at most): it is refused until the others' lease of the
+    /// old leader has run out, then it is, most often, the first to ask.
+    async fn elect(&self, group: u16, old: NodeId, to: NodeId, addr: &str) {
+        let Some(r) = self.inner.replication.as_ref() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < deadline
+            && r.leaders.leader(group).is_none_or(|l| l == old)
+        {
+            let asked = if to == self.inner.me.node_id {
+                r.groups.elect_instead_of(group, old).await
+            } else {
+                crate::group::network::elect_at(self.inner.transport.as_ref(), addr, group, old)
+                    .await
+            };
+            if let Err(e) = asked {
+                tracing::debug!(group, error = %e, "asking a replica to stand for election");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until `group` has a leader other than `old` and, as far as this node's
+    /// replica tells, its voters are the placed replicas again (the old leader is a
+    /// voter once more).
+    async fn new_leader(&self, group: u16, old: NodeId) -> Result<(), String> {
+        let Some(r) = self.inner.replication.as_ref() else {
+            return Ok(());
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let led = r.leaders.leader(group).is_some_and(|l| l != old);
+            let placed: BTreeSet<NodeId> = self.map().replicas_of(group).iter().copied().collect();
+            let whole = r.groups.replica(group).is_none_or(|replica| {
+                let m = replica.raft.metrics().borrow().clone();
+                let membership = m.membership_config.membership();
+                membership.get_joint_config().len() == 1
+                    && membership.voter_ids().collect::<BTreeSet<_>>() == placed
+            });
+            if led && whole {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(if led {
+                    format!("group {group} has a new leader, but its old one is not a voter again after 15 s")
+                } else {
+                    format!("group {group} elected no other leader within 15 s")
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// This node's map once it has applied `epoch` (or after a few seconds, whatever it
@@ -411,6 +592,7 @@ impl ClusterNode {
             if !latest.members.contains_key(&member.node_id) {
                 tracing::info!(node = %name, "node left the cluster");
                 return Ok(RebalanceReport {
+                    kind: "replicas",
                     planned,
                     moved: planned,
                     failed: Vec::new(),

@@ -23,7 +23,7 @@
 //! rebalance, leave, remove). The router is [`crate::router`], placement
 //! [`crate::placement`], a group replica's serving [`crate::serving`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -64,6 +64,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// before it stops anyway (when it does not lead).
 const RETIRE_AFTER: Duration = Duration::from_secs(30);
 
+/// Rounds of leader moves a rebalance of a replicated cluster makes at most.
+const LEADER_ROUNDS: usize = 4;
 /// How long `cluster leave` of a replicated member waits for its replicas to move.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(120);
 

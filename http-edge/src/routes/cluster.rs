@@ -97,7 +97,11 @@ impl From<ClusterStatus> for ClusterMap {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MoveFailure {
+    /// The partition that did not move; for a replica group, its first partition.
     pub partition: u16,
+    /// The replica group whose leadership did not move (`kind` `leaders`), else null.
+    pub group: Option<u16>,
+    /// The node the move was asked of (partitions: the target; leaders: the leader).
     pub to: String,
     pub error: String,
 }
@@ -105,7 +109,11 @@ pub struct MoveFailure {
 /// What a rebalance or a leave did.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MovesReport {
-    /// Partition moves planned.
+    /// What moved: `partitions` (a cluster with one copy of each), `replicas` (a
+    /// replicated member leaving: the groups whose replica moved) or `leaders` (a
+    /// replicated rebalance: the groups whose leadership moved).
+    pub kind: String,
+    /// Moves planned.
     pub planned: usize,
     /// Of those, the ones that completed.
     pub moved: usize,
@@ -117,6 +125,7 @@ pub struct MovesReport {
 impl From<RebalanceReport> for MovesReport {
     fn from(r: RebalanceReport) -> Self {
         MovesReport {
+            kind: r.kind.to_owned(),
             planned: r.planned,
             moved: r.moved,
             failed: r
@@ -124,6 +133,7 @@ impl From<RebalanceReport> for MovesReport {
                 .into_iter()
                 .map(|f| MoveFailure {
                     partition: f.partition,
+                    group: f.group,
                     to: f.to,
                     error: f.error,
                 })
