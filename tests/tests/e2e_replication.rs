@@ -30,6 +30,24 @@ fn member(name: &str, join: Option<&str>) -> NodeConfig {
     c
 }
 
+/// One keyed buy of one unit of `campaign` by `buyer`.
+trait BuyOne {
+    async fn buy_one(&self, campaign: &str, buyer: &str) -> Resp;
+}
+
+impl BuyOne for Api {
+    async fn buy_one(&self, campaign: &str, buyer: &str) -> Resp {
+        self.call(
+            Method::POST,
+            &format!("/v1/campaigns/{campaign}/buy"),
+            Some(&customer(buyer)),
+            Some(&key()),
+            Some(&json!({"quantity": 1})),
+        )
+        .await
+    }
+}
+
 async fn cluster_map(api: &Api) -> Value {
     let (st, v) = api.get("/v1/cluster", Some(&operator())).await;
     assert_eq!(st, 200, "GET /v1/cluster: {v}");
@@ -124,16 +142,7 @@ async fn killing_a_campaigns_leader_loses_nothing_and_buys_resume_within_seconds
     let forwarded =
         || async { metric(&other.metrics().await, "shardmall_cluster_forwarded_total") };
     let before = forwarded().await;
-    let (st, v) = other
-        .api()
-        .call(
-            Method::POST,
-            "/v1/campaigns/rcamp/buy",
-            Some(&customer("via-follower")),
-            Some(&key()),
-            Some(&json!({"quantity": 1})),
-        )
-        .await;
+    let (st, v) = other.api().buy_one("rcamp", "via-follower").await;
     assert_eq!(st, 201, "{v}");
     assert_eq!(forwarded().await - before, 1, "one forwarded call per buy");
     let order_id = v["order_id"].as_str().expect("order_id").to_owned();
@@ -332,13 +341,7 @@ async fn killing_a_campaigns_leader_loses_nothing_and_buys_resume_within_seconds
     );
     let (st, v) = nodes[victim]
         .api()
-        .call(
-            Method::POST,
-            "/v1/campaigns/rcamp/buy",
-            Some(&customer("after-rebalance")),
-            Some(&key()),
-            Some(&json!({"quantity": 1})),
-        )
+        .buy_one("rcamp", "after-rebalance")
         .await;
     assert_eq!(st, 201, "a buy after the rebalance: {v}");
 }
@@ -417,15 +420,7 @@ async fn a_lost_disk_is_rebuilt_on_a_fresh_node_and_nothing_is_lost() {
     assert_eq!(st, 201, "{v}");
     let mut acked: Vec<(String, String)> = Vec::new();
     let buy = |api: Api, buyer: String| async move {
-        let (st, v) = api
-            .call(
-                Method::POST,
-                "/v1/campaigns/lcamp/buy",
-                Some(&customer(&buyer)),
-                Some(&key()),
-                Some(&json!({"quantity": 1})),
-            )
-            .await;
+        let (st, v) = api.buy_one("lcamp", &buyer).await;
         (st == 201).then(|| (buyer, v["order_id"].as_str().unwrap_or_default().to_owned()))
     };
     for i in 0..60 {
@@ -606,16 +601,7 @@ async fn a_fourth_member_takes_a_share_of_replicas_and_serves_the_rest_through_t
     assert_eq!(st, 201, "{v}");
     for i in 0..20 {
         let buyer = format!("fourth-{i}");
-        let (st, v) = n4
-            .api()
-            .call(
-                Method::POST,
-                &format!("/v1/campaigns/{campaign}/buy"),
-                Some(&customer(&buyer)),
-                Some(&key()),
-                Some(&json!({"quantity": 1})),
-            )
-            .await;
+        let (st, v) = n4.api().buy_one(&campaign, &buyer).await;
         assert_eq!(st, 201, "buy {i} through n4: {v}");
         let order = v["order_id"].as_str().expect("order id").to_owned();
         let o = n4.order(&customer(&buyer), &order).await;
@@ -667,15 +653,7 @@ async fn a_fourth_member_takes_a_share_of_replicas_and_serves_the_rest_through_t
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let buyer = format!("during-{w}-{i}");
                 i += 1;
-                let (st, v) = api
-                    .call(
-                        Method::POST,
-                        &format!("/v1/campaigns/{campaign}/buy"),
-                        Some(&customer(&buyer)),
-                        Some(&key()),
-                        Some(&json!({"quantity": 1})),
-                    )
-                    .await;
+                let (st, v) = api.buy_one(&campaign, &buyer).await;
                 if st == 201 {
                     let order = v["order_id"].as_str().unwrap_or_default().to_owned();
                     acked.lock().await.push((buyer, order, Instant::now()));
