@@ -442,6 +442,21 @@ async fn a_lost_disk_is_rebuilt_on_a_fresh_node_and_nothing_is_lost() {
             acked.push(a);
         }
     }
+    // A node that is down cannot drain itself: the operator is told to remove it.
+    let leave = std::process::Command::new(shardmall_bin())
+        .args(["cluster", "leave", "n3", "--url", &n1.base])
+        .env("SHARDMALL_TOKEN", operator())
+        .output()
+        .expect("shardmall cluster leave");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&leave.stdout),
+        String::from_utf8_lossy(&leave.stderr)
+    );
+    assert!(
+        !leave.status.success() && said.contains("is down"),
+        "{said}"
+    );
     let removed = std::process::Command::new(shardmall_bin())
         .args(["cluster", "remove", "n3", "--force", "--url", &n1.base])
         .env("SHARDMALL_TOKEN", operator())

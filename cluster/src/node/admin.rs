@@ -556,6 +556,13 @@ impl ClusterNode {
         map: &ClusterMap,
     ) -> Result<RebalanceReport, ClusterError> {
         let name = &member.name;
+        // The leaving node takes itself out once its replicas have moved: one that is
+        // down never would.
+        if member.node_id != self.inner.me.node_id && !self.probe(member).await {
+            return Err(ClusterError::Conflict(format!(
+                "{name} is down: a leave needs it running; restart it, or `shardmall cluster remove {name}` (its groups keep a majority on the others)"
+            )));
+        }
         let others = map
             .active_members()
             .filter(|m| m.node_id != member.node_id)
