@@ -654,22 +654,24 @@ impl Groups {
         {
             return true;
         }
-        let others: Vec<(NodeId, String)> = m
-            .membership_config
-            .membership()
-            .nodes()
-            .filter(|(id, _)| **id != self.me)
-            .map(|(id, node)| {
-                (
-                    *id,
-                    (self.resolve)(*id).unwrap_or_else(|| node.addr.clone()),
-                )
-            })
-            .collect();
-        for (_, addr) in others {
-            let applied =
-                network::applied_membership_at(self.transport.as_ref(), &addr, group).await;
-            if applied.is_some_and(|applied| self.out_of(&applied, m)) {
+        // Asked side by side: one that is down costs its timeout once, not per member.
+        let mut asks = tokio::task::JoinSet::new();
+        for (id, node) in m.membership_config.membership().nodes() {
+            if *id == self.me {
+                continue;
+            }
+            let addr = (self.resolve)(*id).unwrap_or_else(|| node.addr.clone());
+            let transport = self.transport.clone();
+            asks.spawn(async move {
+                network::applied_membership_at(transport.as_ref(), &addr, group).await
+            });
+        }
+        while let Some(answer) = asks.join_next().await {
+            if answer
+                .ok()
+                .flatten()
+                .is_some_and(|applied| self.out_of(&applied, m))
+            {
                 return true;
             }
         }
