@@ -246,6 +246,14 @@ impl ClusterMap {
             .filter(|m| m.status == MemberStatus::Active)
     }
 
+    /// The active members other than `node`: who can take over what `node` holds.
+    pub fn active_except(&self, node: NodeId) -> Vec<NodeId> {
+        self.active_members()
+            .map(|m| m.node_id)
+            .filter(|id| *id != node)
+            .collect()
+    }
+
     /// Applies one command. A refused command leaves the map as it was.
     pub fn apply(&mut self, cmd: &MapCommand) -> Result<(), MapError> {
         match cmd {

@@ -497,12 +497,7 @@ impl ClusterNode {
         if map.is_replicated() {
             return self.leave_replicated(&member, &map).await;
         }
-        if map
-            .active_members()
-            .filter(|m| m.node_id != member.node_id)
-            .count()
-            == 0
-        {
+        if map.active_except(member.node_id).is_empty() {
             return Err(ClusterError::Conflict(format!(
                 "{name} is the only active member: no node could take its partitions"
             )));
@@ -563,10 +558,7 @@ impl ClusterNode {
                 "{name} is down: a leave needs it running; restart it, or `shardmall cluster remove {name}` (its groups keep a majority on the others)"
             )));
         }
-        let others = map
-            .active_members()
-            .filter(|m| m.node_id != member.node_id)
-            .count();
+        let others = map.active_except(member.node_id).len();
         let copies = usize::from(map.copies());
         if others < copies {
             return Err(ClusterError::Conflict(format!(
@@ -644,11 +636,7 @@ impl ClusterNode {
                 "{name} is down and owns {owned} partitions: restart it with its data dir, or remove it with force=true, which gives up the data of those partitions"
             )));
         } else {
-            let to: Vec<NodeId> = map
-                .active_members()
-                .map(|m| m.node_id)
-                .filter(|id| *id != member.node_id)
-                .collect();
+            let to = map.active_except(member.node_id);
             tracing::warn!(node = %name, partitions = owned, "forgetting a lost node: its partitions restart empty");
             MapCommand::ForgetMember {
                 node: member.node_id,
@@ -677,21 +665,14 @@ impl ClusterNode {
                 "{name} is up: use `shardmall cluster leave {name}` to move its replicas first"
             )));
         }
-        let others = map
-            .active_members()
-            .filter(|m| m.node_id != member.node_id)
-            .count();
+        let others = map.active_except(member.node_id).len();
         let copies = usize::from(map.copies());
         if others < copies && !force {
             return Err(ClusterError::Conflict(format!(
                 "{name} is down; without it {others} active members are left for {copies} replicas per group:                  restart it with its data dir, or remove it with force=true and join a fresh node,                  which rebuilds its replicas from the others"
             )));
         }
-        let to: Vec<NodeId> = map
-            .active_members()
-            .map(|m| m.node_id)
-            .filter(|id| *id != member.node_id)
-            .collect();
+        let to = map.active_except(member.node_id);
         tracing::warn!(node = %name, "removing a lost node: its replicas are rebuilt on the others");
         let map = self
             .inner

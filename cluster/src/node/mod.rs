@@ -467,11 +467,7 @@ impl ClusterNode {
         {
             return;
         }
-        let to: Vec<NodeId> = map
-            .active_members()
-            .map(|m| m.node_id)
-            .filter(|id| *id != me)
-            .collect();
+        let to = map.active_except(me);
         match self
             .inner
             .control
