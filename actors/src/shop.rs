@@ -21,7 +21,7 @@
 //! (timers, checkpoints).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -218,6 +218,9 @@ pub(crate) struct Inner {
     /// Copies of active entities' durable state, for reads that skip the actors.
     pub(crate) views: Arc<Views>,
     ready: AtomicBool,
+    /// `cfg.replica_groups`, until a cluster growing into replicas forms its groups
+    /// ([`Shop::set_replica_groups`]).
+    replica_groups: AtomicU16,
     /// Where partitions are served; `None` on a node that serves every partition itself.
     router: Option<Arc<dyn Router>>,
     /// Stops the background loops (timer dispatcher, checkpointer) at shutdown.
@@ -279,6 +282,7 @@ impl Shop {
                 partitioner: Partitioner::new(cfg.partitions),
                 wal,
                 ids: OrderIdGen::new(cfg.node_tag),
+                replica_groups: AtomicU16::new(cfg.replica_groups),
                 cfg,
                 metrics,
                 board: Default::default(),
@@ -294,7 +298,18 @@ impl Shop {
         Ok(shop)
     }
 
-    /// True once every partition has recovered and re-armed its timers.
+    /// The replica groups of a replicated cluster (see [`ShopConfig::replica_groups`]);
+    /// 0 when the node's one log holds every partition.
+    pub(crate) fn replica_groups(&self) -> u16 {
+        self.inner.replica_groups.load(Ordering::Acquire)
+    }
+
+    /// A cluster growing into replicas formed its `groups` (ADR 0016): records of two
+    /// groups commit independently from now on. Set while every partition is fenced.
+    pub fn set_replica_groups(&self, groups: u16) {
+        self.inner.replica_groups.store(groups, Ordering::Release);
+    }
+
     /// True once every partition has recovered and re-armed its timers, and while every
     /// partition's actor runs: a partition that died (a bug: no input makes one panic)
     /// leaves its entities unserved, and the node must say so.

@@ -91,6 +91,17 @@ pub struct ClusterMap {
     /// later placement) joins the group formed already, as a learner.
     #[serde(default)]
     pub formers: Vec<NodeId>,
+    /// The copies the cluster grows into (ADR 0016, "Growing into replicas"): while
+    /// fewer members than this are active it keeps one copy per partition, served by its
+    /// owner; once enough are, each group's partitions are gathered on one owner, which
+    /// forms the group from its data (`FormGroups`). 0 or 1: never.
+    #[serde(default)]
+    pub target_factor: u8,
+    /// The groups were formed from partitions that held data (`FormGroups`): each
+    /// former formed its group alone and snapshots it before the first learner joins, so
+    /// learners start from that data rather than from an empty log.
+    #[serde(default)]
+    pub seeded: bool,
 }
 
 /// A change to the map. Variants are only ever appended (they are replicated and
@@ -139,6 +150,19 @@ pub enum MapCommand {
     PlaceGroups {
         replicas: Vec<Vec<NodeId>>,
     },
+    /// Makes a cluster that keeps one copy per partition grow into `factor` copies in
+    /// `groups` replica groups once that many members are active. Only before groups
+    /// exist.
+    SetTargetReplication {
+        factor: u8,
+        groups: u16,
+    },
+    /// Turns a cluster growing into replicas replicated: `replicas[g]` hold group `g`,
+    /// and its first, which owns every partition of the group now, forms it from its
+    /// data. Refused unless each group's partitions are gathered on its first replica.
+    FormGroups {
+        replicas: Vec<Vec<NodeId>>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -179,8 +203,23 @@ pub enum MapError {
         "a placement must name {want} replicas for each of {groups} groups, all active members"
     )]
     BadPlacement { groups: u16, want: u8 },
+    #[error("partition {partition} of group {group} is not on the group's first replica yet")]
+    NotGathered { group: u16, partition: u16 },
+    #[error("partitions of a replicated cluster do not move: their groups' replicas do")]
+    Replicated,
     #[error("{name} is a member with another data dir: if its data is lost, remove it with `shardmall cluster remove {name} --force` first, then join again")]
     OtherIncarnation { name: String },
+}
+
+/// The next step of a cluster growing into replicas ([`ClusterMap::plan_formation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Formation {
+    /// Not growing, or fewer active members than the target factor.
+    Wait,
+    /// Partitions to move first, so that each group's partitions share one owner.
+    Gather(Vec<Move>),
+    /// The placement to propose with `MapCommand::FormGroups`.
+    Form(Vec<Vec<NodeId>>),
 }
 
 /// One planned partition move.
@@ -325,30 +364,53 @@ impl ClusterMap {
             }
             MapCommand::PlaceGroups { replicas } => {
                 self.initialised()?;
-                let want = self.replication_factor;
-                let bad = MapError::BadPlacement {
-                    groups: self.groups,
-                    want,
-                };
-                if want <= 1 || replicas.len() != usize::from(self.groups) {
-                    return Err(bad);
-                }
-                for group in replicas {
-                    let distinct: std::collections::BTreeSet<_> = group.iter().collect();
-                    let active = group.iter().all(|n| {
-                        self.members
-                            .get(n)
-                            .is_some_and(|m| m.status == MemberStatus::Active)
-                    });
-                    if group.len() != usize::from(want) || distinct.len() != group.len() || !active
-                    {
-                        return Err(bad);
-                    }
-                }
+                self.check_placement(replicas, self.replication_factor)?;
                 if self.formers.is_empty() {
                     self.formers = replicas.iter().filter_map(|r| r.first().copied()).collect();
                 }
                 self.replicas = replicas.clone();
+            }
+            MapCommand::SetTargetReplication { factor, groups } => {
+                self.initialised()?;
+                if self.replication_factor > 1 || !self.replicas.is_empty() {
+                    return Err(MapError::ReplicationSet);
+                }
+                if ![1, 3, 5].contains(factor) {
+                    return Err(MapError::BadReplicationFactor(*factor));
+                }
+                if *groups == 0 || *groups > self.partitions {
+                    return Err(MapError::BadGroups {
+                        groups: *groups,
+                        partitions: self.partitions,
+                    });
+                }
+                self.target_factor = *factor;
+                self.groups = if *factor > 1 { *groups } else { 0 };
+            }
+            MapCommand::FormGroups { replicas } => {
+                self.initialised()?;
+                let want = self.target_factor;
+                if self.is_replicated() || !self.replicas.is_empty() {
+                    return Err(MapError::ReplicationSet);
+                }
+                if want <= 1 {
+                    return Err(MapError::BadReplicationFactor(want));
+                }
+                self.check_placement(replicas, want)?;
+                for p in 0..self.partitions {
+                    let group = self.group_of(p);
+                    let former = replicas[usize::from(group)][0];
+                    if self.owner(p) != Some(former) {
+                        return Err(MapError::NotGathered {
+                            group,
+                            partition: p,
+                        });
+                    }
+                }
+                self.replication_factor = want;
+                self.formers = replicas.iter().map(|r| r[0]).collect();
+                self.replicas = replicas.clone();
+                self.seeded = true;
             }
             MapCommand::SetStatus { node, status } => {
                 self.initialised()?;
@@ -364,6 +426,9 @@ impl ClusterMap {
                 to,
             } => {
                 self.initialised()?;
+                if self.is_replicated() {
+                    return Err(MapError::Replicated);
+                }
                 let owner = self
                     .owner(*partition)
                     .ok_or(MapError::UnknownPartition(*partition))?;
@@ -426,12 +491,111 @@ impl ClusterMap {
         Ok(())
     }
 
+    /// A placement names `want` (at least 3) distinct active members for every group.
+    fn check_placement(&self, replicas: &[Vec<NodeId>], want: u8) -> Result<(), MapError> {
+        let bad = MapError::BadPlacement {
+            groups: self.groups,
+            want,
+        };
+        if want <= 1 || replicas.len() != usize::from(self.groups) {
+            return Err(bad);
+        }
+        for group in replicas {
+            let distinct: std::collections::BTreeSet<_> = group.iter().collect();
+            let active = group.iter().all(|n| {
+                self.members
+                    .get(n)
+                    .is_some_and(|m| m.status == MemberStatus::Active)
+            });
+            if group.len() != usize::from(want) || distinct.len() != group.len() || !active {
+                return Err(bad);
+            }
+        }
+        Ok(())
+    }
+
     fn initialised(&self) -> Result<(), MapError> {
         if self.is_initialised() {
             Ok(())
         } else {
             Err(MapError::NotInitialised)
         }
+    }
+
+    /// Whether the cluster keeps one copy per partition now and grows into replica
+    /// groups once enough members are active.
+    pub fn grows_into_replicas(&self) -> bool {
+        !self.is_replicated() && self.target_factor > 1 && self.groups > 0
+    }
+
+    /// The next step of growing into replicas: nothing yet (fewer active members than
+    /// the target factor, or not growing), the moves that gather each group's partitions
+    /// on one owner, or, once they are gathered, the placement `FormGroups` takes (each
+    /// group's owner first, the other replicas on the members holding fewest).
+    /// Deterministic: every node plans the same step from the same map.
+    pub fn plan_formation(&self) -> Formation {
+        let active: Vec<NodeId> = self.active_members().map(|m| m.node_id).collect();
+        let want = usize::from(self.target_factor);
+        if !self.grows_into_replicas() || !self.is_initialised() || active.len() < want {
+            return Formation::Wait;
+        }
+        // Each group's former: the active member owning most of its partitions (ties:
+        // the one forming fewest groups so far, then the lowest id).
+        let mut forms: BTreeMap<NodeId, usize> = active.iter().map(|a| (*a, 0)).collect();
+        let mut formers = Vec::with_capacity(usize::from(self.groups));
+        let mut moves = Vec::new();
+        for g in 0..self.groups {
+            let parts: Vec<u16> = (0..self.partitions)
+                .filter(|p| self.group_of(*p) == g)
+                .collect();
+            let mut owning: BTreeMap<NodeId, usize> = BTreeMap::new();
+            for p in &parts {
+                if let Some(o) = self.owner(*p).filter(|o| forms.contains_key(o)) {
+                    *owning.entry(o).or_default() += 1;
+                }
+            }
+            let former = *active
+                .iter()
+                .min_by_key(|a| {
+                    let owned = owning.get(a).copied().unwrap_or(0);
+                    (std::cmp::Reverse(owned), forms[a], **a)
+                })
+                .expect("at least `want` active members");
+            *forms.get_mut(&former).expect("active") += 1;
+            formers.push(former);
+            for p in parts {
+                match self.owner(p) {
+                    Some(from) if from != former => moves.push(Move {
+                        partition: p,
+                        from,
+                        to: former,
+                    }),
+                    _ => {}
+                }
+            }
+        }
+        if !moves.is_empty() {
+            return Formation::Gather(moves);
+        }
+        let mut load: BTreeMap<NodeId, usize> = forms;
+        let replicas = formers
+            .into_iter()
+            .map(|former| {
+                let mut group = vec![former];
+                while group.len() < want {
+                    let next = *load
+                        .iter()
+                        .filter(|(n, _)| !group.contains(n))
+                        .min_by_key(|(n, l)| (**l, **n))
+                        .expect("at least `want` active members")
+                        .0;
+                    *load.get_mut(&next).expect("active") += 1;
+                    group.push(next);
+                }
+                group
+            })
+            .collect();
+        Formation::Form(replicas)
     }
 
     /// The moves that spread the partitions evenly over the active members (each ends
@@ -659,6 +823,143 @@ mod tests {
                 }
             }
             prop_assert!(m.plan_rebalance().is_empty());
+        }
+    }
+
+    /// A cluster of `nodes` growing into `factor` copies in `groups` groups.
+    fn growing(partitions: u16, nodes: u64, factor: u8, groups: u16) -> ClusterMap {
+        let mut m = cluster(partitions, nodes);
+        m.apply(&MapCommand::SetTargetReplication { factor, groups })
+            .unwrap();
+        m
+    }
+
+    #[test]
+    fn a_growing_cluster_waits_for_enough_members_then_forms_from_its_owners() {
+        let mut m = growing(32, 2, 3, 16);
+        assert!(m.grows_into_replicas() && !m.is_replicated());
+        assert_eq!(m.copies(), 1);
+        assert_eq!(m.plan_formation(), Formation::Wait);
+        m.apply(&MapCommand::AddMember(member(3))).unwrap();
+        // Node 1 owns everything: nothing to gather, it forms every group.
+        let Formation::Form(replicas) = m.plan_formation() else {
+            panic!("{:?}", m.plan_formation())
+        };
+        assert!(replicas.iter().all(|r| r[0] == 1 && r.len() == 3));
+        // A move planned before the formation is refused after it.
+        let stale = MapCommand::Move {
+            partition: 0,
+            from: 1,
+            to: 2,
+        };
+        m.apply(&MapCommand::FormGroups {
+            replicas: replicas.clone(),
+        })
+        .unwrap();
+        assert!(m.is_replicated() && m.seeded && !m.grows_into_replicas());
+        assert_eq!(m.copies(), 3);
+        assert_eq!(m.formers, vec![1; 16]);
+        assert_eq!(m.apply(&stale), Err(MapError::Replicated));
+        assert_eq!(
+            m.apply(&MapCommand::FormGroups { replicas }),
+            Err(MapError::ReplicationSet)
+        );
+        assert_eq!(m.plan_formation(), Formation::Wait);
+    }
+
+    #[test]
+    fn groups_form_only_where_their_partitions_are_gathered() {
+        let mut m = growing(32, 3, 3, 16);
+        m.apply(&MapCommand::Move {
+            partition: 17,
+            from: 1,
+            to: 2,
+        })
+        .unwrap();
+        // Group 1 (partitions 1 and 17) is split: a placement naming node 1 first is
+        // refused, the plan gathers it first.
+        let all_on_one: Vec<Vec<NodeId>> = vec![vec![1, 2, 3]; 16];
+        assert_eq!(
+            m.clone().apply(&MapCommand::FormGroups {
+                replicas: all_on_one
+            }),
+            Err(MapError::NotGathered {
+                group: 1,
+                partition: 17
+            })
+        );
+        let Formation::Gather(moves) = m.plan_formation() else {
+            panic!("{:?}", m.plan_formation())
+        };
+        assert_eq!(moves.len(), 1);
+        apply_all(&mut m, &moves);
+        let Formation::Form(replicas) = m.plan_formation() else {
+            panic!("{:?}", m.plan_formation())
+        };
+        m.apply(&MapCommand::FormGroups { replicas }).unwrap();
+        // A target of 1 never forms; a target is refused once replicated.
+        let mut one = growing(8, 3, 1, 4);
+        assert!(!one.grows_into_replicas());
+        assert_eq!(one.plan_formation(), Formation::Wait);
+        assert_eq!(
+            one.apply(&MapCommand::FormGroups {
+                replicas: vec![vec![1, 2, 3]; 4]
+            }),
+            Err(MapError::BadReplicationFactor(1))
+        );
+        assert_eq!(
+            m.apply(&MapCommand::SetTargetReplication {
+                factor: 3,
+                groups: 16
+            }),
+            Err(MapError::ReplicationSet)
+        );
+    }
+
+    proptest! {
+        /// Wherever the partitions are, gathering then forming succeeds in one round of
+        /// moves: every group's partitions end on its first replica, each group has
+        /// `factor` distinct active replicas, and no partition moves twice.
+        #[test]
+        fn gathering_then_forming_always_succeeds(
+            nodes in 3u64..7,
+            factor in prop_oneof![Just(3u8), Just(5u8)],
+            groups in 1u16..20,
+            owners in proptest::collection::vec(1u64..7, 64),
+            leaving in proptest::collection::vec(any::<bool>(), 7),
+        ) {
+            let mut m = growing(64, nodes, factor, groups);
+            for p in 0..64u16 {
+                m.owners[usize::from(p)] = 1 + (owners[usize::from(p)] - 1) % nodes;
+            }
+            for id in 2..=nodes {
+                if leaving[id as usize] {
+                    m.apply(&MapCommand::SetStatus { node: id, status: MemberStatus::Leaving }).unwrap();
+                }
+            }
+            let active = m.active_members().count();
+            let plan = m.plan_formation();
+            if active < usize::from(factor) {
+                prop_assert_eq!(plan, Formation::Wait);
+                return Ok(());
+            }
+            if let Formation::Gather(moves) = plan {
+                let mut seen = std::collections::HashSet::new();
+                prop_assert!(moves.iter().all(|mv| seen.insert(mv.partition)));
+                apply_all(&mut m, &moves);
+            }
+            let Formation::Form(replicas) = m.plan_formation() else {
+                return Err(TestCaseError::fail("not gathered after one round"));
+            };
+            m.apply(&MapCommand::FormGroups { replicas: replicas.clone() }).unwrap();
+            for (g, r) in replicas.iter().enumerate() {
+                prop_assert_eq!(r.len(), usize::from(factor));
+                for p in 0..64u16 {
+                    if m.group_of(p) == g as u16 {
+                        prop_assert_eq!(m.owner(p), Some(r[0]));
+                    }
+                }
+            }
         }
     }
 

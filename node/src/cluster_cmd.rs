@@ -106,6 +106,11 @@ fn print_map(map: &Value) {
         .map(Vec::as_slice)
         .unwrap_or_default();
     if groups.is_empty() {
+        let target = map["target_replication_factor"].as_u64().unwrap_or(1);
+        if target > 1 {
+            println!();
+            println!("replication factor 1: grows into {target} once {target} members are active");
+        }
         return;
     }
     println!();

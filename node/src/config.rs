@@ -55,8 +55,9 @@ pub struct Config {
     pub node_id: String,
     pub durability: Durability,
     pub partitions: u16,
-    /// Copies of every partition when this node creates the cluster (1, 3 or 5).
-    pub replication_factor: u8,
+    /// Copies of every partition when this node creates the cluster (1, 3 or 5). None:
+    /// one copy, growing into 3 once three members are active (ADR 0016).
+    pub replication_factor: Option<u8>,
     pub payment_timeout: Duration,
     pub auto_confirm_after: Duration,
     pub reservation_grace: Duration,
@@ -144,12 +145,9 @@ impl Config {
                 shardmall_persistence::RAFT_PARTITION - 1
             );
         }
-        let replication_factor = args
-            .replication_factor
-            .or(file.replication_factor)
-            .unwrap_or(1);
-        if ![1, 3, 5].contains(&replication_factor) {
-            anyhow::bail!("replication_factor must be 1, 3 or 5, not {replication_factor}");
+        let replication_factor = args.replication_factor.or(file.replication_factor);
+        if let Some(rf) = replication_factor.filter(|rf| ![1, 3, 5].contains(rf)) {
+            anyhow::bail!("replication_factor must be 1, 3 or 5, not {rf}");
         }
         let cache_mb = args.cache_mb.or(file.cache_mb).unwrap_or(64);
         if cache_mb == 0 {

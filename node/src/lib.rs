@@ -29,6 +29,8 @@ use shardmall_persistence::{Replicate, Wal, WalConfig};
 
 /// Replica groups of a replicated cluster (ADR 0016), at most one per partition.
 const REPLICA_GROUPS: u16 = 16;
+/// The copies a cluster created without `--replication-factor` grows into.
+const DEFAULT_REPLICATION_FACTOR: u8 = 3;
 use tokio_util::sync::CancellationToken;
 
 use cli::{Cli, Command};
@@ -174,12 +176,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 .bootstrap(secrets::cluster_id(&wal)?, partitions)
                 .await
                 .context("creating the cluster")?;
-            if config.replication_factor > 1 {
+            let groups = REPLICA_GROUPS.min(partitions);
+            let command = match config.replication_factor {
+                // Replicated from the start: nothing is served before `factor` members
+                // are active.
+                Some(factor @ (3 | 5)) => Some(MapCommand::SetReplication { factor, groups }),
+                Some(_) => None,
+                // One copy now, three once three members are active.
+                None => Some(MapCommand::SetTargetReplication {
+                    factor: DEFAULT_REPLICATION_FACTOR,
+                    groups,
+                }),
+            };
+            if let Some(command) = command {
                 control
-                    .propose(MapCommand::SetReplication {
-                        factor: config.replication_factor,
-                        groups: REPLICA_GROUPS.min(partitions),
-                    })
+                    .propose(command)
                     .await
                     .context("setting the replication factor")?;
             }
@@ -227,11 +238,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
     // A replicated cluster: the groups take the log's records of every partition before
     // the shop writes its first (ADR 0016).
-    let replication = map.is_replicated().then(|| {
+    let replicated = map.is_replicated() || map.grows_into_replicas();
+    let replication = replicated.then(|| {
         let host = Arc::new(ShopHost::default());
         let groups = Groups::new(
             me.node_id,
-            GroupSettings::new(partitions, map.groups),
+            GroupSettings {
+                snapshot_first: map.seeded || map.grows_into_replicas(),
+                ..GroupSettings::new(partitions, map.groups)
+            },
             wal.clone(),
             host.clone(),
             quic.clone(),
@@ -246,8 +261,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 })
             },
         );
-        let hook: Arc<dyn Replicate> = groups.clone();
-        wal.set_replicate(&hook);
+        if map.is_replicated() {
+            // Growing into replicas, the node sets it once the groups form.
+            let hook: Arc<dyn Replicate> = groups.clone();
+            wal.set_replicate(&hook);
+        }
         let leaders = Leaders::new(me.node_id, map.groups);
         (Replication { groups, leaders }, host)
     });

@@ -17,9 +17,13 @@ const CLUSTER_SECRET: &str = "e2e-cluster-secret-0123456789abcdef";
 /// Fewer partitions than the default keep rebalances short.
 const PARTITIONS: &str = "32";
 
+/// A member of a cluster that keeps one copy per partition (`--replication-factor 1`:
+/// the first node's flag decides; without it three members grow into replicas, which
+/// `e2e_replication.rs` tests).
 fn member(name: &str, join: Option<&str>) -> NodeConfig {
     let mut c = Node::config()
         .args(&["--node-id", name, "--partitions", PARTITIONS])
+        .args(&["--replication-factor", "1"])
         .env("SHARDMALL_CLUSTER_SECRET", CLUSTER_SECRET);
     if let Some(seed) = join {
         c = c.args(&["--join", seed]);

@@ -771,3 +771,194 @@ async fn a_fourth_member_takes_a_share_of_replicas_and_serves_the_rest_through_t
         );
     }
 }
+
+/// A member of a cluster created without `--replication-factor`: one copy per partition
+/// until three members are active, three copies from then on.
+fn grower(name: &str, join: Option<&str>) -> NodeConfig {
+    let mut c = Node::config()
+        .args(&["--node-id", name, "--partitions", &PARTITIONS.to_string()])
+        .env("SHARDMALL_CLUSTER_SECRET", CLUSTER_SECRET);
+    if let Some(seed) = join {
+        c = c.args(&["--join", seed]);
+    }
+    c
+}
+
+/// `shardmall cluster ARGS --json --url URL` with an operator token, parsed.
+async fn cluster_json(url: &str, args: &[&str]) -> Value {
+    let out = tokio::process::Command::new(shardmall_bin())
+        .arg("cluster")
+        .args(args)
+        .args(["--json", "--url", url])
+        .env("SHARDMALL_TOKEN", operator())
+        .output()
+        .await
+        .expect("shardmall cluster");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Buys one unit through `api` as `buyer` until it is acknowledged (an attempt refused
+/// while a group forms or elects is tried again with a new key): the order id, and how
+/// many attempts were refused.
+async fn buy_acknowledged(api: &Api, campaign: &str, buyer: &str) -> (String, usize) {
+    let mut refused = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (st, v) = api.buy_one(campaign, buyer).await;
+        if st == 201 {
+            return (
+                v["order_id"].as_str().expect("order_id").to_owned(),
+                refused,
+            );
+        }
+        assert!(st == 503 && Instant::now() < deadline, "{buyer}: {st} {v}");
+        refused += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_grows_into_three_copies_of_its_data_when_a_third_member_joins() {
+    const UNITS: i64 = 1_000;
+    let root = tempfile::tempdir().expect("data dirs");
+    let dir = |n: &str| root.path().join(n);
+    // One node serves at once, with one copy.
+    let n1 = grower("n1", None).dir(&dir("n1")).start().await;
+    let map = cluster_map(&n1).await;
+    assert_eq!(map["replication_factor"], 1, "{map}");
+    assert_eq!(map["target_replication_factor"], 3, "{map}");
+    assert_eq!(map["groups"], json!([]), "{map}");
+    n1.create_product(&admin(), "gp", &[("gp-s", 100, UNITS)])
+        .await;
+    let body = json!({
+        "campaign_id": "gcamp", "sku_id": "gp-s", "price": money(10), "quantity": UNITS,
+        "ends_at": humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string(),
+        "per_buyer_limit": 1, "payment_timeout_secs": 600,
+    });
+    let (st, v) = n1.post("/v1/campaigns", &admin(), &body).await;
+    assert_eq!(st, 201, "{v}");
+    let mut acked: Vec<(String, String)> = Vec::new();
+    let mut refused = 0;
+    for i in 0..15 {
+        let buyer = format!("one-copy-{i}");
+        let (order, r) = buy_acknowledged(&n1.api(), "gcamp", &buyer).await;
+        acked.push((buyer, order));
+        refused += r;
+    }
+
+    // A second member: still one copy. A rebalance spreads the partitions over both, so
+    // the groups' partitions have to be gathered before they form.
+    let n2 = grower("n2", Some(&n1.cluster_addr))
+        .dir(&dir("n2"))
+        .start()
+        .await;
+    let report = cluster_json(&n1.base, &["rebalance"]).await;
+    assert_eq!(report["kind"], "partitions", "{report}");
+    assert!(report["moved"].as_u64() > Some(0), "{report}");
+    assert_eq!(cluster_map(&n2).await["replication_factor"], 1);
+    for i in 0..15 {
+        let buyer = format!("two-members-{i}");
+        let (order, r) = buy_acknowledged(&n2.api(), "gcamp", &buyer).await;
+        acked.push((buyer, order));
+        refused += r;
+    }
+
+    // The third member: every group forms from the data, on three members.
+    let joined = Instant::now();
+    let n3 = grower("n3", Some(&n1.cluster_addr))
+        .dir(&dir("n3"))
+        .start()
+        .await;
+    let names = ["n1", "n2", "n3"];
+    let mut nodes = [n1, n2, n3];
+    poll_until(
+        "three voters in every group, on every node",
+        Duration::from_secs(90),
+        || async {
+            for n in &nodes {
+                let map = cluster_map(n).await;
+                if map["replication_factor"] != 3 {
+                    return None;
+                }
+            }
+            voters_are(&nodes.iter().collect::<Vec<_>>(), &names)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "three copies of every group {:?} after the third member joined",
+        joined.elapsed()
+    );
+    let map = cluster_map(&nodes[2]).await;
+    assert_eq!(map["groups"].as_array().map(Vec::len), Some(16), "{map}");
+    // Everything acknowledged with one copy is there, from every node.
+    for n in &nodes {
+        for (buyer, order) in &acked {
+            let o = n.order(&customer(buyer), order).await;
+            assert_eq!(o["status"], "pending_payment", "{o}");
+        }
+    }
+
+    // The campaign's leader dies: the other two hold every write it acknowledged.
+    for i in 0..10 {
+        let buyer = format!("three-copies-{i}");
+        let (order, r) = buy_acknowledged(&nodes[i % 3].api(), "gcamp", &buyer).await;
+        acked.push((buyer, order));
+        refused += r;
+    }
+    let group = Partitioner::new(PARTITIONS).catalog(Kind::Campaign, "gcamp") % GROUPS;
+    let leader = leader_of(&nodes.iter().collect::<Vec<_>>(), group).await;
+    let victim = names.iter().position(|n| *n == leader).expect("a member");
+    nodes[victim].kill9();
+    let survivors: Vec<&Node> = (0..3).filter(|i| *i != victim).map(|i| &nodes[i]).collect();
+    let killed = Instant::now();
+    for i in 0..10 {
+        let buyer = format!("after-the-kill-{i}");
+        let (order, r) = buy_acknowledged(&survivors[i % 2].api(), "gcamp", &buyer).await;
+        if i == 0 {
+            eprintln!(
+                "first buy acknowledged {:?} after the kill",
+                killed.elapsed()
+            );
+        }
+        acked.push((buyer, order));
+        refused += r;
+    }
+    for n in &survivors {
+        for (buyer, order) in &acked {
+            // The dead node's other groups may still be electing: 503 until they have.
+            let o = poll_until(
+                "the order, from its group's new leader",
+                Duration::from_secs(15),
+                || async {
+                    let (st, o) = n
+                        .get(&format!("/v1/orders/{order}"), Some(&customer(buyer)))
+                        .await;
+                    assert!(st == 200 || st == 503, "{order}: {st} {o}");
+                    (st == 200).then_some(o)
+                },
+            )
+            .await;
+            assert_eq!(o["status"], "pending_payment", "{o}");
+        }
+        let (st, c) = n
+            .get("/v1/campaigns/gcamp", Some(&customer("reader")))
+            .await;
+        assert_eq!(st, 200, "{c}");
+        let taken = UNITS - c["remaining"].as_i64().expect("remaining");
+        let want = acked.len() as i64;
+        // A refused attempt may still have been committed (its answer was lost).
+        assert!(
+            taken >= want && taken <= want + refused as i64,
+            "{c}: {want} acknowledged, {refused} refused"
+        );
+    }
+}

@@ -289,7 +289,7 @@ impl Shop {
     /// are then found by asking every group, see `Shop::list_orders`).
     fn bought_order_partition(&self, buyer: &str, campaign_partition: u16) -> u16 {
         let own = self.inner.partitioner.buyer(buyer);
-        let groups = self.inner.cfg.replica_groups;
+        let groups = self.replica_groups();
         if groups == 0 {
             return own;
         }

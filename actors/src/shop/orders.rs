@@ -51,7 +51,7 @@ impl Shop {
                 // A buyer's orders are in their partition, except bought orders in a
                 // replicated cluster (`Shop::bought_order_partition`): every group.
                 partition: buyer
-                    .filter(|_| self.inner.cfg.replica_groups == 0)
+                    .filter(|_| self.replica_groups() == 0)
                     .map(|b| self.inner.partitioner.buyer(b)),
             })
             .await?;

@@ -157,7 +157,7 @@ impl Shop {
     ) {
         // Replica groups commit independently: no early answer, whose durability would
         // be told by another group's log.
-        if self.inner.cfg.replica_groups == 0 && self.route(partition) == Route::Local {
+        if self.replica_groups() == 0 && self.route(partition) == Route::Local {
             let (tx, rx) = oneshot::channel();
             match self
                 .ask_local_with::<E>(partition, id, cmd.clone(), Some(tx), None)
@@ -201,7 +201,7 @@ impl Shop {
     /// True when a record of `partition` may ride in a frame of `decider`'s: both are
     /// served here and written to the same log (one log, or one replica group).
     pub(crate) fn may_ride_along(&self, partition: u16, decider: u16) -> bool {
-        let groups = self.inner.cfg.replica_groups;
+        let groups = self.replica_groups();
         (groups == 0 || partition % groups == decider % groups) && self.serves_partition(partition)
     }
 

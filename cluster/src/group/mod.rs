@@ -171,6 +171,11 @@ pub struct GroupSettings {
     /// After a snapshot could not be made (a partition did not fold), the next attempt
     /// waits this long.
     pub snapshot_retry: Duration,
+    /// Groups formed from partitions that already held data (a cluster growing into
+    /// replicas): a group's leader adds no learner before its log has been cut behind a
+    /// snapshot, so that a learner starts from that snapshot, which holds the data, not
+    /// from the first entry, which does not.
+    pub snapshot_first: bool,
 }
 
 impl GroupSettings {
@@ -184,6 +189,7 @@ impl GroupSettings {
             max_batch: 512,
             snapshot_every: 20_000,
             snapshot_retry: Duration::from_secs(10),
+            snapshot_first: false,
         }
     }
 
@@ -500,6 +506,19 @@ impl Groups {
         let wanted: BTreeSet<NodeId> = want.keys().copied().collect();
         if voters == wanted && membership.get_joint_config().len() == 1 {
             return Ok(Placed::Done);
+        }
+        if self.settings.snapshot_first && m.purged.is_none() {
+            // Cut behind a snapshot first (openraft purges up to a snapshot as soon as
+            // it is built): placed again next round.
+            if m.snapshot.is_none() {
+                replica
+                    .raft
+                    .trigger()
+                    .snapshot()
+                    .await
+                    .map_err(|e| format!("snapshotting group {group}: {e}"))?;
+            }
+            return Ok(Placed::CatchingUp);
         }
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
         let mut joining = false;

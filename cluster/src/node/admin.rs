@@ -23,6 +23,9 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     /// Copies of every partition (1: each partition has one owner).
     pub replication_factor: u8,
+    /// The copies the cluster keeps once enough members are active: above
+    /// `replication_factor` while a cluster grows into replicas (ADR 0016).
+    pub target_replication_factor: u8,
     /// The replica groups of a replicated cluster (empty otherwise).
     pub groups: Vec<GroupStatus>,
 }
@@ -141,6 +144,7 @@ impl ClusterNode {
             leader,
             nodes,
             replication_factor: map.copies(),
+            target_replication_factor: map.target_factor.max(map.copies()),
             groups,
         }
     }
@@ -217,7 +221,12 @@ impl ClusterNode {
                 self.map()
             }
         };
-        let plan = map.plan_rebalance();
+        self.run_moves(map.plan_rebalance()).await
+    }
+
+    /// Runs partition moves, a few side by side, and reports them with a map that shows
+    /// them.
+    pub(super) async fn run_moves(&self, plan: Vec<Move>) -> RebalanceReport {
         let mut report = RebalanceReport {
             kind: "partitions",
             planned: plan.len(),

@@ -34,7 +34,7 @@ use shardmall_actors::Shop;
 use tokio::task::JoinSet;
 
 use crate::group::Groups;
-use crate::map::{ClusterMap, MapCommand, MapError, Member, MemberStatus, NodeId};
+use crate::map::{ClusterMap, MapCommand, MapError, Member, MemberStatus, Move, NodeId};
 use crate::proto::{self, Install, JoinRequest, Joined, Request, Response};
 use crate::raft::{ControlError, ControlPlane};
 use crate::router::ClusterRouter;
@@ -42,6 +42,7 @@ use crate::serving::{GroupRoute, Leaders};
 use crate::transport::{BoxFuture, Service, Transport, TransportError};
 
 mod admin;
+mod grow;
 mod handoff;
 mod service;
 
@@ -139,8 +140,14 @@ struct Inner {
     reconciled: AtomicBool,
     /// Shared with the [`ClusterRouter`], which counts the forwarded calls.
     metrics: Arc<ClusterMetrics>,
-    /// This node's replica groups, in a replicated cluster (ADR 0016).
+    /// This node's replica groups, in a replicated cluster or one growing into replicas
+    /// (ADR 0016).
     replication: Option<Replication>,
+    /// The log sends every partition's records to the groups (set once, when the map is
+    /// replicated: at start, or when a growing cluster forms its groups).
+    replicating: AtomicBool,
+    /// The control plane's leader runs the formation of the groups now.
+    forming: AtomicBool,
 }
 
 /// What a node of a replicated cluster runs: its group replicas, and the table of who
@@ -176,6 +183,8 @@ impl ClusterNode {
                 reconciled: AtomicBool::new(false),
                 metrics: router.metrics(),
                 replication,
+                replicating: AtomicBool::new(false),
+                forming: AtomicBool::new(false),
             }),
         }
     }
@@ -271,10 +280,12 @@ impl ClusterNode {
             return;
         }
         if map.is_replicated() {
+            self.turn_replicated(&map).await;
             self.reconcile_groups(&map).await;
             inner.reconciled.store(true, Ordering::Release);
             return;
         }
+        self.form_groups_when_due(&map);
         for p in 0..map.partitions {
             let owned = map.owner(p) == Some(inner.me.node_id);
             let serving = inner.serving[usize::from(p)].load(Ordering::Acquire);
@@ -388,8 +399,11 @@ impl ClusterNode {
                 .or(replicas.first())
                 .copied();
             if former == Some(me) {
+                // Formed from data, a group starts with its former alone: the others
+                // join as learners from its first snapshot (`Groups::place`).
                 let voters: BTreeMap<NodeId, String> = replicas
                     .iter()
+                    .filter(|n| !map.seeded || **n == me)
                     .filter_map(|n| map.members.get(n).map(|m| (*n, m.cluster_addr.clone())))
                     .collect();
                 let groups = r.groups.clone();
@@ -416,6 +430,9 @@ impl ClusterNode {
         loop {
             tick.tick().await;
             let map = self.map();
+            // Also on a tick: the control plane's leadership can move without a map
+            // change.
+            self.form_groups_when_due(&map);
             if !map.is_replicated() || map.replicas.is_empty() {
                 continue;
             }

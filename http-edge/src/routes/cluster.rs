@@ -56,6 +56,9 @@ pub struct ClusterMap {
     pub nodes: Vec<ClusterNode>,
     /// Copies of every partition: 1, 3 or 5.
     pub replication_factor: u8,
+    /// The copies kept once enough members are active: above `replication_factor`
+    /// while the cluster grows into replicas.
+    pub target_replication_factor: u8,
     /// The replica groups; empty with one copy.
     pub groups: Vec<ClusterGroup>,
 }
@@ -68,6 +71,7 @@ impl From<ClusterStatus> for ClusterMap {
             partitions: s.partitions,
             leader: s.leader,
             replication_factor: s.replication_factor,
+            target_replication_factor: s.target_replication_factor,
             groups: s
                 .groups
                 .into_iter()

@@ -1,0 +1,120 @@
+//! A cluster growing into replicas (ADR 0016, "Growing into replicas"): one copy per
+//! partition, served by its owner, until the target factor of members is active; then
+//! the control plane's leader gathers each group's partitions on one owner and proposes
+//! `FormGroups`, and every node switches its partitions to their groups.
+
+use super::*;
+use crate::map::Formation;
+
+/// Between two attempts of a formation step that failed (a move to or from a member that
+/// is down, a proposal that lost the leader).
+const FORM_RETRY: Duration = Duration::from_secs(3);
+
+impl ClusterNode {
+    /// On the control plane's leader: starts forming the groups once the map says the
+    /// cluster should (one task at a time; it ends when the groups are formed, when the
+    /// cluster no longer should, or when this node no longer leads).
+    pub(super) fn form_groups_when_due(&self, map: &ClusterMap) {
+        let inner = &self.inner;
+        if !map.grows_into_replicas()
+            || inner.control.leader() != Some(inner.me.node_id)
+            || inner.forming.load(Ordering::Acquire)
+            || map.plan_formation() == Formation::Wait
+            || inner.forming.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            node.form_groups().await;
+            node.inner.forming.store(false, Ordering::Release);
+        });
+    }
+
+    async fn form_groups(&self) {
+        let inner = &self.inner;
+        loop {
+            if inner.control.leader() != Some(inner.me.node_id) {
+                return;
+            }
+            let map = self.map();
+            match map.plan_formation() {
+                Formation::Wait => return,
+                Formation::Gather(moves) => {
+                    tracing::info!(
+                        moves = moves.len(),
+                        "growing into replicas: gathering each group's partitions on one member"
+                    );
+                    let report = self.run_moves(moves).await;
+                    if let Some(f) = report.failed.first() {
+                        tracing::warn!(
+                            failed = report.failed.len(),
+                            partition = f.partition,
+                            error = %f.error,
+                            "growing into replicas: a partition did not move; trying again"
+                        );
+                        tokio::time::sleep(FORM_RETRY).await;
+                    }
+                }
+                Formation::Form(replicas) => {
+                    match inner
+                        .control
+                        .propose(MapCommand::FormGroups { replicas })
+                        .await
+                    {
+                        Ok(_) => {
+                            tracing::info!(
+                                factor = map.target_factor,
+                                groups = map.groups,
+                                "growing into replicas: groups formed"
+                            );
+                            return;
+                        }
+                        // A partition moved meanwhile: planned again.
+                        Err(ControlError::Map(MapError::NotGathered { .. })) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "growing into replicas: forming the groups");
+                            tokio::time::sleep(FORM_RETRY).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Once the map is replicated: a node that served its partitions as their owner
+    /// fences them (their actors stop with every write durable), then sends the log's
+    /// records of every partition to the groups. The groups' leaders serve the
+    /// partitions again, from the same data. Does nothing after the first time.
+    pub(super) async fn turn_replicated(&self, map: &ClusterMap) {
+        let inner = &self.inner;
+        let Some(r) = &inner.replication else {
+            return;
+        };
+        if inner.replicating.load(Ordering::Acquire) {
+            return;
+        }
+        for p in 0..map.partitions {
+            if !inner.serving[usize::from(p)].load(Ordering::Acquire) {
+                continue;
+            }
+            match inner.shop.fence_partition(p).await {
+                Ok(()) => inner.serving[usize::from(p)].store(false, Ordering::Release),
+                Err(e) => {
+                    tracing::error!(partition = p, error = %e, "cannot fence a partition its group takes over")
+                }
+            }
+        }
+        inner.shop.set_replica_groups(map.groups);
+        let hook: Arc<dyn shardmall_persistence::Replicate> = r.groups.clone();
+        inner.shop.wal().set_replicate(&hook);
+        inner.replicating.store(true, Ordering::Release);
+        if map.seeded {
+            tracing::info!(
+                factor = map.copies(),
+                groups = map.groups,
+                "the cluster is replicated now: partitions are served by their groups' leaders"
+            );
+        }
+    }
+}
