@@ -92,9 +92,10 @@ pub struct ServeArgs {
     /// Partitions of a new data set [default: 256]; fixed once data exists.
     #[arg(long, env = "SHARDMALL_PARTITIONS")]
     pub partitions: Option<u16>,
-    /// Copies of every partition in a new cluster: 1, 3 or 5 [default: 1]; fixed when
-    /// the cluster is created (its first node decides). With 3 or 5, partitions are
-    /// served once that many members have joined.
+    /// Copies of every partition in a new cluster: 1, 3 or 5; fixed when the cluster is
+    /// created (its first node decides). Unset: one copy until three members are
+    /// active, then three. With 3 or 5, partitions are served once that many members
+    /// have joined.
     #[arg(long, env = "SHARDMALL_REPLICATION_FACTOR")]
     pub replication_factor: Option<u8>,
     /// Unpaid orders are cancelled after this long [default: 30m].

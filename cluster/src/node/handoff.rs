@@ -23,6 +23,11 @@ impl ClusterNode {
         let inner = &self.inner;
         let me = inner.me.node_id;
         let map = self.map();
+        if map.is_replicated() {
+            return Err(ClusterError::Conflict(
+                "partitions of a replicated cluster do not move: their groups' replicas do".into(),
+            ));
+        }
         if partition >= map.partitions {
             return Err(ClusterError::BadRequest(format!(
                 "partition {partition} does not exist"
@@ -108,7 +113,10 @@ impl ClusterNode {
                 // Serve it here again, unless the map already says otherwise (the
                 // watcher then does what the map says).
                 let _serial = inner.fence_lock.lock().await;
-                if self.map().owner(partition) == Some(me)
+                let map = self.map();
+                // A map turned replicated meanwhile: the partition's group serves it.
+                if !map.is_replicated()
+                    && map.owner(partition) == Some(me)
                     && !inner.serving[usize::from(partition)].load(Ordering::Acquire)
                     && inner.shop.unfence_partition(partition).await.is_ok()
                 {
