@@ -899,6 +899,37 @@ async fn a_cluster_grows_into_three_copies_of_its_data_when_a_third_member_joins
     );
     let map = cluster_map(&nodes[2]).await;
     assert_eq!(map["groups"].as_array().map(Vec::len), Some(16), "{map}");
+    // The member that formed the groups led them all; their leaders are spread then
+    // (the target is 6 each; a moved group's new leader is asked for, not chosen).
+    let spread = poll_until(
+        "the groups' leaders spread over the three",
+        Duration::from_secs(90),
+        || async {
+            let led = leaders_per_node(&nodes[0], &names).await;
+            (led.iter().all(|n| (1..=7).contains(n))).then_some(led)
+        },
+    )
+    .await;
+    eprintln!(
+        "leaders per node {spread:?}, {:?} after the third member joined",
+        joined.elapsed()
+    );
+    // A moved leader leaves its group's voters and comes back (ADR 0016, "Rebalance
+    // moves leaders"): the groups are whole again before anything else fails.
+    poll_until(
+        "three voters in every group after the leaders moved",
+        Duration::from_secs(60),
+        || async {
+            voters_are(&nodes.iter().collect::<Vec<_>>(), &names)
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "whole again {:?} after the third member joined",
+        joined.elapsed()
+    );
     // Everything acknowledged with one copy is there, from every node.
     for n in &nodes {
         for (buyer, order) in &acked {

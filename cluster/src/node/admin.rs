@@ -272,7 +272,7 @@ impl ClusterNode {
     /// each, side by side); the other voters elect one of themselves, so a round may
     /// leave another member above, and the next round moves again. A member that came
     /// back after a failure leads nothing until this runs.
-    async fn rebalance_leaders(&self) -> RebalanceReport {
+    pub(super) async fn rebalance_leaders(&self) -> RebalanceReport {
         let mut report = RebalanceReport {
             kind: "leaders",
             ..RebalanceReport::default()

@@ -10,6 +10,9 @@ use crate::map::Formation;
 /// is down, a proposal that lost the leader).
 const FORM_RETRY: Duration = Duration::from_secs(3);
 
+/// How long after forming the groups their leaders may take to be spread.
+const SPREAD_WITHIN: Duration = Duration::from_secs(120);
+
 impl ClusterNode {
     /// On the control plane's leader: starts forming the groups once the map says the
     /// cluster should (one task at a time; it ends when the groups are formed, when the
@@ -68,6 +71,7 @@ impl ClusterNode {
                                 groups = map.groups,
                                 "growing into replicas: groups formed"
                             );
+                            self.spread_leaders_once_whole().await;
                             return;
                         }
                         // A partition moved meanwhile: planned again.
@@ -80,6 +84,71 @@ impl ClusterNode {
                 }
             }
         }
+    }
+
+    /// After the groups formed: each one's former leads it, often one member all of
+    /// them. Once every group has its placed voters, the leaderships are spread as
+    /// `cluster rebalance` does (one election per group moved).
+    async fn spread_leaders_once_whole(&self) {
+        let deadline = Instant::now() + SPREAD_WITHIN;
+        loop {
+            tokio::time::sleep(FORM_RETRY).await;
+            if self.inner.control.leader() != Some(self.inner.me.node_id) {
+                return;
+            }
+            if self.groups_whole(&self.map()).await {
+                let report = self.rebalance_leaders().await;
+                tracing::info!(
+                    moved = report.moved,
+                    failed = report.failed.len(),
+                    "growing into replicas: leaders spread"
+                );
+                if report.failed.is_empty() {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    "growing into replicas: the groups' leaders were not spread; run `shardmall cluster rebalance`"
+                );
+                return;
+            }
+        }
+    }
+
+    /// Whether every group's voters are its placed replicas, as the group's first
+    /// replica has applied them.
+    async fn groups_whole(&self, map: &ClusterMap) -> bool {
+        let Some(r) = &self.inner.replication else {
+            return false;
+        };
+        for g in 0..map.groups {
+            let placed: BTreeSet<NodeId> = map.replicas_of(g).iter().copied().collect();
+            let Some(first) = map.replicas_of(g).first() else {
+                return false;
+            };
+            let applied = if *first == self.inner.me.node_id {
+                r.groups.applied_membership(g)
+            } else {
+                let Some(addr) = map.members.get(first).map(|m| m.cluster_addr.clone()) else {
+                    return false;
+                };
+                crate::group::network::applied_membership_at(
+                    self.inner.transport.as_ref(),
+                    &addr,
+                    g,
+                )
+                .await
+            };
+            let whole = applied.is_some_and(|m| {
+                let m = m.membership();
+                m.get_joint_config().len() == 1 && m.voter_ids().collect::<BTreeSet<_>>() == placed
+            });
+            if !whole || r.leaders.leader(g).is_none() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Once the map is replicated: a node that served its partitions as their owner
