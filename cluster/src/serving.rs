@@ -235,7 +235,14 @@ pub async fn watch_group(
             }
             last_leader = m.current_leader;
         }
-        let leading = m.state == ServerState::Leader && m.current_leader == Some(me);
+        // A leader handing the group over serves no more: the voter it hands to may be
+        // elected once its lease has run out.
+        let leading = m.state == ServerState::Leader
+            && m.current_leader == Some(me)
+            && !replica.handing_over();
+        if m.state != ServerState::Leader {
+            replica.handed_over();
+        }
         if !leading {
             elected_at = None;
             if serving.take().is_some() {
@@ -334,7 +341,7 @@ async fn keep_lease(
             let m = m.borrow();
             m.state == ServerState::Leader && m.current_leader == Some(me)
         };
-        if !leading {
+        if !leading || replica.handing_over() {
             continue;
         }
         rounds = rounds.wrapping_add(1);

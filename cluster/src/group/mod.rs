@@ -240,6 +240,9 @@ pub struct GroupReplica {
     /// Until when (`serving::now_ms`) this replica refuses to vote (see
     /// [`GroupReplica::refuses_votes`]).
     no_votes_until: AtomicU64,
+    /// Until when (`serving::now_ms`) this replica hands its leadership over (see
+    /// [`Groups::hand_over`]).
+    handing_over_until: AtomicU64,
 }
 
 /// Records on their way through a group's proposer.
@@ -252,6 +255,11 @@ struct Flow {
     /// the group's partitions have been reloaded ([`GroupReplica::settle`]).
     poisoned: AtomicBool,
 }
+
+/// How long a leader handing its group over ([`Groups::hand_over`]) waits for another
+/// voter to be elected before it serves again: its lease runs out, then the voter asked
+/// is refused by nobody.
+pub const HAND_OVER_FOR: Duration = Duration::from_secs(3);
 
 /// Records a group takes into its proposer's queue at most; beyond, a record is refused
 /// (the group is overloaded) rather than queued without bound.
@@ -291,6 +299,19 @@ impl GroupReplica {
     pub fn hold_votes_until(&self, until_ms: u64) {
         self.no_votes_until.fetch_max(until_ms, Ordering::AcqRel);
     }
+
+    /// Whether this replica is handing its leadership over ([`Groups::hand_over`]): it
+    /// neither serves nor confirms its lease, though it may still lead.
+    pub fn handing_over(&self) -> bool {
+        crate::serving::now_ms() < self.handing_over_until.load(Ordering::Acquire)
+    }
+
+    /// A replica that no longer leads has handed over: elected again later, it serves
+    /// at once.
+    pub(crate) fn handed_over(&self) {
+        self.handing_over_until.store(0, Ordering::Release);
+    }
+
     /// Whether this replica leads its group now (as far as it knows). A leader that
     /// stepped down keeps its own vote, so `current_leader` may still name it: the
     /// server state decides.
@@ -459,6 +480,7 @@ impl Groups {
             proposals: tx,
             flow,
             no_votes_until: AtomicU64::new(no_votes_until),
+            handing_over_until: AtomicU64::new(0),
         });
         let mut by_group = self.by_group.write().unwrap_or_else(|p| p.into_inner());
         Ok(by_group.entry(group).or_insert(replica).clone())
@@ -555,15 +577,20 @@ impl Groups {
         Ok(Placed::Changed)
     }
 
-    /// Hands the leadership of `group` to another voter: this replica, which must lead,
-    /// leaves the membership (a change; openraft has no leader transfer, and a leader
-    /// kept on as a learner would go on leading), steps down once that is committed, and
-    /// the other voters elect a leader among themselves (one election: 1 to 2 s, as
-    /// openraft's followers grant no vote within its leader lease of the last message
-    /// they had). The replica keeps running with its log: the new leader adds it back as
-    /// a learner and makes it a voter again as the placement says (`place`). Answers once
-    /// the change is committed.
-    pub async fn step_down(&self, group: u16) -> Result<(), String> {
+    /// Hands the leadership of `group` to another voter, keeping every voter: this
+    /// replica, which must lead, stops serving the group's partitions and confirming its
+    /// lease for [`HAND_OVER_FOR`]. openraft 0.9 has no leader transfer, but a leader
+    /// grants a vote of a later term once nothing holds it (its own vote clock is that
+    /// of its election; this node's lease, checked before openraft sees the request,
+    /// runs out within [`GroupSettings::lease`]): a voter asked to stand for election
+    /// then wins with this replica's vote, without waiting for the other voters' leader
+    /// lease, and this replica follows it. If none is elected meanwhile, this replica
+    /// serves again. Answers at once.
+    ///
+    /// (Leaving the membership instead, as an earlier release did, left the group one
+    /// voter short until the new leader added the old one back: a node lost then took
+    /// the group's majority with it.)
+    pub async fn hand_over(&self, group: u16) -> Result<(), String> {
         let replica = self
             .replica(group)
             .ok_or_else(|| format!("this node holds no replica of group {group}"))?;
@@ -578,19 +605,13 @@ impl Groups {
         if !membership.voter_ids().any(|id| id != self.me) {
             return Err(format!("group {group} has no other voter to lead it"));
         }
-        replica
-            .raft
-            .change_membership(
-                openraft::ChangeMembers::RemoveVoters(BTreeSet::from([self.me])),
-                false,
-            )
-            .await
-            .map(drop)
-            .map_err(|e| format!("handing group {group} over: {e}"))
+        let until = crate::serving::now_ms() + HAND_OVER_FOR.as_millis() as u64;
+        replica.handing_over_until.store(until, Ordering::Release);
+        Ok(())
     }
 
-    /// Stands for election in `group`, in place of `instead_of`, which has just stepped
-    /// down ([`Groups::step_down`]): not when this replica leads or follows another
+    /// Stands for election in `group`, in place of `instead_of`, which is handing its
+    /// leadership over ([`Groups::hand_over`]): not when this replica leads or follows another
     /// leader already. (openraft stops a group whose leader is asked to elect while it
     /// changes the membership: it may be asked again before its election is known.)
     pub async fn elect_instead_of(&self, group: u16, instead_of: NodeId) -> Result<(), String> {

@@ -30,10 +30,10 @@ pub(crate) enum GroupMsg {
     /// The membership the receiver's replica has applied (committed): a replica placed
     /// elsewhere asks whether it is out of the group (see `Groups::retire`).
     Membership,
-    /// Hand the group's leadership to another voter (`Groups::step_down`).
+    /// Hand the group's leadership to another voter (`Groups::hand_over`).
     StepDown,
     /// Stand for election now, unless already leading or following a leader other than
-    /// `instead_of` (which has just stepped down: see `Groups::step_down`).
+    /// `instead_of` (which is handing its leadership over: see `Groups::hand_over`).
     Elect {
         instead_of: u64,
     },
@@ -153,8 +153,8 @@ pub(crate) async fn applied_membership_at(
 }
 
 /// Asks the node at `addr` to hand its leadership of `group` to another voter (see
-/// `Groups::step_down`).
-pub async fn step_down_at(transport: &dyn Transport, addr: &str, group: u16) -> Result<(), String> {
+/// `Groups::hand_over`).
+pub async fn hand_over_at(transport: &dyn Transport, addr: &str, group: u16) -> Result<(), String> {
     match ask(transport, addr, group, GroupMsg::StepDown).await? {
         GroupReply::SteppedDown(outcome) => outcome,
         other => Err(format!("unexpected answer {other:?}")),
@@ -280,7 +280,7 @@ pub async fn answer(groups: &Groups, body: Vec<u8>) -> Response {
             GroupMsg::Membership => {
                 GroupReply::Membership(groups.applied_membership(replica.group))
             }
-            GroupMsg::StepDown => GroupReply::SteppedDown(groups.step_down(replica.group).await),
+            GroupMsg::StepDown => GroupReply::SteppedDown(groups.hand_over(replica.group).await),
             GroupMsg::Elect { instead_of } => {
                 GroupReply::Elected(groups.elect_instead_of(replica.group, instead_of).await)
             }

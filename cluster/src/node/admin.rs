@@ -268,7 +268,7 @@ impl ClusterNode {
 
     /// A rebalance of a replicated cluster: evens out the groups each active member
     /// leads (at most `ceil(groups / members)` each), in rounds. In a round every member
-    /// above that hands the surplus of its groups over (`Groups::step_down`: one election
+    /// above that hands the surplus of its groups over (`Groups::hand_over`: one election
     /// each, side by side); the other voters elect one of themselves, so a round may
     /// leave another member above, and the next round moves again. A member that came
     /// back after a failure leads nothing until this runs.
@@ -325,9 +325,9 @@ impl ClusterNode {
                 let to = to.and_then(|n| map.members.get(&n).map(|m| (n, m.cluster_addr.clone())));
                 running.spawn(async move {
                     let asked = match addr {
-                        _ if from == node.inner.me.node_id => groups.step_down(g).await,
+                        _ if from == node.inner.me.node_id => groups.hand_over(g).await,
                         Some(addr) => {
-                            crate::group::network::step_down_at(
+                            crate::group::network::hand_over_at(
                                 node.inner.transport.as_ref(),
                                 &addr,
                                 g,
