@@ -346,19 +346,7 @@ impl ClusterMap {
                 self.initialised()?;
             }
             MapCommand::SetReplication { factor, groups } => {
-                self.initialised()?;
-                if self.replication_factor > 1 || !self.replicas.is_empty() {
-                    return Err(MapError::ReplicationSet);
-                }
-                if ![1, 3, 5].contains(factor) {
-                    return Err(MapError::BadReplicationFactor(*factor));
-                }
-                if *groups == 0 || *groups > self.partitions {
-                    return Err(MapError::BadGroups {
-                        groups: *groups,
-                        partitions: self.partitions,
-                    });
-                }
+                self.check_replication_unset(*factor, *groups)?;
                 self.replication_factor = *factor;
                 self.groups = if *factor > 1 { *groups } else { 0 };
             }
@@ -371,19 +359,7 @@ impl ClusterMap {
                 self.replicas = replicas.clone();
             }
             MapCommand::SetTargetReplication { factor, groups } => {
-                self.initialised()?;
-                if self.replication_factor > 1 || !self.replicas.is_empty() {
-                    return Err(MapError::ReplicationSet);
-                }
-                if ![1, 3, 5].contains(factor) {
-                    return Err(MapError::BadReplicationFactor(*factor));
-                }
-                if *groups == 0 || *groups > self.partitions {
-                    return Err(MapError::BadGroups {
-                        groups: *groups,
-                        partitions: self.partitions,
-                    });
-                }
+                self.check_replication_unset(*factor, *groups)?;
                 self.target_factor = *factor;
                 self.groups = if *factor > 1 { *groups } else { 0 };
             }
@@ -488,6 +464,25 @@ impl ClusterMap {
             }
         }
         self.epoch += 1;
+        Ok(())
+    }
+
+    /// Replication is set once, at creation, to 1, 3 or 5 copies in between 1 and the
+    /// partition count groups.
+    fn check_replication_unset(&self, factor: u8, groups: u16) -> Result<(), MapError> {
+        self.initialised()?;
+        if self.replication_factor > 1 || self.target_factor > 1 || !self.replicas.is_empty() {
+            return Err(MapError::ReplicationSet);
+        }
+        if ![1, 3, 5].contains(&factor) {
+            return Err(MapError::BadReplicationFactor(factor));
+        }
+        if groups == 0 || groups > self.partitions {
+            return Err(MapError::BadGroups {
+                groups,
+                partitions: self.partitions,
+            });
+        }
         Ok(())
     }
 
@@ -840,6 +835,14 @@ mod tests {
         assert!(m.grows_into_replicas() && !m.is_replicated());
         assert_eq!(m.copies(), 1);
         assert_eq!(m.plan_formation(), Formation::Wait);
+        // The factor is set once: not replicated from the start as well.
+        assert_eq!(
+            m.clone().apply(&MapCommand::SetReplication {
+                factor: 3,
+                groups: 16
+            }),
+            Err(MapError::ReplicationSet)
+        );
         m.apply(&MapCommand::AddMember(member(3))).unwrap();
         // Node 1 owns everything: nothing to gather, it forms every group.
         let Formation::Form(replicas) = m.plan_formation() else {
