@@ -60,6 +60,23 @@ impl ClusterNode {
                     }
                 }
                 Formation::Form(replicas) => {
+                    // A replica placed on a member that is down could never catch up,
+                    // and a group promotes its learners together: it would keep one
+                    // voter until that member came back. Formed once all answer.
+                    let mut down = Vec::new();
+                    for m in map.active_members() {
+                        if m.node_id != inner.me.node_id && !self.probe(m).await {
+                            down.push(m.name.clone());
+                        }
+                    }
+                    if !down.is_empty() {
+                        tracing::warn!(
+                            ?down,
+                            "growing into replicas: waiting for every member to answer before forming the groups"
+                        );
+                        tokio::time::sleep(FORM_RETRY).await;
+                        continue;
+                    }
                     match inner
                         .control
                         .propose(MapCommand::FormGroups { replicas })
