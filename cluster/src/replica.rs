@@ -43,12 +43,14 @@ pub struct Observation {
     /// For a leader: milliseconds since the send time of the last heartbeat a quorum
     /// acknowledged (openraft's `millis_since_quorum_ack`); `None` before any.
     pub quorum_ack_age: Option<u64>,
-    /// The last log index applied to the state machine.
-    pub applied: u64,
-    /// For a leader: the index of the first entry of its term.
-    pub term_start: Option<u64>,
+    /// The term of the last entry applied to the state machine: a leader has every
+    /// write a previous leader acknowledged once it has applied an entry of its own term
+    /// (the blank entry it proposes when elected).
+    pub applied_term: Option<u64>,
     /// The replica is still a member (voter or learner) of its group.
     pub member: bool,
+    /// A leader handing its group over to another voter (`Groups::hand_over`).
+    pub handing_over: bool,
 }
 
 /// The group's timing, from its Raft configuration.
@@ -88,6 +90,11 @@ pub enum Replica {
         term: u64,
         leader: Option<NodeId>,
     },
+    /// A leader that hands its group over: it serves no more, and follows the voter
+    /// elected in its place.
+    HandingOver {
+        term: u64,
+    },
     /// No longer a member of the group: it never serves again (a replica added back is
     /// a new one).
     Removed,
@@ -120,7 +127,8 @@ impl Replica {
             Replica::Follower { term, .. }
             | Replica::Candidate { term }
             | Replica::Leader { term, .. }
-            | Replica::Learner { term, .. } => Some(*term),
+            | Replica::Learner { term, .. }
+            | Replica::HandingOver { term } => Some(*term),
             Replica::Removed => None,
         }
     }
@@ -138,6 +146,7 @@ impl Replica {
             return self;
         }
         match obs.role {
+            Role::Leader if obs.handing_over => Replica::HandingOver { term: obs.term },
             Role::Leader => {
                 let (held, was_caught_up) = match self {
                     Replica::Leader {
@@ -155,8 +164,7 @@ impl Replica {
                     // Acknowledged instants only move forward; a report without one keeps
                     // the lease already earned in this term.
                     lease_until: held.max(acked),
-                    caught_up: was_caught_up
-                        || obs.term_start.is_some_and(|start| obs.applied >= start),
+                    caught_up: was_caught_up || obs.applied_term == Some(obs.term),
                 }
             }
             Role::Follower => Replica::Follower {
@@ -187,7 +195,26 @@ impl Replica {
                 Serving::Elsewhere(*leader)
             }
             Replica::Candidate { .. } => Serving::Unavailable("the group is electing a leader"),
+            Replica::HandingOver { .. } => {
+                Serving::Unavailable("the leader is handing the group over")
+            }
             Replica::Removed => Serving::Unavailable("this replica was removed from its group"),
+        }
+    }
+
+    /// The term whose leadership this replica holds the group's partitions for (their
+    /// actors loaded from its copy): a leader that has applied an entry of its term.
+    /// Whether they answer at a given instant is the lease's to say ([`Replica::serving`]);
+    /// a lease that lapses for a moment does not unload them. `None`: the partitions
+    /// must be fenced (their actors may hold decisions of a term that never commits).
+    pub fn holds_partitions(&self) -> Option<u64> {
+        match self {
+            Replica::Leader {
+                term,
+                caught_up: true,
+                ..
+            } => Some(*term),
+            _ => None,
         }
     }
 }
@@ -202,6 +229,7 @@ mod tests {
         drift_margin_ms: 100,
     };
 
+    /// A leader's report; `applied` is the index applied, its term's first entry is 10.
     fn leader(at: u64, term: u64, ack_age: Option<u64>, applied: u64) -> Observation {
         Observation {
             at,
@@ -209,9 +237,9 @@ mod tests {
             term,
             leader: Some(1),
             quorum_ack_age: ack_age,
-            applied,
-            term_start: Some(10),
+            applied_term: Some(if applied >= 10 { term } else { term - 1 }),
             member: true,
+            handing_over: false,
         }
     }
 
@@ -246,7 +274,6 @@ mod tests {
             role: Role::Follower,
             leader: Some(7),
             quorum_ack_age: None,
-            term_start: None,
             ..leader(1_000, 4, None, 0)
         };
         let r = Replica::default().observe(&follower, TIMING);
@@ -258,6 +285,47 @@ mod tests {
         let r = r.observe(&removed, TIMING);
         assert_eq!(r, Replica::Removed);
         assert_eq!(r.clone().observe(&leader(2_000, 9, Some(0), 20), TIMING), r);
+    }
+
+    #[test]
+    fn a_leader_holds_its_partitions_through_a_lapsed_lease_but_not_through_a_hand_over() {
+        let r = Replica::default().observe(&leader(5_000, 3, Some(0), 9), TIMING);
+        assert_eq!(r.holds_partitions(), None, "not caught up yet");
+        let r = r.observe(&leader(5_010, 3, Some(0), 10), TIMING);
+        assert_eq!(r.holds_partitions(), Some(3));
+        // The lease lapses: nothing is answered, the actors stay.
+        let r = r.observe(&leader(7_000, 3, Some(1_500), 11), TIMING);
+        assert_eq!(
+            r.serving(7_000),
+            Serving::Unavailable("the leader's lease has run out")
+        );
+        assert_eq!(r.holds_partitions(), Some(3));
+        // Handing over: neither.
+        let over = Observation {
+            handing_over: true,
+            ..leader(7_100, 3, Some(0), 11)
+        };
+        let r = r.observe(&over, TIMING);
+        assert_eq!(r, Replica::HandingOver { term: 3 });
+        assert_eq!(r.holds_partitions(), None);
+        assert_eq!(
+            r.serving(7_100),
+            Serving::Unavailable("the leader is handing the group over")
+        );
+        // Nobody took over in time: it leads again, caught up, in the same term.
+        let r = r.observe(&leader(10_200, 3, Some(0), 11), TIMING);
+        assert_eq!(r.holds_partitions(), Some(3));
+        assert_eq!(r.serving(10_200), Serving::Serve);
+        // Another voter won: it follows.
+        let follower = Observation {
+            role: Role::Follower,
+            leader: Some(2),
+            quorum_ack_age: None,
+            ..leader(10_300, 4, None, 11)
+        };
+        let r = r.observe(&follower, TIMING);
+        assert_eq!(r.holds_partitions(), None);
+        assert_eq!(r.serving(10_300), Serving::Elsewhere(Some(2)));
     }
 
     #[test]
@@ -383,9 +451,9 @@ mod tests {
                             term: n.term,
                             leader: None,
                             quorum_ack_age: if n.leads { quorum_ack.map(|t| now - t) } else { None },
-                            applied: 1,
-                            term_start: n.leads.then_some(1),
+                            applied_term: Some(n.term),
                             member: true,
+                            handing_over: false,
                         };
                         let r = std::mem::take(&mut nodes[node].replica);
                         nodes[node].replica = r.observe(&obs, TIMING);

@@ -2,6 +2,12 @@
 //! and the watcher that serves a group's partitions here exactly while this node leads
 //! the group under a lease.
 //!
+//! What a replica is, for serving, is decided by the pure state machine of
+//! [`crate::replica`] (follower, candidate, leader with lease, handing over, learner),
+//! fed each change of the replica's openraft metrics; the watcher carries out its
+//! decision: load the group's partitions (unfence) for the term it leads in, or fence
+//! them.
+//!
 //! [`Leaders`] is the table the router reads on every command (lock-free): per group, the
 //! leader this node knows of, and, when that is this node, the term it serves in and
 //! until when its lease holds. A watcher per local replica keeps it current:
@@ -32,6 +38,7 @@ use shardmall_persistence::PartitionData;
 
 use crate::group::{GroupHost, GroupReplica};
 use crate::map::NodeId;
+use crate::replica::{Observation, Replica, Role, Timing};
 use crate::transport::BoxFuture;
 
 /// Milliseconds of this process's monotonic clock.
@@ -207,6 +214,12 @@ pub async fn watch_group(
     // takeover).
     let mut served_term: Option<u64> = None;
     let mut last_leader: Option<NodeId> = None;
+    let mut state = Replica::default();
+    // `lease` has the margin for clock-rate drift taken off already.
+    let timing = Timing {
+        follower_lease_ms: lease.as_millis() as u64,
+        drift_margin_ms: 0,
+    };
     // When this replica was elected, until it serves.
     let mut elected_at: Option<u64> = None;
     // The lease keeper's rounds reach every voter once a heartbeat: openraft's own
@@ -235,23 +248,45 @@ pub async fn watch_group(
             }
             last_leader = m.current_leader;
         }
-        // A leader handing the group over serves no more: the voter it hands to may be
-        // elected once its lease has run out.
-        let leading = m.state == ServerState::Leader
-            && m.current_leader == Some(me)
-            && !replica.handing_over();
         if m.state != ServerState::Leader {
             replica.handed_over();
         }
-        if !leading {
+        // What the replica is, for serving: the pure state machine of `crate::replica`
+        // decides; this loop carries its decisions out.
+        let leads = m.state == ServerState::Leader && m.current_leader == Some(me);
+        let obs = Observation {
+            at: now_ms(),
+            role: match m.state {
+                ServerState::Leader if leads => Role::Leader,
+                ServerState::Candidate => Role::Candidate,
+                ServerState::Learner => Role::Learner,
+                _ => Role::Follower,
+            },
+            term: m.current_term,
+            leader: m.current_leader,
+            quorum_ack_age: m.millis_since_quorum_ack,
+            applied_term: m.last_applied.map(|l| l.leader_id.term),
+            // The watcher ends with the replica: a replica out of its group is stopped
+            // (`Groups::retire`), and one added back is a new replica.
+            member: true,
+            handing_over: replica.handing_over(),
+        };
+        state = std::mem::take(&mut state).observe(&obs, timing);
+        if matches!(state, Replica::Leader { .. }) {
+            elected_at.get_or_insert_with(now_ms);
+        } else {
             elected_at = None;
+        }
+        let Some(term) = state.holds_partitions() else {
+            // Not leading (or handing over, or not caught up in a new term): actors
+            // may hold decisions of a term that never commits.
             if serving.take().is_some() {
                 slot.serving_term.store(0, Ordering::Release);
                 fence(&shop, &partitions, group).await;
             }
             continue;
-        }
-        let elected = *elected_at.get_or_insert_with(now_ms);
+        };
+        let elected = elected_at.unwrap_or_else(now_ms);
         if replica.poisoned() {
             // A write was not committed: the actors that decided it are ahead of the
             // log. Fence (they go), and serve again from the log once nothing is in
@@ -268,10 +303,7 @@ pub async fn watch_group(
                 "a write of the replica group was not committed; its partitions were reloaded from the log"
             );
         }
-        let caught_up = m
-            .last_applied
-            .is_some_and(|l| l.leader_id.term == m.current_term);
-        if caught_up && serving != Some(m.current_term) {
+        if serving != Some(term) {
             if serving.is_some() {
                 slot.serving_term.store(0, Ordering::Release);
                 fence(&shop, &partitions, group).await;
@@ -284,17 +316,17 @@ pub async fn watch_group(
                 }
             }
             if all {
-                serving = Some(m.current_term);
-                slot.serving_term.store(m.current_term, Ordering::Release);
-                if served_term != Some(m.current_term) {
-                    served_term = Some(m.current_term);
+                serving = Some(term);
+                slot.serving_term.store(term, Ordering::Release);
+                if served_term != Some(term) {
+                    served_term = Some(term);
                     leaders.takeovers.fetch_add(1, Ordering::Relaxed);
                     leaders
                         .last_takeover_ms
                         .store(now_ms().saturating_sub(elected), Ordering::Relaxed);
                     tracing::info!(
                         group,
-                        term = m.current_term,
+                        term,
                         "leading the replica group; serving its partitions"
                     );
                 }
