@@ -300,7 +300,7 @@ impl Shop {
 
     /// The replica groups of a replicated cluster (see [`ShopConfig::replica_groups`]);
     /// 0 when the node's one log holds every partition.
-    pub(crate) fn replica_groups(&self) -> u16 {
+    pub fn replica_groups(&self) -> u16 {
         self.inner.replica_groups.load(Ordering::Acquire)
     }
 

@@ -48,6 +48,30 @@ impl BuyOne for Api {
     }
 }
 
+/// Creates product `product` (one SKU, `{product}-s`, with `stock` units) through
+/// `product_node`, and a one-hour campaign of `quantity` units of it, one per buyer,
+/// through `campaign_node`.
+async fn open_sale(
+    product_node: &Node,
+    campaign_node: &Node,
+    product: &str,
+    stock: i64,
+    campaign: &str,
+    quantity: i64,
+) {
+    let sku = format!("{product}-s");
+    product_node
+        .create_product(&admin(), product, &[(sku.as_str(), 100, stock)])
+        .await;
+    let body = json!({
+        "campaign_id": campaign, "sku_id": sku, "price": money(10), "quantity": quantity,
+        "ends_at": humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string(),
+        "per_buyer_limit": 1, "payment_timeout_secs": 600,
+    });
+    let (st, v) = campaign_node.post("/v1/campaigns", &admin(), &body).await;
+    assert_eq!(st, 201, "{v}");
+}
+
 async fn cluster_map(api: &Api) -> Value {
     let (st, v) = api.get("/v1/cluster", Some(&operator())).await;
     assert_eq!(st, 200, "GET /v1/cluster: {v}");
@@ -118,15 +142,7 @@ async fn killing_a_campaigns_leader_loses_nothing_and_buys_resume_within_seconds
         "{table}"
     );
 
-    n1.create_product(&admin(), "rp", &[("rp-s", 100, UNITS + 10)])
-        .await;
-    let body = json!({
-        "campaign_id": "rcamp", "sku_id": "rp-s", "price": money(10), "quantity": UNITS,
-        "ends_at": humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string(),
-        "per_buyer_limit": 1, "payment_timeout_secs": 600,
-    });
-    let (st, v) = n2.post("/v1/campaigns", &admin(), &body).await;
-    assert_eq!(st, 201, "{v}");
+    open_sale(&n1, &n2, "rp", UNITS + 10, "rcamp", UNITS).await;
     let group = Partitioner::new(PARTITIONS).catalog(Kind::Campaign, "rcamp") % GROUPS;
     let names = ["n1", "n2", "n3"];
     let mut nodes = [n1, n2, n3];
@@ -415,15 +431,7 @@ async fn a_lost_disk_is_rebuilt_on_a_fresh_node_and_nothing_is_lost() {
     for n in [&n1, &n2, &n3] {
         n.wait_ready().await;
     }
-    n1.create_product(&admin(), "lp", &[("lp-s", 100, UNITS + 10)])
-        .await;
-    let body = json!({
-        "campaign_id": "lcamp", "sku_id": "lp-s", "price": money(10), "quantity": UNITS,
-        "ends_at": humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string(),
-        "per_buyer_limit": 1, "payment_timeout_secs": 600,
-    });
-    let (st, v) = n1.post("/v1/campaigns", &admin(), &body).await;
-    assert_eq!(st, 201, "{v}");
+    open_sale(&n1, &n1, "lp", UNITS + 10, "lcamp", UNITS).await;
     let mut acked: Vec<(String, String)> = Vec::new();
     let buy = |api: Api, buyer: String| async move {
         let (st, v) = api.buy_one("lcamp", &buyer).await;
@@ -611,15 +619,7 @@ async fn a_fourth_member_takes_a_share_of_replicas_and_serves_the_rest_through_t
         .map(|k| format!("fcamp-{k}"))
         .find(|c| !held.contains(&(parts.catalog(Kind::Campaign, c) % GROUPS)))
         .expect("a campaign elsewhere");
-    n4.create_product(&admin(), "fp", &[("fp-s", 100, 10_000)])
-        .await;
-    let body = json!({
-        "campaign_id": campaign, "sku_id": "fp-s", "price": money(10), "quantity": 5_000,
-        "ends_at": humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string(),
-        "per_buyer_limit": 1, "payment_timeout_secs": 600,
-    });
-    let (st, v) = n4.post("/v1/campaigns", &admin(), &body).await;
-    assert_eq!(st, 201, "{v}");
+    open_sale(&n4, &n4, "fp", 10_000, &campaign, 5_000).await;
     for i in 0..20 {
         let buyer = format!("fourth-{i}");
         let (st, v) = n4.api().buy_one(&campaign, &buyer).await;
@@ -840,15 +840,7 @@ async fn a_cluster_grows_into_three_copies_of_its_data_when_a_third_member_joins
     assert_eq!(map["replication_factor"], 1, "{map}");
     assert_eq!(map["target_replication_factor"], 3, "{map}");
     assert_eq!(map["groups"], json!([]), "{map}");
-    n1.create_product(&admin(), "gp", &[("gp-s", 100, UNITS)])
-        .await;
-    let body = json!({
-        "campaign_id": "gcamp", "sku_id": "gp-s", "price": money(10), "quantity": UNITS,
-        "ends_at": humantime::format_rfc3339_millis(std::time::SystemTime::now() + Duration::from_secs(3600)).to_string(),
-        "per_buyer_limit": 1, "payment_timeout_secs": 600,
-    });
-    let (st, v) = n1.post("/v1/campaigns", &admin(), &body).await;
-    assert_eq!(st, 201, "{v}");
+    open_sale(&n1, &n1, "gp", UNITS, "gcamp", UNITS).await;
     let mut acked: Vec<(String, String)> = Vec::new();
     let mut refused = 0;
     for i in 0..15 {

@@ -388,8 +388,8 @@ impl ClusterNode {
     }
 
     /// Asks the replica at `addr` to stand for election until `group` has a leader other
-    /// than `old` (a few seconds at most): it is refused until the others' lease of the
-    /// old leader has run out, then it is, most often, the first to ask.
+    /// than `old` (a few seconds at most): it is refused until the old leader's lease has
+    /// run out (it is handing over, see `Groups::hand_over`), then wins with its vote.
     async fn elect(&self, group: u16, old: NodeId, to: NodeId, addr: &str) {
         let Some(r) = self.inner.replication.as_ref() else {
             return;
@@ -412,8 +412,8 @@ impl ClusterNode {
     }
 
     /// Waits until `group` has a leader other than `old` and, as far as this node's
-    /// replica tells, its voters are the placed replicas again (the old leader is a
-    /// voter once more).
+    /// replica tells, its voters are the placed replicas (no membership change is under
+    /// way).
     async fn new_leader(&self, group: u16, old: NodeId) -> Result<(), String> {
         let Some(r) = self.inner.replication.as_ref() else {
             return Ok(());
@@ -433,7 +433,7 @@ impl ClusterNode {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(if led {
-                    format!("group {group} has a new leader, but its old one is not a voter again after 15 s")
+                    format!("group {group} has a new leader, but its voters are not its placed replicas after 15 s")
                 } else {
                     format!("group {group} elected no other leader within 15 s")
                 });

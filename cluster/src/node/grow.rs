@@ -177,7 +177,8 @@ impl ClusterNode {
         let Some(r) = &inner.replication else {
             return;
         };
-        if inner.replicating.load(Ordering::Acquire) {
+        // Done already (at start for a cluster replicated from its creation).
+        if inner.shop.replica_groups() != 0 {
             return;
         }
         for p in 0..map.partitions {
@@ -191,16 +192,13 @@ impl ClusterNode {
                 }
             }
         }
-        inner.shop.set_replica_groups(map.groups);
         let hook: Arc<dyn shardmall_persistence::Replicate> = r.groups.clone();
         inner.shop.wal().set_replicate(&hook);
-        inner.replicating.store(true, Ordering::Release);
-        if map.seeded {
-            tracing::info!(
-                factor = map.copies(),
-                groups = map.groups,
-                "the cluster is replicated now: partitions are served by their groups' leaders"
-            );
-        }
+        inner.shop.set_replica_groups(map.groups);
+        tracing::info!(
+            factor = map.copies(),
+            groups = map.groups,
+            "the cluster is replicated now: partitions are served by their groups' leaders"
+        );
     }
 }

@@ -143,9 +143,6 @@ struct Inner {
     /// This node's replica groups, in a replicated cluster or one growing into replicas
     /// (ADR 0016).
     replication: Option<Replication>,
-    /// The log sends every partition's records to the groups (set once, when the map is
-    /// replicated: at start, or when a growing cluster forms its groups).
-    replicating: AtomicBool,
     /// The control plane's leader runs the formation of the groups now.
     forming: AtomicBool,
 }
@@ -183,7 +180,6 @@ impl ClusterNode {
                 reconciled: AtomicBool::new(false),
                 metrics: router.metrics(),
                 replication,
-                replicating: AtomicBool::new(false),
                 forming: AtomicBool::new(false),
             }),
         }
