@@ -1,5 +1,6 @@
 //! Bearer JWT (HS256) with roles. Tokens are verified with a constant-time HMAC check,
-//! an `alg` of exactly HS256, and an `exp` in the future.
+//! an `alg` of exactly HS256, `iss` and `aud` of exactly [`ISSUER`] and [`AUDIENCE`], an
+//! `exp` in the future, and a lifetime (`exp - iat`) of at most [`MAX_LIFETIME_SECS`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -34,11 +35,42 @@ impl Role {
     }
 }
 
+/// The `iss` every token must carry.
+pub const ISSUER: &str = "shardmall";
+/// The `aud` every token must carry.
+pub const AUDIENCE: &str = "shardmall-api";
+/// The longest lifetime (`exp - iat`) a token may have: a year. A leaked token that
+/// never expires is a credential that cannot be taken back short of a new secret.
+pub const MAX_LIFETIME_SECS: u64 = 365 * 24 * 3600;
+/// How far a token's `iat` may lie in the future (clocks of the signer and the node
+/// disagree a little).
+const CLOCK_SKEW_SECS: u64 = 300;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
     pub role: Role,
+    pub iss: String,
+    pub aud: String,
+    /// Issued at, unix seconds.
+    pub iat: u64,
+    /// Expires at, unix seconds.
     pub exp: u64,
+}
+
+impl Claims {
+    /// Claims for `sub` as `role`, issued at `iat` and valid until `exp`, with this
+    /// node's issuer and audience.
+    pub fn new(sub: impl Into<String>, role: Role, iat: u64, exp: u64) -> Claims {
+        Claims {
+            sub: sub.into(),
+            role,
+            iss: ISSUER.to_owned(),
+            aud: AUDIENCE.to_owned(),
+            iat,
+            exp,
+        }
+    }
 }
 
 /// The authenticated caller of a request.
@@ -208,6 +240,18 @@ impl JwtKeys {
         if claims.exp <= now_secs {
             return Err(ApiError::unauthorized("token expired"));
         }
+        if claims.iss != ISSUER || claims.aud != AUDIENCE {
+            return Err(ApiError::unauthorized(
+                "token issuer or audience is not this shop's",
+            ));
+        }
+        if claims.iat > now_secs.saturating_add(CLOCK_SKEW_SECS)
+            || claims.exp.saturating_sub(claims.iat) > MAX_LIFETIME_SECS
+        {
+            return Err(ApiError::unauthorized(
+                "token lifetime is longer than a year or it is issued in the future",
+            ));
+        }
         if !crate::validate::is_id(&claims.sub) {
             return Err(ApiError::unauthorized("token subject is not a valid id"));
         }
@@ -220,10 +264,43 @@ mod tests {
     use super::*;
 
     fn claims(exp: u64) -> Claims {
-        Claims {
-            sub: "alice".into(),
-            role: Role::Customer,
-            exp,
+        Claims::new("alice", Role::Customer, 0, exp)
+    }
+
+    fn sign_json(k: &JwtKeys, claims: serde_json::Value) -> String {
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+        let mut mac = k.mac();
+        mac.update(format!("{SIGNED_HEADER}.{payload}").as_bytes());
+        let sig = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{SIGNED_HEADER}.{payload}.{sig}")
+    }
+
+    /// A token signed with the right secret is still refused without this shop's issuer
+    /// and audience, with a lifetime over a year, or issued in the future.
+    #[test]
+    fn refuses_foreign_issuers_audiences_and_long_lifetimes() {
+        let k = JwtKeys::new(b"secret".to_vec());
+        let now = 1_000_000;
+        let good = serde_json::json!({"sub":"alice","role":"customer","iss":ISSUER,"aud":AUDIENCE,"iat":now,"exp":now + 60});
+        assert!(k.verify(&sign_json(&k, good.clone()), now).is_ok());
+        for (field, value) in [
+            ("iss", serde_json::json!("someone-else")),
+            ("aud", serde_json::json!("another-api")),
+            ("exp", serde_json::json!(now + MAX_LIFETIME_SECS + 1)),
+            ("iat", serde_json::json!(now + 3600)),
+        ] {
+            let mut c = good.clone();
+            c[field] = value;
+            assert_eq!(
+                k.verify(&sign_json(&k, c), now).unwrap_err().code,
+                "unauthorized",
+                "{field}"
+            );
+        }
+        for missing in ["iss", "aud", "iat"] {
+            let mut c = good.clone();
+            c.as_object_mut().unwrap().remove(missing);
+            assert!(k.verify(&sign_json(&k, c), now).is_err(), "no {missing}");
         }
     }
 
@@ -315,7 +392,9 @@ mod tests {
         );
         // Same header and signature, another payload: refused although `t` is remembered.
         let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
-        parts[1] = URL_SAFE_NO_PAD.encode(br#"{"sub":"mallory","role":"admin","exp":100}"#);
+        parts[1] = URL_SAFE_NO_PAD.encode(
+            br#"{"sub":"mallory","role":"admin","iss":"shardmall","aud":"shardmall-api","iat":0,"exp":100}"#,
+        );
         assert!(k.verify(&parts.join("."), 50).is_err());
         // Bounded: past the cap a generation turns, and every token still verifies.
         for i in 0..3 * VERIFIED_CAP {

@@ -112,8 +112,13 @@ pub struct Common {
     pub target: String,
     /// File holding the node's JWT secret (its `DATA_DIR/jwt.secret`); or set
     /// SHARDMALL_JWT_SECRET.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tokens_file")]
     pub secret_file: Option<PathBuf>,
+    /// File of customer tokens, one a line (`shardmall token --role customer --count N
+    /// --prefix buyer- --out FILE`): the run's buyers are their subjects, and no secret
+    /// is needed; the admin token that sets the run up comes from SHARDMALL_TOKEN.
+    #[arg(long)]
+    pub tokens_file: Option<PathBuf>,
     /// Closed loop: this many clients, each sending its next request when the last one
     /// is answered. Open loop (--rate): the most requests in flight.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]

@@ -11,7 +11,7 @@ use rand::SeedableRng;
 
 use crate::api::Api;
 use crate::check::{Acked, Expected};
-use crate::jwt::Minter;
+use crate::jwt::Tokens;
 use crate::scenario::Scenario;
 use crate::stats::{self, Stats};
 
@@ -20,7 +20,7 @@ use crate::stats::{self, Stats};
 /// never contended.
 pub struct Run {
     pub api: Api,
-    pub minter: Minter,
+    pub tokens: Tokens,
     pub scenario: Scenario,
     pub stop: AtomicBool,
     pub start: Instant,
@@ -41,7 +41,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Run {
     pub fn new(
         api: Api,
-        minter: Minter,
+        tokens: Tokens,
         scenario: Scenario,
         duration: Option<Duration>,
         limit: Option<u64>,
@@ -49,7 +49,7 @@ impl Run {
         let start = Instant::now();
         Run {
             api,
-            minter,
+            tokens,
             scenario,
             stop: AtomicBool::new(false),
             start,
@@ -95,7 +95,7 @@ impl Run {
     }
 
     async fn one(&self, u: usize, i: u64, rng: &mut rand::rngs::StdRng, intended: Instant) {
-        let step = self.scenario.step(&self.api, &self.minter, u, i, rng).await;
+        let step = self.scenario.step(&self.api, &self.tokens, u, i, rng).await;
         let done = Instant::now();
         self.stats().record(step.op, intended, done, &step.outcome);
         if let Some(a) = step.acked {

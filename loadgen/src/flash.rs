@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::api::{json_bytes, Api};
 use crate::check::{Acked, Expected, Figures, SeenCampaign, SeenSku};
 use crate::cli::FlashOpts;
-use crate::jwt::Minter;
+use crate::jwt::Tokens;
 use crate::scenario::{read_skus, Step};
 
 pub struct FlashSale {
@@ -51,6 +51,7 @@ impl FlashSale {
     pub async fn setup(
         api: &Api,
         admin: &str,
+        tokens: &Tokens,
         run_id: &str,
         a: &FlashOpts,
     ) -> anyhow::Result<FlashSale> {
@@ -99,7 +100,7 @@ impl FlashSale {
             sku_stock,
             quantity: c.quantity,
             per_buyer_limit: c.per_buyer_limit,
-            buyers: a.buyers.max(1),
+            buyers: tokens.buyers(a.buyers.max(1)),
             buyer_prefix: format!("buyer-{run_id}-"),
             buy_quantity: a.buy_quantity,
             // The node requires a key on every buy (API.md: buy is marked idem).
@@ -107,15 +108,10 @@ impl FlashSale {
         })
     }
 
-    /// Buyer `i % buyers`'s name (the `sub` of its token).
-    pub fn buyer(&self, i: u64) -> String {
-        format!("{}{}", self.buyer_prefix, i % self.buyers)
-    }
-
     /// Request `i`: a buy by buyer `i % buyers`.
-    pub async fn step(&self, api: &Api, minter: &Minter, i: u64) -> Step {
-        let buyer = self.buyer(i);
-        let token = minter.token("customer", &buyer);
+    pub async fn step(&self, api: &Api, tokens: &Tokens, i: u64) -> Step {
+        let buyer = tokens.buyer(&self.buyer_prefix, i, self.buyers);
+        let token = tokens.customer(&buyer);
         let key = self.key_prefix.as_ref().map(|p| format!("{p}{i}"));
         let answer = api
             .call(

@@ -98,6 +98,26 @@ fn validate(cli: &Cli) -> Result<(), String> {
     Ok(())
 }
 
+/// The buyers' tokens and an admin's: minted with the node's secret, or the customer
+/// tokens of `--tokens-file` and the admin token in `SHARDMALL_TOKEN` (so a load test
+/// needs no signing secret).
+fn credentials(common: &Common) -> anyhow::Result<(jwt::Tokens, String)> {
+    if let Some(path) = &common.tokens_file {
+        let tokens = jwt::Tokens::from_file(path)?;
+        let admin = match std::env::var("SHARDMALL_TOKEN") {
+            Ok(t) if !t.trim().is_empty() => t.trim().to_owned(),
+            _ => bail!(
+                "--tokens-file needs an admin token in SHARDMALL_TOKEN (shardmall token --role admin) to set the run up"
+            ),
+        };
+        return Ok((tokens, admin));
+    }
+    let secret = read_secret(common)?;
+    let minter = jwt::Minter::new(&secret, 24 * 3600);
+    let admin = minter.token("admin", "loadgen-admin");
+    Ok((jwt::Tokens::Minted(minter), admin))
+}
+
 fn read_secret(common: &Common) -> anyhow::Result<Vec<u8>> {
     if let Some(path) = &common.secret_file {
         let s = std::fs::read_to_string(path)
@@ -141,9 +161,7 @@ async fn durability(api: &api::Api, admin: &str) -> Option<String> {
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     let common = cli.scenario.common().clone();
     let concurrency = common.concurrency as usize;
-    let secret = read_secret(&common)?;
-    let minter = jwt::Minter::new(&secret, 24 * 3600);
-    let admin = minter.token("admin", "loadgen-admin");
+    let (tokens, admin) = credentials(&common)?;
     let api = api::Api::new(&common.target, concurrency, common.timeout)?;
     api.must(Method::GET, "/readyz", None, None, 200)
         .await
@@ -160,13 +178,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 
     let (scenario, parameters) = match &cli.scenario {
         ScenarioCmd::FlashSale { flash, .. } => {
-            let f = FlashSale::setup(&api, &admin, &run_id, flash).await?;
+            let f = FlashSale::setup(&api, &admin, &tokens, &run_id, flash).await?;
             let p = f.parameters(flash);
             (Scenario::Flash(f), p)
         }
         ScenarioCmd::Mixed { mixed, .. } => {
             let users = mixed.users.unwrap_or(concurrency);
-            let m = Mixed::setup(&api, &admin, &minter, &run_id, mixed, users).await?;
+            let m = Mixed::setup(&api, &admin, &tokens, &run_id, mixed, users).await?;
             let p = m.parameters(mixed);
             (Scenario::Mixed(m), p)
         }
@@ -175,7 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     let run = Arc::new(Run::new(
         api.clone(),
-        minter,
+        tokens,
         scenario,
         common.time_bound(),
         common.requests,
@@ -296,7 +314,7 @@ async fn observe(
     match &run.scenario {
         Scenario::Flash(f) => {
             let mut campaign = f.campaign(api, admin, uncertain_units).await?;
-            let orders = read_orders(api, &run.minter, &acked, which).await;
+            let orders = read_orders(api, &run.tokens, &acked, which).await;
             campaign.last = f.campaign(api, admin, uncertain_units).await?.last;
             Ok(Observed {
                 campaign: Some(campaign),
@@ -306,7 +324,7 @@ async fn observe(
             })
         }
         Scenario::Mixed(m) => {
-            let orders = read_orders(api, &run.minter, &acked, which).await;
+            let orders = read_orders(api, &run.tokens, &acked, which).await;
             Ok(Observed {
                 campaign: None,
                 acked,

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use crate::api::{json_bytes, Api};
 use crate::check::{Acked, Expected, SeenSku};
 use crate::cli::MixedOpts;
-use crate::jwt::Minter;
+use crate::jwt::Tokens;
 use crate::scenario::{address, read_skus, Step};
 use crate::zipf::Zipf;
 
@@ -63,7 +63,7 @@ impl Mixed {
     pub async fn setup(
         api: &Api,
         admin: &str,
-        minter: &Minter,
+        tokens: &Tokens,
         run_id: &str,
         a: &MixedOpts,
         users: usize,
@@ -98,11 +98,13 @@ impl Mixed {
                 });
             }
         }
-        let users = (0..users.max(1))
+        let prefix = format!("buyer-{run_id}-");
+        let users = tokens.buyers(users.max(1) as u64);
+        let users = (0..users)
             .map(|u| {
-                let buyer = format!("buyer-{run_id}-{u}");
+                let buyer = tokens.buyer(&prefix, u, users);
                 Mutex::new(User {
-                    token: minter.token("customer", &buyer),
+                    token: tokens.customer(&buyer),
                     buyer,
                     pending: Vec::new(),
                 })

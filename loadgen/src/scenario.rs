@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::api::Api;
 use crate::check::{Acked, Expected, SeenOrder, SeenSku};
 use crate::flash::FlashSale;
-use crate::jwt::Minter;
+use crate::jwt::Tokens;
 use crate::mixed::Mixed;
 
 /// What one request did, for the stats and the checks.
@@ -37,13 +37,13 @@ impl Scenario {
     pub async fn step(
         &self,
         api: &Api,
-        minter: &Minter,
+        tokens: &Tokens,
         u: usize,
         i: u64,
         rng: &mut StdRng,
     ) -> Step {
         match self {
-            Scenario::Flash(f) => f.step(api, minter, i).await,
+            Scenario::Flash(f) => f.step(api, tokens, i).await,
             Scenario::Mixed(m) => m.step(api, u, i, rng).await,
         }
     }
@@ -92,7 +92,7 @@ struct OrderRead {
 /// buyer's token. `429`, `503` and no answer are retried a few times.
 pub async fn read_orders(
     api: &Api,
-    minter: &Minter,
+    tokens: &Tokens,
     acked: &[Acked],
     which: &[usize],
 ) -> HashMap<String, SeenOrder> {
@@ -101,7 +101,7 @@ pub async fn read_orders(
         (
             a.order_id.clone(),
             api.url(&format!("/v1/orders/{}", a.order_id)),
-            minter.token("customer", &a.buyer),
+            tokens.customer(&a.buyer),
         )
     });
     let results = bounded(jobs, 32, |(id, url, token)| {

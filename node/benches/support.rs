@@ -82,16 +82,11 @@ impl Drop for Node {
 }
 
 pub fn token(role: Role, sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_secs()
-        + 3600;
-    JwtKeys::new(SECRET.as_bytes().to_vec()).sign(&Claims {
-        sub: sub.into(),
-        role,
-        exp,
-    })
+        .as_secs();
+    JwtKeys::new(SECRET.as_bytes().to_vec()).sign(&Claims::new(sub, role, now, now + 3600))
 }
 
 /// Resident memory of a process, in bytes (Linux).

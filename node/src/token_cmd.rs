@@ -11,8 +11,8 @@ use crate::cli::{self, TokenArgs};
 use crate::config::Config;
 use crate::secrets;
 
-/// The longest lifetime a token may be given.
-const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest lifetime a token may be given: the longest a node accepts.
+const MAX_TTL: Duration = Duration::from_secs(shardmall_http_edge::auth::MAX_LIFETIME_SECS);
 
 pub fn run(args: TokenArgs) -> anyhow::Result<()> {
     let config = Config::load(&cli::ServeArgs {
@@ -27,7 +27,8 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
     if ttl.is_zero() || ttl > MAX_TTL {
         anyhow::bail!("--ttl must be more than 0 and at most 365 days");
     }
-    let exp = shardmall_http_edge::extract::now_secs()
+    let now = shardmall_http_edge::extract::now_secs();
+    let exp = now
         .checked_add(ttl.as_secs())
         .context("--ttl: the expiry overflows")?;
     let subjects = subjects(&args)?;
@@ -38,7 +39,7 @@ pub fn run(args: TokenArgs) -> anyhow::Result<()> {
     };
     let mut out = BufWriter::new(out);
     for sub in subjects {
-        let token = keys.sign(&Claims { sub, role, exp });
+        let token = keys.sign(&Claims::new(sub, role, now, exp));
         writeln!(out, "{token}").context("writing the tokens")?;
     }
     out.flush().context("writing the tokens")?;

@@ -11,10 +11,12 @@ def b64(data: bytes) -> str:
 secret_file, prefix, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 secret = open(secret_file, "rb").read().strip()
 header = b64(b'{"alg":"HS256","typ":"JWT"}')
-exp = int(time.time()) + 3 * 3600
+iat = int(time.time())
+exp = iat + 3 * 3600
 with open(out, "w") as f:
     for i in range(n):
-        claims = b64(json.dumps({"sub": f"{prefix}{i}", "role": "customer", "exp": exp},
+        claims = b64(json.dumps({"sub": f"{prefix}{i}", "role": "customer", "iss": "shardmall",
+                                 "aud": "shardmall-api", "iat": iat, "exp": exp},
                                 separators=(",", ":")).encode())
         signing = f"{header}.{claims}".encode()
         sig = b64(hmac.new(secret, signing, hashlib.sha256).digest())

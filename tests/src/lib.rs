@@ -854,11 +854,7 @@ pub fn now_secs() -> u64 {
 }
 
 pub fn token_signed(secret: &[u8], role: Role, sub: &str, exp: u64) -> String {
-    JwtKeys::new(secret.to_vec()).sign(&Claims {
-        sub: sub.to_string(),
-        role,
-        exp,
-    })
+    JwtKeys::new(secret.to_vec()).sign(&Claims::new(sub, role, now_secs().min(exp), exp))
 }
 
 /// A token valid for an hour, signed with the nodes' secret.

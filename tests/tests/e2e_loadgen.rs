@@ -87,6 +87,57 @@ async fn a_flash_sale_and_a_mixed_load_pass_loadgens_checks() {
     assert_eq!(r["invariants"]["ok"], true, "{r}");
     assert_eq!(r["requests"], 1500, "{r}");
 
+    // Without the signing secret: the buyers' tokens from `shardmall token --count`, the
+    // admin's in SHARDMALL_TOKEN. 50 buyers with a limit of one each buy out 50 units
+    // and no more.
+    let tokens = dir.path().join("buyers.txt");
+    let minted = std::process::Command::new(shardmall_bin())
+        .args([
+            "token", "--role", "customer", "--count", "50", "--prefix", "lgf-", "--out",
+        ])
+        .arg(&tokens)
+        .env("SHARDMALL_JWT_SECRET", JWT_SECRET)
+        .env_remove("SHARDMALL_DATA_DIR")
+        .output()
+        .expect("run shardmall token --count");
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
+    // This test is its binary's only one: no other thread reads the environment.
+    std::env::set_var("SHARDMALL_TOKEN", admin());
+    let report = dir.path().join("listed.json");
+    let args: Vec<String> = [
+        "flash-sale",
+        "--target",
+        &node.base,
+        "--tokens-file",
+        &tokens.display().to_string(),
+        "--no-progress",
+        "--check-all",
+        "--report",
+        &report.display().to_string(),
+        "--concurrency",
+        "8",
+        "--requests",
+        "200",
+        "--quantity",
+        "100",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(loadgen(args).await, 0, "tokens-file run failed its checks");
+    let r: Value = serde_json::from_slice(&std::fs::read(&report).expect("report")).expect("json");
+    assert_eq!(r["invariants"]["ok"], true, "{r}");
+    assert_eq!(
+        r["outcomes"]["ok"], 50,
+        "one buy per buyer of the file: {r}"
+    );
+    assert_eq!(r["outcomes"]["limit_exceeded"], 150, "{r}");
+    std::env::remove_var("SHARDMALL_TOKEN");
+
     // A node that is not there is a setup error (exit 2), not a failed check.
     let mut args = vec![
         "flash-sale".to_owned(),
